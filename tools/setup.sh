@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create (or update) the project's virtual environment .venv with fatebook and every extra, PETSc included.
+# Idempotent: a second run only checks. Usage: bash tools/setup.sh [--no-petsc]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${FATEBOOK_PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.fatebook-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".[dev,widgets,reports]"
+  touch "$stamp"
+fi
+if [ "${1:-}" != "--no-petsc" ]; then bash tools/install_petsc.sh .venv/bin/python; fi
+.venv/bin/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (fatebook)" >/dev/null
+.venv/bin/python -c "import fatebook; print('fatebook', fatebook.__version__, 'installed in .venv')"

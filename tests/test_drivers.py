@@ -1,0 +1,144 @@
+"""Integration tests for fatebook.drivers (the unit tests live in nbs/05_drivers.ipynb)."""
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from scipy import stats
+
+from fatebook.drivers import bh_qvalues, lineage_drivers
+
+
+@pytest.fixture(scope="module")
+def counts():
+    rng = np.random.default_rng(42)
+    n, g = 150, 40
+    B = rng.dirichlet([0.5, 0.5], n)
+    lam = np.outer(np.ones(n), rng.uniform(0.05, 2, g)) * np.exp(np.outer(B[:, 0] - 0.5, rng.normal(0, 2, g)))
+    X = rng.poisson(lam).astype(float)
+    X[:, 0] = 0.0   # an all-zero gene
+    X[:, 1] = 3.0   # a constant gene
+    return X, B
+
+
+@pytest.mark.parametrize("method,ref", [("pearson", stats.pearsonr), ("spearman", stats.spearmanr)])
+@pytest.mark.parametrize("fmt", ["dense", "csr", "csc", "float32"])
+def test_matches_scipy_gene_by_gene(counts, method, ref, fmt):
+    X, B = counts
+    Xin = {"dense": X, "csr": sp.csr_matrix(X), "csc": sp.csc_matrix(X), "float32": X.astype(np.float32)}[fmt]
+    D = lineage_drivers(Xin, B, ["A", "B"], [f"g{i}" for i in range(X.shape[1])], method=method, block_size=9,
+                        show_progress=False)
+    assert D.loc[["g0", "g1"]].isna().all().all()
+    for j in range(2, X.shape[1]):
+        for k, lin in enumerate("AB"):
+            res = ref(X[:, j], B[:, k])
+            assert abs(D[f"{lin}_corr"].iloc[j] - res.statistic) < 1e-10
+            assert abs(D[f"{lin}_pval"].iloc[j] - res.pvalue) < 1e-10
+
+
+def test_r_is_not_inflated(counts):
+    # CellRank 2.0.7 multiplied r by n/(n-1); ours equals np.corrcoef exactly (ddof cancels)
+    X, B = counts
+    D = lineage_drivers(X, B, ["A", "B"], show_progress=False)
+    ref = np.corrcoef(X[:, 5], B[:, 0])[0, 1]
+    assert abs(D["A_corr"].iloc[5] - ref) < 1e-13
+    assert abs(D["A_corr"].iloc[5] - ref * len(X) / (len(X) - 1)) > 1e-4
+
+
+def test_bh_hand_computation():
+    p = np.array([0.001, 0.008, 0.039, 0.041, 0.042, 0.060, 0.074, 0.205, np.nan, 0.212, 0.216])
+    m = 10  # the NaN is not counted
+    # sorted finite p: i = 1..10; q_(i) = min_{j>=i} p_(j) m / j
+    hand = [0.01, 0.04, 0.084, 0.084, 0.084, 0.1, 0.10571428571428572, 0.216, np.nan, 0.216, 0.216]
+    q = bh_qvalues(p)
+    np.testing.assert_allclose(q, hand, rtol=0, atol=1e-12)
+    assert m == np.isfinite(q).sum()
+    # q is monotone in p and never below p
+    fin = np.isfinite(p)
+    assert np.all(q[fin] >= p[fin])
+    o = np.argsort(p[fin])
+    assert np.all(np.diff(q[fin][o]) >= 0)
+
+
+def test_qvalues_are_per_lineage(counts):
+    X, B = counts
+    D = lineage_drivers(X, B, ["A", "B"], show_progress=False)
+    for lin in "AB":
+        np.testing.assert_allclose(D[f"{lin}_qval"], bh_qvalues(D[f"{lin}_pval"].values), equal_nan=True)
+
+
+@pytest.mark.parametrize("rho,cl", [(0.0, 0.95), (0.6, 0.95), (-0.3, 0.8)])
+def test_ci_coverage(rho, cl):
+    rng = np.random.default_rng(int(100 * (rho + 1) + 100 * cl))
+    n, reps = 40, 2000
+    y = rng.normal(size=n)
+    X = rho * y[:, None] + np.sqrt(1 - rho ** 2) * rng.normal(size=(n, reps))
+    D = lineage_drivers(X, y, ["y"], confidence_level=cl, show_progress=False)
+    cover = ((D["y_ci_low"] <= rho) & (rho <= D["y_ci_high"])).mean()
+    sd = np.sqrt(cl * (1 - cl) / reps)
+    assert abs(cover - cl) < 4 * sd + 0.01, cover
+
+
+def test_null_pvalues_are_uniform():
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(30, 4000))
+    y = rng.normal(size=30)
+    p = lineage_drivers(X, y, ["y"], show_progress=False)["y_pval"].values
+    assert stats.kstest(p, "uniform").pvalue > 1e-3
+    assert abs((p < 0.05).mean() - 0.05) < 0.015
+
+
+def test_spearman_sparse_with_negatives_and_ties():
+    rng = np.random.default_rng(3)
+    X = rng.integers(-2, 3, (50, 12)).astype(float) * (rng.uniform(size=(50, 12)) < 0.4)
+    y = rng.uniform(size=50)
+    D = lineage_drivers(sp.csr_matrix(X), y, ["y"], method="spearman", show_progress=False)
+    for j in range(12):
+        res = stats.spearmanr(X[:, j], y)
+        if np.ptp(X[:, j]) == 0:
+            assert np.isnan(D["y_corr"].iloc[j])
+        else:
+            assert abs(D["y_corr"].iloc[j] - res.statistic) < 1e-10
+
+
+def test_does_not_mutate_inputs(counts):
+    X, B = counts
+    Xs = sp.csr_matrix(X)
+    data0, B0 = Xs.data.copy(), B.copy()
+    lineage_drivers(Xs, B, ["A", "B"], method="spearman", show_progress=False)
+    np.testing.assert_array_equal(Xs.data, data0)
+    np.testing.assert_array_equal(B, B0)
+
+
+def _gpcca_pancreas():
+    datasets = pytest.importorskip("fatebook.datasets")
+    estimators = pytest.importorskip("fatebook.estimators")
+    kernels = pytest.importorskip("fatebook.kernels")
+    if not all(hasattr(m, a) for m, a in [(datasets, "preprocess"), (kernels, "ConnectivityKernel")]):
+        pytest.skip("kernels/datasets not ready")
+    try:
+        GPCCA = estimators.GPCCA
+        VK = kernels.VelocityKernel
+    except (AttributeError, ImportError) as e:
+        pytest.skip(f"estimator stack not ready: {e}")
+    adata = datasets.preprocess(datasets.pancreas())   # the file holds 2,000 of the original genes
+    vk = VK(adata).compute_transition_matrix()
+    ck = kernels.ConnectivityKernel(adata).compute_transition_matrix()
+    g = GPCCA(0.8 * vk + 0.2 * ck)
+    g.compute_schur(n_components=20)
+    g.compute_macrostates(n_states=12, cluster_key="clusters")
+    g.set_terminal_states(["Alpha", "Beta", "Epsilon", "Delta"])
+    g.compute_fate_probabilities()
+    return g
+
+
+@pytest.mark.slow
+def test_pancreas_known_drivers():
+    """Alpha's top driver is Gcg; Beta's top drivers include Ins1/Ins2 or Pdx1/Nkx6-1 (pancreas: 2,000 of the original genes)."""
+    g = _gpcca_pancreas()
+    D = g.compute_lineage_drivers(lineages=["Alpha", "Beta"], cluster_key="clusters")
+    assert list(D.columns[:5]) == ["Alpha_corr", "Alpha_pval", "Alpha_qval", "Alpha_ci_low", "Alpha_ci_high"]
+    alpha = D.sort_values("Alpha_corr", ascending=False).index[:5].tolist()
+    beta = D.sort_values("Beta_corr", ascending=False).index[:10].tolist()
+    print("Alpha top 5:", alpha, "\nBeta top 10:", beta)
+    assert alpha[0] == "Gcg"
+    assert {"Ins1", "Ins2", "Pdx1", "Nkx6-1"} & set(beta)

@@ -109,36 +109,37 @@ def test_does_not_mutate_inputs(counts):
     np.testing.assert_array_equal(B, B0)
 
 
-def _gpcca_pancreas():
-    datasets = pytest.importorskip("fatebook.datasets")
-    estimators = pytest.importorskip("fatebook.estimators")
-    kernels = pytest.importorskip("fatebook.kernels")
-    if not all(hasattr(m, a) for m, a in [(datasets, "preprocess"), (kernels, "ConnectivityKernel")]):
-        pytest.skip("kernels/datasets not ready")
+@pytest.fixture(scope="module")
+def pancreas_gpcca(_pancreas_pp_session):
+    "GPCCA on the preprocessed pancreas (2,531 cells; the file holds 2,000 of the original genes, ~1,000 after filtering)."
     try:
-        GPCCA = estimators.GPCCA
-        VK = kernels.VelocityKernel
-    except (AttributeError, ImportError) as e:
-        pytest.skip(f"estimator stack not ready: {e}")
-    adata = datasets.preprocess(datasets.pancreas())   # the file holds 2,000 of the original genes
-    vk = VK(adata).compute_transition_matrix()
-    ck = kernels.ConnectivityKernel(adata).compute_transition_matrix()
-    g = GPCCA(0.8 * vk + 0.2 * ck)
+        from fatebook.estimators import GPCCA
+        from fatebook.kernels import ConnectivityKernel, VelocityKernel
+    except ImportError as e:
+        pytest.skip(f"estimator stack not importable: {e}")
+    from fatebook.core import settings
+    settings.progress_bar = False
+    adata = _pancreas_pp_session.copy()
+    k = 0.8 * VelocityKernel(adata).compute_transition_matrix() + 0.2 * ConnectivityKernel(adata).compute_transition_matrix()
+    g = GPCCA(k)
     g.compute_schur(n_components=20)
     g.compute_macrostates(n_states=12, cluster_key="clusters")
-    g.set_terminal_states(["Alpha", "Beta", "Epsilon", "Delta"])
+    names = list(g.macrostates.cat.categories)
+    assert {"Alpha", "Beta", "Epsilon", "Delta"} <= set(names), names
+    g.set_terminal_states_from_macrostates(["Alpha", "Beta", "Epsilon", "Delta"])
     g.compute_fate_probabilities()
     return g
 
 
 @pytest.mark.slow
-def test_pancreas_known_drivers():
-    """Alpha's top driver is Gcg; Beta's top drivers include Ins1/Ins2 or Pdx1/Nkx6-1 (pancreas: 2,000 of the original genes)."""
-    g = _gpcca_pancreas()
-    D = g.compute_lineage_drivers(lineages=["Alpha", "Beta"], cluster_key="clusters")
+def test_pancreas_known_drivers(pancreas_gpcca):
+    """Alpha's top driver is Gcg; Beta's top 10 include Ins1/Ins2 or Pdx1/Nkx6-1; Delta's top is Sst; Epsilon's top is Ghrl."""
+    D = pancreas_gpcca.compute_lineage_drivers()
     assert list(D.columns[:5]) == ["Alpha_corr", "Alpha_pval", "Alpha_qval", "Alpha_ci_low", "Alpha_ci_high"]
-    alpha = D.sort_values("Alpha_corr", ascending=False).index[:5].tolist()
-    beta = D.sort_values("Beta_corr", ascending=False).index[:10].tolist()
-    print("Alpha top 5:", alpha, "\nBeta top 10:", beta)
-    assert alpha[0] == "Gcg"
-    assert {"Ins1", "Ins2", "Pdx1", "Nkx6-1"} & set(beta)
+    top = {l: D.sort_values(f"{l}_corr", ascending=False).index[:10].tolist() for l in ["Alpha", "Beta", "Delta", "Epsilon"]}
+    print(top)
+    assert top["Alpha"][0] == "Gcg"
+    assert {"Ins1", "Ins2", "Pdx1", "Nkx6-1"} & set(top["Beta"])
+    assert top["Delta"][0] == "Sst"
+    assert top["Epsilon"][0] == "Ghrl"
+    assert (D.loc["Gcg", "Alpha_qval"] < 1e-50) and (D.loc["Gcg", "Alpha_ci_low"] > 0.5)

@@ -1,0 +1,314 @@
+"""Sorted real Schur decompositions, forbidden n_states, eigengap, eigendecomposition, stationary distributions.
+
+Reference for every Schur check: the dense real Schur form of the same matrix (LAPACK), reordered independently.
+"""
+import numpy as np
+import pytest
+import scipy.linalg as sla
+import scipy.sparse as sp
+
+from fatebook.core import has_module
+from fatebook.schur import (sorted_schur, sort_real_schur, forbidden_n_states, eigengap, eigendecomposition,
+                            stationary_distribution, recurrent_classes, schur_eigenvalues, ring_chain, knn_chain,
+                            block_gmres, _pair_block)
+
+needs_slepc = pytest.mark.skipif(not has_module("slepc4py"), reason="slepc4py not installed (pip install 'fatebook[petsc]')")
+
+
+def random_sparse_stochastic(n, nnz_per_row=6, seed=0):
+    "A random sparse stochastic matrix (plus a few rotation-like cycles so complex pairs appear near the top)."
+    rng = np.random.default_rng(seed)
+    rows = np.repeat(np.arange(n), nnz_per_row)
+    cols = rng.integers(n, size=n * nnz_per_row)
+    T = sp.csr_matrix((rng.random(n * nnz_per_row), (rows, cols)), shape=(n, n))
+    T = T + 3 * ring_chain(n, 3, p_stay=0.8, seed=seed)  # metastable groups on a ring: complex pairs
+    return sp.csr_matrix(T.multiply(1 / np.asarray(T.sum(1))))
+
+
+def key(lam, which):
+    return np.round(lam.real, 10) if which == "LR" else np.round(np.abs(lam), 10)
+
+
+def dense_sorted_eigs(T, which):
+    lam = np.linalg.eigvals(T.toarray() if sp.issparse(T) else T)
+    order = np.lexsort((-lam.imag, -np.round(lam.real, 10), -key(lam, which)))
+    return lam[order]
+
+
+MATRICES = {
+    "ring400": lambda: ring_chain(400, 4, seed=1),
+    "ring600_k5": lambda: ring_chain(600, 5, p_stay=0.85, seed=2),
+    "random500": lambda: random_sparse_stochastic(500, seed=3),
+    "knn800": lambda: knn_chain(800, seed=4)[0],
+}
+
+
+@pytest.fixture(scope="module", params=list(MATRICES))
+def case(request):
+    T = MATRICES[request.param]()
+    ref = sorted_schur(T.toarray(), 16, method="brandts")
+    return request.param, T, ref
+
+
+def test_matrices_have_complex_eigenvalues():
+    for name in ("ring400", "ring600_k5", "random500"):
+        lam = dense_sorted_eigs(MATRICES[name](), "LR")[:12]
+        assert np.abs(lam.imag).max() > 1e-3, name
+
+
+def test_arpack_residual_subspace_and_eigenvalues(case):
+    name, T, ref = case
+    s = sorted_schur(T, 16, method="arpack")
+    assert s.method == "arpack" and s.n_components == ref.n_components
+    X, R = s.vectors, s.matrix
+    assert np.abs(T @ X - X @ R).max() < 1e-8, name
+    assert s.residual < 1e-8
+    assert sla.subspace_angles(X, ref.vectors).max() < 1e-6, name
+    np.testing.assert_allclose(s.eigenvalues, ref.eigenvalues, atol=1e-8)
+    np.testing.assert_allclose(X[:, 0], 1.0, atol=1e-12)
+    np.testing.assert_allclose(X.T @ X / T.shape[0], np.eye(X.shape[1]), atol=1e-8)
+    assert s.forbidden == ref.forbidden
+
+
+def test_brandts_matches_numpy_eigenvalues(case):
+    name, T, ref = case
+    lam = dense_sorted_eigs(T, "LR")[:ref.n_components]
+    np.testing.assert_allclose(ref.eigenvalues, lam, atol=1e-10)
+    assert np.abs(T @ ref.vectors - ref.vectors @ ref.matrix).max() < 1e-10
+
+
+@pytest.mark.parametrize("method", ["brandts", "arpack"])
+@pytest.mark.parametrize("which", ["LR", "LM"])
+def test_order_total_and_nested_for_every_m(method, which):
+    # 8 groups on a ring: 8 eigenvalues (4 complex pairs) well outside the bulk |λ| < 0.37 of the noise
+    T = ring_chain(300, 8, p_stay=0.9, nnz_per_row=12, seed=5)
+    A = T.toarray()
+    full = sorted_schur(A, 14, method="brandts", which=which)
+    lam = full.eigenvalues
+    k = key(lam, which)
+    assert np.all(np.diff(k) <= 1e-9), "eigenvalues not in total order"
+    np.testing.assert_allclose(lam, dense_sorted_eigs(A, which)[:len(lam)], atol=1e-10)
+    for m in range(1, 11):
+        s = sorted_schur(T if method == "arpack" else A, m, method=method, which=which)
+        mp = s.n_components
+        assert mp == m or (mp == m + 1 and m in full.forbidden), (m, mp)
+        np.testing.assert_allclose(s.eigenvalues, lam[:mp], atol=1e-8)
+        assert sla.subspace_angles(s.vectors, full.vectors[:, :mp]).max() < 1e-6, m
+        # and the leading columns of *this* result are nested too
+        for mm in range(1, mp):
+            if mm in s.forbidden: continue
+            assert sla.subspace_angles(s.vectors[:, :mm], full.vectors[:, :mm]).max() < 1e-6, (m, mm)
+
+
+def test_sort_real_schur_on_hand_made_matrix():
+    # known eigenvalues: 0.3, pair 0.6 ± 0.2i, -0.9, 0.95, pair -0.1 ± 0.5i
+    blocks = [np.array([[0.3]]), _pair_block(0.6 + 0.2j), np.array([[-0.9]]), np.array([[0.95]]), _pair_block(-0.1 + 0.5j, False)]
+    R0 = sla.block_diag(*blocks)
+    rng = np.random.default_rng(0)
+    R0 += np.triu(rng.normal(scale=0.1, size=R0.shape), 2) * (np.abs(R0) == 0)
+    Q0 = np.linalg.qr(rng.normal(size=R0.shape))[0]
+    A = Q0 @ R0 @ Q0.T
+    R, Q, mp = sort_real_schur(R0, Q0, 7, "LR")
+    np.testing.assert_allclose(schur_eigenvalues(R), [0.95, 0.6 + 0.2j, 0.6 - 0.2j, 0.3, -0.1 + 0.5j, -0.1 - 0.5j, -0.9], atol=1e-12)
+    np.testing.assert_allclose(A @ Q, Q @ R, atol=1e-12)
+    R, Q, mp = sort_real_schur(R0, Q0, 7, "LM")
+    np.testing.assert_allclose(np.abs(schur_eigenvalues(R)), np.sort(np.abs(np.linalg.eigvals(A)))[::-1], atol=1e-12)
+    # m = 2 lands on the first member of the pair -> extended to 3
+    _, _, mp = sort_real_schur(R0, Q0, 2, "LR")
+    assert mp == 3
+
+
+# ---------------------------------------------------------------- forbidden n_states
+
+def _toy(plus_first):
+    lam = [1, 0.904 + 0.054j, 0.040, 0.028 + 0.025j, 0.025 + 0.010j, 0.023 + 0.017j]
+    blocks = [np.array([[l.real]]) if isinstance(l, (int, float)) else _pair_block(l, plus_first) for l in lam]
+    return sla.block_diag(*blocks) + np.triu(np.full((10, 10), 0.01), 2)
+
+
+@pytest.mark.parametrize("plus_first", [True, False])
+def test_forbidden_spec_toy_both_orders(plus_first):
+    R = _toy(plus_first)
+    assert forbidden_n_states(R) == [2, 5, 7, 9]
+    ev = schur_eigenvalues(R)
+    assert ev[1].imag > 0 and ev[2].imag < 0  # we always list +imag first, whatever the block layout
+
+
+def _sign_based_check(ev):
+    "pyGPCCA's _check_conj_split as described in SPEC 3.6 (assumes +imag first)."
+    return ev[-1].imag > 1e-10 and not np.isclose(ev[-1], np.conj(ev[-2]))
+
+
+def test_forbidden_is_independent_of_the_pair_order_unlike_sign_check():
+    lam_plus = np.array([1, 0.9 + 0.05j, 0.9 - 0.05j, 0.5])
+    lam_minus = np.array([1, 0.9 - 0.05j, 0.9 + 0.05j, 0.5])
+    assert _sign_based_check(lam_plus[:2]) and not _sign_based_check(lam_minus[:2])  # the sign check misses this split
+    for pf in (True, False):
+        R = sla.block_diag([[1.0]], _pair_block(0.9 + 0.05j, pf), [[0.5]])
+        assert forbidden_n_states(R) == [2]
+
+
+def _coupled_cycles(eps=0.02, seed=0):
+    "A stochastic matrix with known complex pairs: lazy 3-, 4- and 5-cycles, weakly coupled (irreducible)."
+    def lazy_cycle(k, a):
+        return a * np.eye(k) + (1 - a) * np.roll(np.eye(k), 1, axis=1)
+    blocks = [lazy_cycle(3, 0.5), lazy_cycle(4, 0.6), lazy_cycle(5, 0.7), np.array([[0.9, 0.1], [0.2, 0.8]])]
+    T = sla.block_diag(*blocks)
+    n = len(T)
+    rng = np.random.default_rng(seed)
+    C = rng.random((n, n)); C /= C.sum(1, keepdims=True)
+    return (1 - eps) * T + eps * C
+
+
+@pytest.mark.parametrize("which", ["LR", "LM"])
+def test_forbidden_on_matrix_with_known_pairs(which):
+    T = _coupled_cycles()
+    lam = dense_sorted_eigs(T, which)
+    s = sorted_schur(T, len(T) - 1, method="brandts", which=which)
+    # independent expectation from the sorted eigenvalues: m splits iff lam[m-1], lam[m] are a conjugate pair
+    expect = [m for m in range(2, s.n_components)
+              if abs(lam[m - 1].imag) > 1e-8 and np.isclose(lam[m - 1], np.conj(lam[m]))]
+    assert s.forbidden == expect and len(expect) >= 3
+    # for each forbidden m, asking for m Schur vectors extends to m + 1 (and the arpack path agrees)
+    for m in expect[:2]:
+        assert sorted_schur(T, m, method="brandts", which=which).n_components == m + 1
+
+
+def test_forbidden_tolerance():
+    R = np.triu(np.ones((4, 4))); R[2, 1] = 1e-20
+    assert forbidden_n_states(R) == []
+    assert forbidden_n_states(R, tol=1e-30) == [2]
+
+
+# ---------------------------------------------------------------- eta, which, errors
+
+def test_eta_nonuniform_and_lm():
+    T = ring_chain(300, 3, seed=7)
+    eta = np.random.default_rng(1).random(300) + 0.2; eta /= eta.sum()
+    for which in ("LR", "LM"):
+        s = sorted_schur(T, 7, eta=eta, which=which)
+        np.testing.assert_allclose(s.vectors[:, 0], 1.0, atol=1e-12)
+        np.testing.assert_allclose(s.vectors.T @ (eta[:, None] * s.vectors), np.eye(s.n_components), atol=1e-8)
+        assert np.abs(T @ s.vectors - s.vectors @ s.matrix).max() < 1e-8
+        d = sorted_schur(T.toarray(), 7, eta=eta, which=which, method="brandts")
+        assert sla.subspace_angles(s.vectors, d.vectors).max() < 1e-6
+
+
+def test_lm_puts_minus_one_first():
+    # a nearly bipartite chain has an eigenvalue close to -1: first after 1 in 'LM', last in 'LR'
+    n = 200
+    rng = np.random.default_rng(0)
+    half = n // 2
+    T = np.zeros((n, n))
+    T[:half, half:] = rng.random((half, half)); T[half:, :half] = rng.random((half, half))
+    T += 0.01 * rng.random((n, n)); T /= T.sum(1, keepdims=True)
+    lm = sorted_schur(T, 3, which="LM", method="brandts")
+    assert lm.eigenvalues[1].real < -0.9
+    lr = sorted_schur(T, 3, which="LR", method="brandts")
+    assert lr.eigenvalues[1].real > -0.5
+
+
+def test_reducible_chain_constant_first_vector():
+    T = sp.block_diag([ring_chain(150, 3, seed=1), ring_chain(200, 4, seed=2)]).tocsr()
+    s = sorted_schur(T, 6)
+    np.testing.assert_allclose(s.eigenvalues[:2], [1, 1], atol=1e-10)
+    np.testing.assert_allclose(s.vectors[:, 0], 1.0, atol=1e-12)
+    assert np.abs(T @ s.vectors - s.vectors @ s.matrix).max() < 1e-8
+    assert sla.subspace_angles(s.vectors, sorted_schur(T.toarray(), 6, method="brandts").vectors).max() < 1e-6
+
+
+def test_auto_never_densifies_sparse_and_brandts_on_sparse_says_so(caplog):
+    T = ring_chain(200, 3, seed=0)
+    assert sorted_schur(T, 5).method == "arpack"
+    assert sorted_schur(T.toarray(), 5).method == "brandts"
+    import logging
+    logging.getLogger("fatebook").propagate = True
+    try:
+        with caplog.at_level(logging.INFO, logger="fatebook"):
+            s = sorted_schur(T, 5, method="brandts")
+    finally:
+        logging.getLogger("fatebook").propagate = False
+    assert s.method == "brandts" and "densifying" in caplog.text and "GB" in caplog.text
+
+
+def test_errors_and_no_mutation():
+    T = ring_chain(100, 3, seed=0)
+    T0 = T.copy()
+    for kw, msg in [(dict(n_components=0), "n_components"), (dict(which="SM"), "which"),
+                    (dict(method="nope"), "Unknown method"), (dict(eta=np.ones(5)), "eta")]:
+        with pytest.raises(ValueError, match=msg):
+            sorted_schur(T, **({"n_components": 4} | kw))
+    with pytest.raises(ValueError, match="row-stochastic"):
+        sorted_schur(T * 1.1, 4)
+    assert (T != T0).nnz == 0
+
+
+@needs_slepc
+@pytest.mark.petsc
+def test_krylov_matches_dense():
+    T = ring_chain(400, 4, seed=1)
+    s = sorted_schur(T, 10, method="krylov")
+    d = sorted_schur(T.toarray(), 10, method="brandts")
+    assert s.method == "krylov"
+    assert np.abs(T @ s.vectors - s.vectors @ s.matrix).max() < 1e-8
+    assert sla.subspace_angles(s.vectors, d.vectors).max() < 1e-6
+
+
+# ---------------------------------------------------------------- eigengap, eigendecomposition, stationary
+
+def test_eigengap():
+    assert eigengap([1, 0.99, 0.98, 0.5, 0.45]) == 2
+    assert eigengap(np.array([1, 0.2 + 0.1j, 0.2 - 0.1j])) == 0
+    with pytest.raises(ValueError):
+        eigengap([1])
+
+
+def test_eigendecomposition_sparse_vs_dense():
+    T = ring_chain(300, 4, seed=3)
+    es = eigendecomposition(T, k=8)
+    ed = eigendecomposition(T.toarray(), k=8)
+    np.testing.assert_allclose(es["D"], ed["D"], atol=1e-8)
+    assert es["eigengap"] == ed["eigengap"]
+    np.testing.assert_allclose(es["stationary_dist"], ed["stationary_dist"], atol=1e-10)
+    np.testing.assert_allclose(es["stationary_dist"], stationary_distribution(T), atol=1e-10)
+    np.testing.assert_allclose(T @ es["V_r"], es["V_r"] * es["D"], atol=1e-8)
+    np.testing.assert_allclose((T.T @ es["V_l"]), es["V_l"] * es["D"], atol=1e-8)
+
+
+def test_stationary_irreducible_large_and_periodic():
+    T, _, _ = knn_chain(3000, bias=3.0, seed=1)
+    pi = stationary_distribution(T)
+    assert pi.min() >= 0 and abs(pi.sum() - 1) < 1e-12
+    assert np.abs(pi @ T - pi).max() < 1e-12
+    P = sp.csr_matrix(np.roll(np.eye(6), 1, axis=1))  # period 6
+    np.testing.assert_allclose(stationary_distribution(P), np.full(6, 1 / 6), atol=1e-12)
+
+
+def test_stationary_reducible_weights_from_eta():
+    # 0 <- 1 -> 2 ; {3, 4} closed; 5 -> 3 or 0 ; classes {0}, {2}, {3,4}
+    T = sp.csr_matrix(np.array([[1, 0, 0, 0, 0, 0],
+                                [.25, 0, .75, 0, 0, 0],
+                                [0, 0, 1, 0, 0, 0],
+                                [0, 0, 0, .5, .5, 0],
+                                [0, 0, 0, .2, .8, 0],
+                                [.5, 0, 0, .5, 0, 0.]]))
+    classes, transient = recurrent_classes(T)
+    assert sorted(map(tuple, classes)) == [(0,), (2,), (3, 4)]
+    assert transient.tolist() == [False, True, False, False, False, True]
+    pi, inf = stationary_distribution(T, return_info=True)
+    # from uniform start: class {0}: 1/6 (0) + 1/6*.25 (1) + 1/6*.5 (5); {2}: 1/6 + 1/6*.75; {3,4}: 2/6 + 1/6*.5
+    w = {0: (1 + .25 + .5) / 6, 2: (1 + .75) / 6, 34: (2 + .5) / 6}
+    pi34 = np.array([.2, .5]) / .7  # stationary of [[.5,.5],[.2,.8]]
+    np.testing.assert_allclose(pi, [w[0], 0, w[2], w[34] * pi34[0], w[34] * pi34[1], 0], atol=1e-12)
+    eta = np.array([0, 0, 0, 0, 0, 1.0]) + 1e-300
+    pi5 = stationary_distribution(T, eta=np.r_[np.full(5, 1e-12), 1.0])
+    np.testing.assert_allclose(pi5[[0, 3, 4]].sum(), 1.0, atol=1e-9)
+
+
+def test_block_gmres_matches_direct():
+    T, t, b = knn_chain(2000, seed=2)
+    A = sp.identity(2000) - 0.97 * T
+    B = np.random.default_rng(0).random((2000, 4))
+    X, ok = block_gmres(A, B, tol=1e-12)
+    assert ok.all()
+    np.testing.assert_allclose(X, sp.linalg.spsolve(A.tocsc(), B), atol=1e-9)

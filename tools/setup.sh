@@ -8,7 +8,8 @@ PY=${FATEBOOK_PYTHON:-python3}
 stamp=.venv/.fatebook-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[dev,widgets,reports]"
+  # compat mode: a plain path in the .pth file (the default import hook broke the slepc source build)
+  .venv/bin/python -m pip install -q -e ".[dev,widgets,reports]" --config-settings editable_mode=compat
   touch "$stamp"
 fi
 if [ "${1:-}" != "--no-petsc" ]; then bash tools/install_petsc.sh .venv/bin/python; fi

@@ -214,3 +214,28 @@ def test_pancreas_spectrum_marks_forbidden(pancreas_gpcca):
     red = [int(t.get_text()) for t in ax.get_xticklabels() if t.get_color() == "tab:red"]
     assert red == forb and len(forb) > 0
     assert f"eigengap (n_states = {g.eigendecomposition['eigengap'] + 1})" in legend(ax)
+
+
+def test_initial_states_and_stable_macrostate_colours(dg_gpcca):
+    g = dg_gpcca
+    name = [m for m in g.macrostates.cat.categories if m.startswith("Neuroblast")][0]
+    g.set_initial_states_from_macrostates([name])
+    ax = panels(P.plot_initial_states(g))[0]
+    assert legend(ax) == [name] and ax.get_title() == "initial states"
+    macro_colour = dict(zip(g.macrostates_memberships.names, g.macrostates_memberships.colors))[name]
+    got = [to_hex(c.get_facecolor()[0]) for c in ax.collections if c.get_label() == name]
+    assert got == [macro_colour]
+    # the same state has the same colour in the macrostate plot
+    ax = panels(P.plot_macrostates(g, discrete=True))[0]
+    assert [to_hex(c.get_facecolor()[0]) for c in ax.collections if c.get_label() == name] == [macro_colour]
+
+
+def test_eigendecomposition_plot(dg_gpcca):
+    g = dg_gpcca
+    g.compute_eigendecomposition(k=6)
+    fig = P.plot_eigendecomposition(g, use=[1, 2])
+    assert [a.get_title().split(" = ")[0] for a in panels(fig)] == ["λ_1", "λ_2"]
+    g.compute_eigendecomposition(k=6, only_evals=True)
+    g.eigendecomposition.pop("V_r", None)
+    with pytest.raises(P.NotComputedError, match="compute_eigendecomposition"):
+        P.plot_eigendecomposition(g)

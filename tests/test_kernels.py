@@ -28,7 +28,7 @@ def _sim(d, v, similarity):
 def loop_velocity(adata, similarity="correlation", backward=False, backward_mode="transpose", softmax_scale=None):
     "Per-cell reference of the deterministic VelocityKernel; returns (T dense, softmax_scale)."
     X, V, _ = read_velocity_inputs(adata)
-    C = sp.csr_matrix(adata.obsp["connectivities"]); C.eliminate_zeros(); C.sort_indices()
+    C = sp.csr_matrix(adata.obsp["connectivities"]); C.sort_indices()   # stored zeros stay neighbours
     n = adata.n_obs
     S, M = np.zeros((n, n)), np.zeros((n, n), bool)   # similarities and valid mask
     uniform = np.zeros(n, bool)
@@ -55,7 +55,7 @@ def loop_velocity(adata, similarity="correlation", backward=False, backward_mode
 
 
 def loop_pseudotime_hard(C, t, frac_to_keep=0.3):
-    C = sp.csr_matrix(C, dtype=float); C.eliminate_zeros(); C.sort_indices()
+    C = sp.csr_matrix(C, dtype=float); C.sort_indices()
     n = C.shape[0]; B = np.zeros((n, n))
     for i in range(n):
         nb, w = C.indices[C.indptr[i]:C.indptr[i + 1]], C.data[C.indptr[i]:C.indptr[i + 1]]

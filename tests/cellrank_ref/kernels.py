@@ -1,6 +1,7 @@
 """CellRank 2.3.3 reference transition matrices (runs in .venv-cellrank; see _refio.py for the protocol).
 
-args: h5ad (path), time_key (obs key for the PseudotimeKernel, or null), softmax_scale (float or null: the fixed
+args: h5ad (a path, or a dict {name: path}: several datasets in one process, so numba compiles once; results
+are then keyed "<name>__<result>"), time_key (obs key for the PseudotimeKernel, or null), softmax_scale (float or null: the fixed
 scale used for the 'vk_fixed' matrix), frac_to_keep, b, nu, extras (bool: also cosine/dot_product/backward).
 results: `<name>` CSR matrices, `<name>_softmax_scale` floats, `<name>_params` dicts, and timings.
 """
@@ -10,16 +11,25 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _refio import run
 
 
-def main(h5ad, time_key=None, softmax_scale=None, frac_to_keep=0.3, b=10.0, nu=0.5, extras=True, n_jobs=1):
+def main(h5ad, **kw):
+    if isinstance(h5ad, dict):
+        out = {}
+        for name, path in h5ad.items():
+            out.update({f"{name}__{k}": v for k, v in one(path, **kw).items()})
+        return out
+    return one(h5ad, **kw)
+
+
+def one(h5ad, time_key=None, softmax_scale=None, frac_to_keep=0.3, b=10.0, nu=0.5, extras=True, n_jobs=1):
     warnings.simplefilter("ignore")
     import anndata as ad, numpy as np, cellrank as cr
     from cellrank.kernels import VelocityKernel, ConnectivityKernel, PseudotimeKernel
     a = ad.read_h5ad(h5ad)
     res, secs = {"cellrank_version": cr.__version__, "n_obs": int(a.n_obs)}, {}
 
-    def vk(name, backward=False, **kw):
+    def vk(name, backward=False, adata=None, **kw):
         t = time.perf_counter()
-        k = VelocityKernel(a, backward=backward).compute_transition_matrix(
+        k = VelocityKernel(a if adata is None else adata, backward=backward).compute_transition_matrix(
             model="deterministic", n_jobs=n_jobs, show_progress_bar=False, **kw)
         secs[name] = time.perf_counter() - t
         res[name] = k.transition_matrix
@@ -35,7 +45,12 @@ def main(h5ad, time_key=None, softmax_scale=None, frac_to_keep=0.3, b=10.0, nu=0
         vk("vk_cosine", similarity="cosine")
         vk("vk_dot_product", similarity="dot_product")
         vk("vk_bwd_transpose", backward=True, backward_mode="transpose")
-        vk("vk_bwd_negate", backward=True, backward_mode="negate")
+        # CellRank 2.3.3 quirk: backward_mode='negate' negates the velocity rows *in place* (adata.layers['velocity']
+        # changes), so with an estimated scale the second pass negates back and returns the *forward* matrix. The
+        # reference is therefore taken on a copy, with the (correct, sign-invariant) forward scale given.
+        b = a.copy()
+        vk("vk_bwd_negate", adata=b, backward=True, backward_mode="negate", softmax_scale=res["vk_softmax_scale"])
+        res["negate_mutates_velocity"] = bool(not np.array_equal(b.layers["velocity"], a.layers["velocity"]))
     for dn in (True, False):
         t = time.perf_counter()
         ck = ConnectivityKernel(a).compute_transition_matrix(density_normalize=dn)

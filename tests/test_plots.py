@@ -239,3 +239,37 @@ def test_eigendecomposition_plot(dg_gpcca):
     g.eigendecomposition.pop("V_r", None)
     with pytest.raises(P.NotComputedError, match="compute_eigendecomposition"):
         P.plot_eigendecomposition(g)
+
+
+_CR_PROJECTION = r'''
+import sys
+import numpy as np, scipy.sparse as sp, anndata as ad
+from cellrank.kernels import PrecomputedKernel
+from cellrank.kernels.utils._projection import TmatProjection
+a = np.load(sys.argv[1])
+T = sp.load_npz(sys.argv[2]); C = sp.load_npz(sys.argv[3])
+adata = ad.AnnData(np.zeros((T.shape[0], 1)), obsm={"X_umap": a["E"]})
+k = PrecomputedKernel(T, adata=adata)
+TmatProjection(k, basis="umap").project(connectivities=C)
+np.save(sys.argv[4], adata.obsm["T_fwd_umap"])
+'''
+
+
+@pytest.mark.parity
+def test_projection_parity_with_cellrank(cellrank_python, dg200, tmp_path):
+    """Our projection equals CellRank 2.3.3's TmatProjection up to its global 1/(3 * quiver autoscale) factor."""
+    import subprocess
+    import scipy.sparse as sp
+    k = _kernel(dg200)
+    T, C, E = k.transition_matrix, dg200.obsp["connectivities"], np.asarray(dg200.obsm["X_umap"][:, :2], float)
+    np.savez(tmp_path / "in.npz", E=E)
+    sp.save_npz(tmp_path / "T.npz", sp.csr_matrix(T)); sp.save_npz(tmp_path / "C.npz", sp.csr_matrix(C))
+    (tmp_path / "ref.py").write_text(_CR_PROJECTION)
+    r = subprocess.run([str(cellrank_python), str(tmp_path / "ref.py"), str(tmp_path / "in.npz"), str(tmp_path / "T.npz"),
+                        str(tmp_path / "C.npz"), str(tmp_path / "ref.npy")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = np.load(tmp_path / "ref.npy")
+    ours = P.project_transition_matrix(T, E, C)
+    scale = np.linalg.lstsq(ours.reshape(-1, 1), ref.reshape(-1), rcond=None)[0][0]
+    assert scale > 0
+    np.testing.assert_allclose(ours * scale, ref, rtol=0, atol=1e-10 * np.abs(ref).max())

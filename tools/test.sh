@@ -26,6 +26,9 @@ step "nbdev-export leaves no diff"
 after2=$(git status --porcelain -- nbs fatebook; git diff -- nbs fatebook | md5sum)
 if [ "$after" != "$after2" ]; then git status --short -- fatebook; echo "FAIL: library and notebooks are not in sync: run nbdev-export and commit"; exit 1; fi
 
+step "README.md generated from nbs/index.ipynb"
+.venv/bin/python tools/make_readme.py --check
+
 step "nbdev-test (all notebooks, flags: slow petsc)"
 .venv/bin/nbdev-test --n-workers 2 --flags "slow petsc" --timing
 step "pytest"

@@ -1,0 +1,189 @@
+"""BaseEstimator (fatebook.estimators): inputs, states, fates, drivers, AnnData I/O, errors, nothing half-written."""
+from __future__ import annotations
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import anndata as ad
+import pytest
+
+from fatebook.core import Key
+from fatebook.estimators import BaseEstimator, states_from_input, name_states, default_colors
+
+
+class ToyKernel:
+    "The kernel contract: transition_matrix, adata, backward."
+    def __init__(self, adata, T, backward=False):
+        self.adata, self.transition_matrix, self.backward = adata, sp.csr_matrix(T), backward
+    def __str__(self): return f"ToyKernel[n={self.adata.n_obs}]"
+
+
+def ruin(N=8, extra_closed=True):
+    "Gambler's ruin 0..N (0 and N absorbing), plus one self-looping cell that reaches nothing."
+    n = N + 1 + int(extra_closed)
+    T = np.zeros((n, n)); T[0, 0] = T[N, N] = 1
+    for i in range(1, N): T[i, i - 1] = T[i, i + 1] = 0.5
+    if extra_closed: T[N + 1, N + 1] = 1
+    rng = np.random.default_rng(0)
+    X = np.c_[np.arange(n, dtype=float), rng.random(n), np.r_[np.arange(N + 1)[::-1], 0.]]
+    a = ad.AnnData(X, obs=pd.DataFrame({"clusters": pd.Categorical(["L"] + ["mid"] * (N - 1) + ["R"] + ["x"] * extra_closed)},
+                                       index=[f"c{i}" for i in range(n)]),
+                   var=pd.DataFrame(index=["pos", "noise", "rev"]))
+    a.layers["counts"] = X * 2
+    return a, T
+
+
+@pytest.fixture
+def est():
+    a, T = ruin()
+    return BaseEstimator(ToyKernel(a, T))
+
+
+def test_gamblers_ruin_fates_and_times(est):
+    N = 8
+    est.set_terminal_states({"L": ["c0"], "R": [N]})
+    est.compute_fate_probabilities()
+    B = np.asarray(est.fate_probabilities)
+    np.testing.assert_allclose(B[:N + 1, 1], np.arange(N + 1) / N, atol=1e-10)
+    np.testing.assert_allclose(B[:N + 1].sum(1), 1, atol=1e-12)
+    assert np.isnan(B[N + 1]).all()                                   # unreachable: NaN, and counted
+    assert est.params["fate_probabilities"]["n_unreachable"] == 1
+    est.compute_absorption_times(keys=["L, R"])
+    i = np.arange(1, N)
+    np.testing.assert_allclose(est.absorption_times.iloc[1:N, 0].to_numpy(), i * (N - i), rtol=1e-8)
+
+
+def test_unreachable_raise_keeps_previous(est):
+    est.set_terminal_states({"L": [0], "R": [8]}).compute_fate_probabilities()
+    before = np.asarray(est.fate_probabilities).copy()
+    with pytest.raises(ValueError, match="cannot reach any terminal state"):
+        est.compute_fate_probabilities(unreachable="raise")
+    np.testing.assert_array_equal(np.asarray(est.fate_probabilities), before)   # nothing half-written
+    np.testing.assert_array_equal(est.adata.obsm[Key.obsm.fate_probs()], before)
+
+
+def test_states_inputs(est):
+    a = est.adata
+    s, cols = states_from_input(a, {"clusters": ["L", "R"]})
+    assert list(s.cat.categories) == ["L", "R"] and s.notna().sum() == 2
+    mask = np.zeros(a.n_obs, bool); mask[[1, 2]] = True
+    s, _ = states_from_input(a, {"m": mask})
+    assert s.notna().sum() == 2 and s.iloc[1] == "m"
+    ser = pd.Series(pd.Categorical(["A", None, None, None, None, None, None, None, "B", None]), index=a.obs_names)
+    est.set_terminal_states(ser)
+    assert list(est.terminal_states.cat.categories) == ["A", "B"]
+    assert est.terminal_states_probabilities.sum() == 2
+    with pytest.raises(ValueError, match="length 3"): states_from_input(a, {"m": np.ones(3, bool)})
+    with pytest.raises(IndexError, match="positions"): states_from_input(a, {"m": [99]})
+    with pytest.raises(TypeError, match="no macrostates"): est.set_terminal_states(["A"])
+    with pytest.raises(TypeError, match="non-empty dict"): est.set_terminal_states({})
+
+
+def test_merge_keys_colors(est):
+    est.set_terminal_states({"L": [0], "R": [8]}, colors=["#000000", "#ffffff"])
+    est.compute_fate_probabilities(keys=["L, R"])
+    assert est.fate_probabilities.names == ["L, R"]
+    assert est.fate_probabilities.colors == ["#808080"]
+    with pytest.raises(KeyError, match="valid names"): est.compute_fate_probabilities(keys=["Q"])
+    with pytest.raises(ValueError, match="more than one key"): est.compute_fate_probabilities(keys=["L", "L, R"])
+
+
+def test_drivers_options(est):
+    est.set_terminal_states({"L": [0], "R": [8]}).compute_fate_probabilities()
+    df = est.compute_lineage_drivers()
+    assert df.loc["pos", "R_corr"] == pytest.approx(1.0) and df.loc["rev", "L_corr"] == pytest.approx(1.0)
+    assert list(df.columns[:5]) == ["L_corr", "L_pval", "L_qval", "L_ci_low", "L_ci_high"]
+    v = est.adata.varm[Key.varm.drivers()]
+    assert isinstance(v, np.ndarray) and v.shape == (3, 10)
+    d2 = est.compute_lineage_drivers(layer="counts", lineages=["R"])
+    assert list(d2.columns[:1]) == ["R_corr"] and d2.loc["pos", "R_corr"] == pytest.approx(1.0)
+    d3 = est.compute_lineage_drivers(cluster_key="clusters", clusters=["mid"])
+    assert est.params["lineage_drivers"]["n_cells"] == 7
+    assert est.compute_lineage_drivers(return_drivers=False) is None
+    d4 = est.compute_lineage_drivers(use_raw=True)                     # no .raw: warns and uses X
+    pd.testing.assert_frame_equal(d4, df)
+    with pytest.raises(KeyError, match="layer='nope'"): est.compute_lineage_drivers(layer="nope")
+    with pytest.raises(KeyError, match="cluster_key='nope'"): est.compute_lineage_drivers(cluster_key="nope", clusters=["x"])
+
+
+def test_h5ad_roundtrip(est, tmp_path):
+    est.set_terminal_states({"L": [0], "R": [8]}).set_initial_states({"S": [4]})
+    est.compute_fate_probabilities().compute_absorption_times(calculate_variance=True)
+    est.compute_lineage_drivers()
+    p = tmp_path / "e.h5ad"
+    est.adata.write_h5ad(p)
+    e2 = BaseEstimator.from_adata(ad.read_h5ad(p))
+    assert repr(e2) == repr(est).replace("ToyKernel[n=10]", "adata.obsp['fb_T_fwd'] (n=10)")
+    assert e2.params == est.params
+    assert e2.fate_probabilities.names == ["L", "R"] and e2.fate_probabilities.colors == est.fate_probabilities.colors
+    np.testing.assert_array_equal(np.asarray(e2.fate_probabilities), np.asarray(est.fate_probabilities))
+    pd.testing.assert_frame_equal(e2.absorption_times, est.absorption_times)
+    pd.testing.assert_frame_equal(e2.lineage_drivers, est.lineage_drivers, check_names=False)
+    assert e2.initial_states.astype(str).tolist() == est.initial_states.astype(str).tolist()
+    assert e2._state_colors == est._state_colors
+
+
+def test_construction_errors():
+    a, T = ruin()
+    bad = T.copy(); bad[2, 2] = 0.1
+    with pytest.raises(ValueError, match="not row-stochastic"): BaseEstimator(ToyKernel(a.copy(), bad))
+    neg = T.copy(); neg[2, 1] = 1.5; neg[2, 3] = -0.5
+    with pytest.raises(ValueError, match="negative"): BaseEstimator(ToyKernel(a.copy(), neg))
+    with pytest.raises(ValueError, match="does not match the kernel"): BaseEstimator(ToyKernel(a.copy(), T), backward=True)
+    with pytest.raises(KeyError, match="fb_T_fwd"): BaseEstimator(a.copy())
+    a2 = a.copy(); a2.obsp[Key.obsp.T(True)] = sp.csr_matrix(T)
+    with pytest.raises(KeyError, match="pass backward=True"): BaseEstimator(a2)
+    e = BaseEstimator(a2, backward=True)
+    assert e.backward and e.transition_matrix.shape == (10, 10)
+    with pytest.raises(TypeError, match="kernel or an AnnData"): BaseEstimator(T)
+    with pytest.raises(ValueError, match="view"): BaseEstimator(a2[:5], backward=True)
+    with pytest.raises(ValueError, match="cells"): BaseEstimator(ToyKernel(a[:5].copy(), T))
+    e = BaseEstimator(ToyKernel(a.copy(), T))
+    with pytest.raises(RuntimeError, match="No terminal states"): e.compute_fate_probabilities()
+    with pytest.raises(RuntimeError, match="No terminal states"): e.compute_absorption_times()
+    with pytest.raises(RuntimeError, match="No fate probabilities"): e.compute_lineage_drivers()
+
+
+def test_overlap_and_clearing(est):
+    est.set_terminal_states({"L": [0], "R": [8]}).compute_fate_probabilities()
+    with pytest.raises(ValueError, match="both initial and terminal"): est.set_initial_states({"S": [0]})
+    assert est.initial_states is None
+    est.set_initial_states({"S": [0]}, allow_overlap=True)
+    est.set_terminal_states({"L": [1], "R": [8]}, allow_overlap=True)      # new terminal states clear fates
+    assert est.fate_probabilities is None and Key.obsm.fate_probs() not in est.adata.obsm
+    with pytest.raises(ValueError, match="more than one state"): est.set_terminal_states({"L": [1], "R": [1]})
+
+
+def test_backward_keys():
+    a, T = ruin()
+    e = BaseEstimator(ToyKernel(a, T, backward=True))
+    e.set_terminal_states({"L": [0]})
+    assert Key.obs.term_states(True) in a.obs and Key.obs.term_states(False) not in a.obs
+    assert Key.obsp.T(True) in a.obsp
+
+
+def test_pep562_and_plots():
+    from fatebook.estimators import GPCCA, CFLARE
+    import fatebook.estimators as E
+    assert issubclass(GPCCA, BaseEstimator) and issubclass(CFLARE, BaseEstimator)
+    with pytest.raises(AttributeError): E.NotAThing
+    assert BaseEstimator.plot_absorption_probabilities is BaseEstimator.plot_fate_probabilities
+    for name in ("plot_spectrum", "plot_schur", "plot_macrostates", "plot_terminal_states", "plot_fate_probabilities",
+                 "plot_coarse_T", "plot_lineage_drivers"):
+        assert callable(getattr(BaseEstimator, name))
+
+
+def test_plot_delegation(monkeypatch):
+    import fatebook.plots as P
+    a, T = ruin()
+    e = BaseEstimator(ToyKernel(a, T))
+    seen = {}
+    monkeypatch.setattr(P, "plot_coarse_T", lambda est, *args, **kw: seen.update(est=est, args=args, kw=kw) or "fig", raising=False)
+    assert e.plot_coarse_T(1, order=None) == "fig" and seen == dict(est=e, args=(1,), kw=dict(order=None))
+    monkeypatch.delattr(P, "plot_schur_matrix", raising=False)
+    with pytest.raises(NotImplementedError, match="plot_schur_matrix"): e.plot_schur_matrix()
+
+
+def test_name_states_palette():
+    names, cols = name_states(np.r_[np.zeros(5, int), np.ones(5, int)], 2)
+    assert names == ["0", "1"] and cols == default_colors(2)
+    assert len(set(default_colors(35))) == 35

@@ -347,40 +347,48 @@ def test_errors_leave_adata_untouched(dg50):
 @pytest.fixture(scope="module")
 def sim():
     from fatebook.datasets import simulate, preprocess
-    return preprocess(simulate(n_cells=600, seed=0), umap=False, velocity_graph=False)
+    return preprocess(simulate(seed=0), umap=False, velocity_graph=False)
 
 
-def _direction_fractions(adata, vkey, n_steps=10, walks_per_cell=30):
-    "Fraction of cells whose walks (started there) gain true time, forward; and lose it, backward."
+def _direction_fractions(adata, vkey, n_steps=10, walks_per_cell=30, boundary=0.05):
+    """Fraction of cells whose walks (started there, `n_steps` steps) gain true time on the forward kernel and lose
+    it on the backward kernel: over all cells, and over the cells that have somewhere to go (not in the last
+    `boundary` quantile of true time for the forward process, not in the first one for the backward process)."""
     t = adata.obs["true_time"].to_numpy()
     n = adata.n_obs
     out = {}
     for backward in (False, True):
+        d = "bwd" if backward else "fwd"
         k = VelocityKernel(adata, backward=backward, vkey=vkey).compute_transition_matrix()
         walks = k.random_walks(n_sims=walks_per_cell * n, max_iter=n_steps, seed=0, show_progress=False)
         start = np.array([w[0] for w in walks]); inc = np.array([t[w[-1]] - t[w[0]] for w in walks])
         cnt = np.bincount(start, minlength=n); tot = np.bincount(start, inc, minlength=n)
+        assert (cnt > 0).mean() > 0.99
+        mean_inc = np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
+        good = (mean_inc < 0) if backward else (mean_inc > 0)
+        inner = (t > np.quantile(t, boundary)) if backward else (t < np.quantile(t, 1 - boundary))
         seen = cnt > 0
-        assert seen.mean() > 0.99
-        mean_inc = tot[seen] / cnt[seen]
-        out["bwd" if backward else "fwd"] = float(np.mean(mean_inc < 0) if backward else np.mean(mean_inc > 0))
-        # the exact expectation after n_steps agrees with the walks
+        out[d] = float(good[seen].mean()); out[d + "_inner"] = float(good[seen & inner].mean())
+        # the walks agree with the exact expectation after n_steps
         x = t.copy()
         for _ in range(n_steps): x = k.transition_matrix @ x
         exact = np.mean(x - t < 0) if backward else np.mean(x - t > 0)
-        assert abs(exact - out["bwd" if backward else "fwd"]) < 0.08
+        assert abs(exact - out[d]) < 0.05, (exact, out[d])
     return out
 
 
 def test_random_walks_follow_true_time(sim):
-    """With the simulation's true velocity, walks on the forward kernel gain true time (mean increment > 0) for
-    > 90% of the cells and walks on the backward kernel lose it."""
-    fr = _direction_fractions(sim, "true_velocity")
-    assert fr["fwd"] > 0.9 and fr["bwd"] > 0.9, fr
-
-
-def test_random_walks_follow_true_time_estimated_velocity(sim):
-    """With scVelo's estimated (stochastic-model) velocity the direction is still right for most cells; the
-    estimate itself is noisier than the kernel (measured: ~76-80% of cells after 10 steps, seed 0)."""
+    """simulate() data, scVelo-estimated velocity: walks on the forward kernel gain true time and walks on the
+    backward kernel lose it. Measured (seed 0, 10 steps, 1,000 cells): fwd 0.86 / bwd 0.90 of all cells; 0.91 / 0.93
+    of the cells that have somewhere to go. The misses sit at the branch point (true time 0.3-0.4) and at the ends."""
     fr = _direction_fractions(sim, "velocity")
-    assert fr["fwd"] > 0.7 and fr["bwd"] > 0.7, fr
+    assert fr["fwd_inner"] > 0.88 and fr["bwd_inner"] > 0.88, fr
+    assert fr["fwd"] > 0.8 and fr["bwd"] > 0.85, fr
+
+
+def test_random_walks_follow_true_time_true_velocity(sim):
+    """With the simulation's true velocity the kernel does better (measured: 0.90 / 0.95 of all cells, 0.94 / 0.97
+    of the cells that have somewhere to go): > 90% of those cells move the right way in both directions."""
+    fr = _direction_fractions(sim, "true_velocity")
+    assert fr["fwd_inner"] > 0.9 and fr["bwd_inner"] > 0.9, fr
+    assert fr["fwd"] > 0.85 and fr["bwd"] > 0.9, fr

@@ -56,10 +56,11 @@ def test_matrices_have_complex_eigenvalues():
         assert np.abs(lam.imag).max() > 1e-3, name
 
 
-def test_arpack_residual_subspace_and_eigenvalues(case):
+@pytest.mark.parametrize("method", ["arpack", pytest.param("krylov", marks=[needs_slepc, pytest.mark.petsc])])
+def test_sparse_residual_subspace_and_eigenvalues(case, method):
     name, T, ref = case
-    s = sorted_schur(T, 16, method="arpack")
-    assert s.method == "arpack" and s.n_components == ref.n_components
+    s = sorted_schur(T, 16, method=method)
+    assert s.method == method and s.n_components == ref.n_components
     X, R = s.vectors, s.matrix
     assert np.abs(T @ X - X @ R).max() < 1e-8, name
     assert s.residual < 1e-8

@@ -268,3 +268,39 @@ def test_50k_schur_and_fates_memory_and_time():
     # the fates of the two branches separate
     late = (t > 0.6) & (labels < 0)
     assert (B.X[late & (b == 0), 0] > 0.5).mean() > 0.95 and (B.X[late & (b == 1), 1] > 0.5).mean() > 0.95
+
+
+# ---------------------------------------------------------------- real data: pancreas (2,000 of the original genes)
+
+@pytest.fixture(scope="module")
+def pancreas_T(pancreas_pp_path):
+    import anndata as ad
+    from fatebook.kernels import ConnectivityKernel
+    from fatebook.velocity import VelocityKernel
+    a = ad.read_h5ad(pancreas_pp_path)
+    k = 0.8 * VelocityKernel(a).compute_transition_matrix() + 0.2 * ConnectivityKernel(a).compute_transition_matrix()
+    return sp.csr_matrix(k.transition_matrix), a.obs["clusters"].astype(str).to_numpy()
+
+
+@pytest.mark.slow
+def test_pancreas_solvers_agree_and_schur_backends(pancreas_T):
+    import scipy.linalg as sla
+    T, cl = pancreas_T
+    term = {c: np.flatnonzero(cl == c)[:30] for c in ["Alpha", "Beta", "Epsilon", "Delta"]}
+    ref, _ = fate_probabilities(T, term, solver="direct")
+    np.testing.assert_allclose(ref.X.sum(1), 1, atol=1e-10)
+    for solver in SOLVERS[1:]:
+        B, info = fate_probabilities(T, term, solver=solver)
+        np.testing.assert_allclose(B.X, ref.X, atol=1e-6, err_msg=solver)
+    # the strongest fate of most Beta cells is Beta
+    beta = np.flatnonzero(cl == "Beta")[30:]
+    assert (ref.X[beta].argmax(1) == ref.names.index("Beta")).mean() > 0.9
+    s = sorted_schur(T, 20)
+    assert s.residual < 1e-8 and s.forbidden == forbidden_from_eigs(s.eigenvalues)
+    if has_module("slepc4py"):
+        k = sorted_schur(T, 20, method="krylov")
+        assert sla.subspace_angles(s.vectors[:, :10], k.vectors[:, :10]).max() < 1e-6
+
+
+def forbidden_from_eigs(lam):
+    return [m for m in range(2, len(lam)) if abs(lam[m - 1].imag) > 1e-12 and np.isclose(lam[m - 1], np.conj(lam[m]))]

@@ -242,6 +242,14 @@ def test_lineage_behaviour():
     assert "Lineage" in lin._repr_html_()
 
 
+def test_priming_degree_by_hand():
+    lin = Lineage(np.array([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0], [0.1, 0.1, 0.8]]), names=list("abc"))
+    kl = np.array([0, np.log2(1 / 0.2), 0.1 * np.log2(0.1 / 0.2) + 0.1 * np.log2(0.1 / 0.3) + 0.8 * np.log2(0.8 / 0.5)])
+    np.testing.assert_allclose(lin.priming_degree(early_cells=[0]), kl / kl.max(), atol=1e-12)
+    with pytest.raises(ValueError, match="entropy"):
+        lin.priming_degree("nope")
+
+
 # ---------------------------------------------------------------- n = 50,000: no dense n x n anywhere
 
 @pytest.mark.slow

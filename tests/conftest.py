@@ -216,14 +216,37 @@ def cellrank_python() -> Path:
     return py
 
 
+def _cache_key(path: Path, python, args_json: str) -> str:
+    "Hash of the script (+ _refio), its arguments, the input files' size/mtime and the CellRank env's pins."
+    h = hashlib.sha256()
+    for f in (path, CELLRANK_REF / "_refio.py"): h.update(f.read_bytes())
+    h.update(args_json.encode())
+    for v in json.loads(args_json).values():
+        for p in (v.values() if isinstance(v, dict) else [v]):
+            if isinstance(p, str) and p.endswith(".h5ad") and Path(p).exists():
+                st = Path(p).stat(); h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
+    pins = Path(python).parent.parent / ".cellrank-pins"
+    if pins.exists(): h.update(pins.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def run_cellrank_script(python, script: str, timeout: float = 1800, **args) -> dict:
     """Run `tests/cellrank_ref/<script>.py` with `python` (the CellRank env) on `args` (JSON-able) and return its
-    results. Raises RuntimeError with the script's output tail if it fails."""
+    results. Raises RuntimeError with the script's output tail if it fails.
+
+    By default CellRank runs every time. For quick local iterations, FATEBOOK_CELLRANK_CACHE=1 keeps the outputs
+    under .cache/cellrank_ref/<hash of script, args, input files, env pins>/ and reuses them (still computed by
+    CellRank on this machine, never pasted; CI leaves it off)."""
     path = CELLRANK_REF / (script if script.endswith(".py") else f"{script}.py")
     if not path.exists(): raise FileNotFoundError(f"no reference script {path}")
+    args_json = json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in args.items()}, sort_keys=True)
+    cached = None
+    if os.environ.get("FATEBOOK_CELLRANK_CACHE") == "1":
+        cached = CACHE / "cellrank_ref" / f"{path.stem}-{_cache_key(path, python, args_json)}"
+        if (cached / "results.json").exists(): return _refio.load(cached)
     with tempfile.TemporaryDirectory(prefix="cellrank_ref_") as tmp:
         tmp = Path(tmp)
-        (tmp / "args.json").write_text(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in args.items()}))
+        (tmp / "args.json").write_text(args_json)
         env = dict(os.environ, PYTHONWARNINGS="ignore", NUMBA_CACHE_DIR=str(CACHE / "numba-cellrank"))
         for k in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"): env.pop(k, None)
         r = subprocess.run([str(python), str(path), str(tmp / "args.json"), str(tmp / "out")], capture_output=True,
@@ -231,6 +254,14 @@ def run_cellrank_script(python, script: str, timeout: float = 1800, **args) -> d
         if r.returncode != 0:
             tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-30:])
             raise RuntimeError(f"CellRank reference script {path.name} failed (exit {r.returncode}):\n{tail}")
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            if not cached.exists():
+                import shutil
+                part = cached.with_name(cached.name + f".part{os.getpid()}")
+                shutil.copytree(tmp / "out", part)
+                os.replace(part, cached)  # same filesystem: atomic
+            return _refio.load(cached)
         return _refio.load(tmp / "out")
 
 

@@ -99,8 +99,8 @@ def test_gradient_optimizer_at_least_as_crisp(ref, m):
     res = g.gpcca_memberships(ref["schur_vectors"][:, :m], optimizer="lbfgs")
     ours, theirs = crispness(res.chi), crispness(ref[f"memberships_{m}"])
     assert ours >= theirs - 1e-6, f"m={m}: crispness {ours:.6f} < CellRank's {theirs:.6f}"
-    _, d = match_columns(res.chi, ref[f"memberships_{m}"])
-    assert d <= 5e-2, f"m={m}: gradient optimum far from the reference's memberships ({d:.3g})"
+    # (not asserted: on this data L-BFGS finds *crisper* optima for m = 6, 7 whose memberships differ from
+    # Nelder-Mead's by up to ~0.5, so only Nelder-Mead, the default, reproduces CellRank's macrostates)
 
 
 @pytest.mark.parametrize("m", N_STATES_LIST)
@@ -144,18 +144,30 @@ def test_fates_fatebook_pipeline_same_terminal(ref, adata):
 
 
 def test_schur_sparse_matches_dense_reference(ref):
-    "fatebook's default sparse Schur (no PETSc) on CellRank's T: same eigenvalues, same nested invariant subspaces."
+    """fatebook's default sparse Schur (no PETSc) on CellRank's T: same eigenvalues, same nested invariant subspaces.
+
+    T is strongly non-normal, so its trailing eigenvalues are ill-conditioned: numpy's dense eigvals and CellRank's
+    Brandts Schur (residual 1e-14) already disagree by up to 3e-7 on eigenvalues 15-19. Hence 1e-6 for eigenvalues,
+    principal angles < 1e-6 for every valid m <= 12 (the range n_states lives in) and < 1e-5 up to 20, where the
+    gaps between neighbouring eigenvalues shrink."""
     schur = _need("fatebook.schur")
     res = schur.sorted_schur(ref["T"], n_components=20, method="arpack")
+    assert res.residual <= 1e-8, f"fatebook's Schur residual {res.residual:.3g} > 1e-8"
     ev_ref = ref["eigenvalues_real"] + 1j * ref["eigenvalues_imag"]
-    k = min(len(ev_ref), len(res.eigenvalues))
-    d_ev = float(np.abs(np.sort_complex(np.asarray(res.eigenvalues)[:k]) - np.sort_complex(ev_ref[:k])).max())
-    assert d_ev <= 1e-8, f"eigenvalues differ by {d_ev:.3g}"
+    ev = np.asarray(res.eigenvalues)[:len(ev_ref)]
+    assert len(ev) == len(ev_ref), f"{len(ev)} eigenvalues, CellRank has {len(ev_ref)}"
+    # the same LR order, pair by pair (the members of a conjugate pair may come in either order)
+    np.testing.assert_allclose(ev.real, ev_ref.real, atol=1e-6)
+    np.testing.assert_allclose(np.abs(ev.imag), np.abs(ev_ref.imag), atol=1e-6)
+    np.testing.assert_allclose(ev[:5], ev_ref[:5], atol=1e-10)  # the well-conditioned leading ones, tightly
     forbidden = set(res.forbidden)
-    for m in range(2, 20):
+    assert forbidden == {m for m in range(2, 20) if abs(ev_ref[m - 1].imag) > 1e-12 and
+                         np.isclose(ev_ref[m - 1], np.conj(ev_ref[m]))}, f"forbidden n_states {sorted(forbidden)}"
+    for m in range(2, 21):
         if m in forbidden: continue
         ang = float(np.max(subspace_angles(np.asarray(res.vectors)[:, :m], ref["schur_vectors"][:, :m])))
-        assert ang < 1e-6, f"m={m}: largest principal angle to CellRank's Schur subspace {ang:.3g}"
+        tol = 1e-6 if m <= 12 else 1e-5
+        assert ang < tol, f"m={m}: largest principal angle to CellRank's Schur subspace {ang:.3g} >= {tol:g}"
 
 
 def test_macrostates_fatebook_pipeline(ref, adata):
@@ -176,14 +188,31 @@ def test_macrostates_fatebook_pipeline(ref, adata):
 
 
 def test_drivers_same_fates(ref, adata):
-    "Lineage drivers (Pearson on adata.X) from CellRank's fate probabilities: r, CI, p and q equal CellRank's."
+    """Lineage drivers (Pearson on adata.X) from CellRank's fate probabilities.
+
+    adata.X is float32 here and CellRank's correlations carry float32 rounding (they differ from the exact float64
+    Pearson r by ~1e-5), so fatebook is held to the exact r (1e-10, computed here with numpy) and to CellRank within
+    float32 accuracy: r and CI to 5e-5, p and q to 0.01 in log10 (same zeros)."""
     drv = _need("fatebook.drivers")
-    names = ref["fate_names"]
-    df = drv.lineage_drivers(adata.X, ref["fate_probs"], lineage_names=names, gene_names=list(adata.var_names),
+    names, B = ref["fate_names"], ref["fate_probs"]
+    df = drv.lineage_drivers(adata.X, B, lineage_names=names, gene_names=list(adata.var_names),
                              method="pearson", pvalue="fisher")
+    X = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
+    Xc = X.astype(np.float64) - X.astype(np.float64).mean(0); Bc = B - B.mean(0)
+    exact = (Xc.T @ Bc) / np.outer(np.sqrt((Xc ** 2).sum(0)), np.sqrt((Bc ** 2).sum(0)))
+    ours = np.column_stack([df[f"{n}_corr"].to_numpy(float) for n in names])
+    ok = np.isclose(ours, exact, rtol=0, atol=1e-10) | (np.isnan(ours) & np.isnan(exact))
+    assert ok.all(), f"r differs from the exact float64 Pearson r ({(~ok).sum()} entries)"
     df = df.loc[ref["drivers_genes"]]
-    for q, atol in (("corr", 1e-8), ("ci_low", 1e-8), ("ci_high", 1e-8), ("pval", 1e-10), ("qval", 1e-10)):
+    for q in ("corr", "ci_low", "ci_high", "pval", "qval"):
         ours = np.column_stack([df[f"{n}_{q}"].to_numpy(float) for n in names])
         theirs = ref[f"drivers_{q}"]
-        ok = np.isclose(ours, theirs, rtol=1e-6, atol=atol) | (np.isnan(ours) & np.isnan(theirs))
-        assert ok.all(), f"drivers {q}: {(~ok).sum()} entries differ (max {np.nanmax(np.abs(ours - theirs)):.3g})"
+        assert np.array_equal(np.isnan(ours), np.isnan(theirs)), f"drivers {q}: NaNs differ"
+        if q in ("pval", "qval"):
+            assert np.array_equal(ours == 0, theirs == 0), f"drivers {q}: zeros differ"
+            pos = (ours > 0) & (theirs > 0)
+            d = float(np.abs(np.log10(ours[pos]) - np.log10(theirs[pos])).max())
+            assert d <= 1e-2, f"drivers {q}: max |log10 ours - log10 CellRank| = {d:.3g}"
+        else:
+            d = float(np.nanmax(np.abs(ours - theirs)))
+            assert d <= 5e-5, f"drivers {q}: max |ours - CellRank| = {d:.3g}"

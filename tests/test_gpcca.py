@@ -238,18 +238,17 @@ def test_core_properties():
 
 
 def test_lbfgs_vs_nelder_mead():
-    """Measured: the gradient option reaches the Nelder-Mead optimum on clean structure (m = 3 here, m <= 4 on pancreas)
-    but, f being only piecewise smooth, can stop at a kink below it (m = 4 on five blocks: 0.772 vs 0.802)."""
+    "The gradient option (smoothed L-BFGS + exact polish) is not less crisp than the reference Nelder-Mead here."
     T, Q, lab = _sym_schur([40, 50, 30, 60, 45], seed=2)
-    r1, r2 = gpcca_memberships(Q, 3), gpcca_memberships(Q, 3, optimizer="lbfgs")
-    assert abs(r1.crispness - r2.crispness) < 1e-3
-    assert (r1.chi.argmax(1) == r2.chi.argmax(1)).mean() > 0.99
-    for m in (4, 5):
+    for m in (3, 4, 5):
         r1, r2 = gpcca_memberships(Q, m), gpcca_memberships(Q, m, optimizer="lbfgs")
-        assert r2.crispness <= r1.crispness + 1e-3 and 0 < r2.crispness <= 1 and 0 < r1.crispness <= 1
+        assert r2.crispness >= r1.crispness - 1e-6, (m, r1.crispness, r2.crispness)
+        assert 0 < r2.crispness <= 1 and r2.optimizer == "lbfgs"
+        assert r2.chi.min() >= 0 and np.allclose(r2.chi.sum(1), 1)
+    r1, r2 = gpcca_memberships(Q, 3), gpcca_memberships(Q, 3, optimizer="lbfgs")
+    assert (r1.chi.argmax(1) == r2.chi.argmax(1)).mean() > 0.99       # same optimum where NM finds it
 
 
-# ----------------------------------------------------------------------------------------------- real data (slow)
 @pytest.mark.slow
 def test_pancreas_pipeline(pancreas_pp, tmp_path):
     "Pancreas (2,531 cells; 2,000 of the original genes): Alpha and Beta terminal, Ngn3 low EP initial."
@@ -282,17 +281,19 @@ def test_pancreas_pipeline(pancreas_pp, tmp_path):
 
 @pytest.mark.slow
 def test_pancreas_optimizers(pancreas_pp):
-    "Measured: NM (reference) vs L-BFGS (gradient) crispness on pancreas Schur vectors (printed, asserted for m <= 4)."
+    "Measured: NM (reference) vs L-BFGS (gradient) on pancreas Schur vectors: within 1 % or crisper; same optimum for m <= 4."
     from fatebook.velocity import VelocityKernel
     from fatebook.kernels import ConnectivityKernel
     a = pancreas_pp
     T = (0.8 * VelocityKernel(a).compute_transition_matrix() + 0.2 * ConnectivityKernel(a).compute_transition_matrix()).compute_transition_matrix().transition_matrix
     s = sorted_schur(T, 20)
-    for m in (3, 4, 5, 6, 10):
+    for m in (3, 4, 5, 6, 10, 12):
         if m in s.forbidden: continue
         t = time.perf_counter(); r1 = gpcca_memberships(s.vectors, m); t1 = time.perf_counter() - t
         t = time.perf_counter(); r2 = gpcca_memberships(s.vectors, m, optimizer="lbfgs"); t2 = time.perf_counter() - t
         print(f"m={m}: NM crispness {r1.crispness:.5f} ({t1:.2f}s, {r1.n_fev} evals)  L-BFGS {r2.crispness:.5f} ({t2:.2f}s, {r2.n_fev} evals)")
+        # usually crisper or equal; m = 5 on the ARPACK vectors is the one measured exception (0.48879 vs 0.48924)
+        assert r2.crispness >= r1.crispness - 1e-2
         if m <= 4:
             assert abs(r1.crispness - r2.crispness) < 1e-3
             assert (r1.chi.argmax(1) == r2.chi.argmax(1)).mean() > 0.99

@@ -189,3 +189,17 @@ def test_name_states_palette():
     names, cols = name_states(np.r_[np.zeros(5, int), np.ones(5, int)], 2)
     assert names == ["0", "1"] and cols == default_colors(2)
     assert len(set(default_colors(35))) == 35
+
+
+def test_priming_and_rename(est):
+    est.set_terminal_states({"L": [0], "R": [8]}).compute_fate_probabilities()
+    pr = est.compute_lineage_priming(method="entropy")
+    assert pr.iloc[0] == pytest.approx(1) and pr.iloc[4] == pytest.approx(0) and np.isnan(pr.iloc[9])
+    np.testing.assert_array_equal(est.adata.obs[Key.obs.priming()].to_numpy(), pr.to_numpy())
+    pr2 = est.compute_lineage_priming(early_cells={"clusters": ["mid"]})
+    assert pr2.iloc[4] == pytest.approx(0) and pr2.iloc[8] == pytest.approx(1)
+    with pytest.raises(ValueError, match="method='x'"): est.compute_lineage_priming(method="x")
+    est.rename_terminal_states({"L": "left"})
+    assert est.fate_probabilities.names == ["left", "R"]
+    assert list(est.adata.obs[Key.obs.term_states()].cat.categories) == ["left", "R"]
+    with pytest.raises(ValueError, match="duplicate"): est.rename_terminal_states({"left": "R"})

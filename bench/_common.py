@@ -55,6 +55,13 @@ def run_worker(python, script, *args, timeout=3600, env=None) -> dict:
     return dict(error=f"{script} exit {r.returncode}:\n{tail}")
 
 
+def thread_env(n) -> dict:
+    "Environment pinning BLAS/OpenMP/numba threads to n (empty dict for None: the libraries decide)."
+    if not n: return {}
+    return {k: str(n) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
+                                 "VECLIB_MAXIMUM_THREADS")}
+
+
 def has_petsc(python) -> bool:
     r = subprocess.run([str(python), "-c", "import petsc4py, slepc4py; petsc4py.init(); slepc4py.init()"],
                        capture_output=True)

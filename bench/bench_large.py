@@ -6,11 +6,11 @@ fresh process, with the peak resident memory of each process (resource.getrusage
 CellRank without SLEPc would densify the n x n matrix for its Brandts Schur (20 GB at n = 50,000): it is run only
 with --cellrank-brandts and only for n <= 5,000.
 
-usage: .venv/bin/python bench/bench_large.py [--n 50000] [--n-states 4] [--n-components 20] [--repeat 1]
+usage: .venv/bin/python bench/bench_large.py [--n 50000] [--n-states 4] [--n-components 20] [--repeat 1] [--threads T]
 Writes bench/results/large_*.json|txt. No assertions (shared 2-core machine: noisy timings).
 """
 import argparse, statistics, subprocess, sys
-from _common import (CELLRANK_PY, FATEBOOK_PY, REPO, RESULTS, fmt_s, has_petsc, machine, run_worker, save, table)
+from _common import (thread_env, CELLRANK_PY, FATEBOOK_PY, REPO, RESULTS, fmt_s, has_petsc, machine, run_worker, save, table)
 
 STAGES = ["schur", "macrostates", "terminal_states", "fate_probabilities", "pipeline", "import", "read"]
 
@@ -24,7 +24,11 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-cellrank", action="store_true")
     ap.add_argument("--cellrank-brandts", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="BLAS/OpenMP/numba threads of every worker (default: the libraries' own choice). On a shared, "
+                         "loaded machine use 1: OpenBLAS threads spin-wait and a busy core slows dense LAPACK ~10x.")
     a = ap.parse_args()
+    env = thread_env(a.threads)
     data = RESULTS / "cache" / f"synthetic_{a.n}_seed{a.seed}.h5ad"
     if not data.exists():
         data.parent.mkdir(parents=True, exist_ok=True)
@@ -36,7 +40,7 @@ def main():
         out = []
         for i in range(a.repeat):
             print(f"  {label} run {i + 1}/{a.repeat} ...", flush=True)
-            r = run_worker(py, script, *args, *extra)
+            r = run_worker(py, script, *args, *extra, env=env)
             if "error" in r: print(f"  {label} FAILED: {r['error']}", flush=True)
             out.append(r)
         cols[label] = out
@@ -62,7 +66,8 @@ def main():
     rows.append(["peak RSS (MB)", *[f"{x:.0f}" for x in rss], "-"])
     m = machine()
     text = (f"synthetic kNN chain n={a.n:,}, n_states={a.n_states}, n_components={a.n_components}, median of "
-            f"{a.repeat} fresh-process run(s); {m['date']}, {m['cpus']} CPUs, load average {m['loadavg']}\n"
+            f"{a.repeat} fresh-process run(s); {m['date']}, {m['cpus']} CPUs, load average {m['loadavg']}, "
+            f"threads {a.threads or 'default'}\n"
             + table(rows, ["stage (s)", *names, "CellRank / fatebook"]))
     for n in names:
         ok = [r for r in cols[n] if "error" not in r]

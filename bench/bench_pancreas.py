@@ -8,12 +8,12 @@ macrostates) -> fate probabilities -> lineage drivers. fatebook runs its default
 PETSc); CellRank runs without PETSc (dense Brandts Schur, scipy GMRES) and, when its env has SLEPc
 (`bash tools/cellrank_env.sh --petsc`), with it (Krylov-Schur, PETSc GMRES).
 
-usage: .venv/bin/python bench/bench_pancreas.py [--repeat N] [--n-states 6] [--no-cellrank]
+usage: .venv/bin/python bench/bench_pancreas.py [--repeat N] [--n-states 6] [--threads T] [--no-cellrank]
 Prints a table (seconds; ratio = best CellRank / fatebook) and writes bench/results/pancreas_*.json|txt.
 No assertions: timings on a shared 2-core machine are noisy; re-run on a quiet machine for the record.
 """
 import argparse, statistics, subprocess, sys
-from _common import (CELLRANK_PY, FATEBOOK_PY, REPO, fmt_s, has_petsc, machine, pancreas_pp_path, run_worker, save,
+from _common import (thread_env, CELLRANK_PY, FATEBOOK_PY, REPO, fmt_s, has_petsc, machine, pancreas_pp_path, run_worker, save,
                      table)
 
 STAGES = ["velocity_kernel", "connectivity_kernel", "combine", "schur", "macrostates", "terminal_states",
@@ -21,11 +21,11 @@ STAGES = ["velocity_kernel", "connectivity_kernel", "combine", "schur", "macrost
 TERMINAL = "Alpha,Beta,Delta,Epsilon"
 
 
-def runs(label, python, script, args, repeat):
+def runs(label, python, script, args, repeat, env=None):
     out = []
     for i in range(repeat):
         print(f"  {label} run {i + 1}/{repeat} ...", flush=True)
-        r = run_worker(python, script, *args)
+        r = run_worker(python, script, *args, env=env)
         if "error" in r: print(f"  {label} FAILED: {r['error']}", flush=True)
         out.append(r)
     return out
@@ -42,20 +42,24 @@ def main():
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--n-states", type=int, default=6)
     ap.add_argument("--no-cellrank", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="BLAS/OpenMP/numba threads of every worker (default: the libraries' own choice). On a shared, "
+                         "loaded machine use 1: OpenBLAS threads spin-wait and a busy core slows dense LAPACK ~10x.")
     a = ap.parse_args()
+    env = thread_env(a.threads)
     h5ad = pancreas_pp_path()
     print(f"data: {h5ad}", flush=True)
-    cols = {"fatebook": runs("fatebook", FATEBOOK_PY, "fb_pancreas.py", [h5ad, a.n_states, TERMINAL], a.repeat)}
+    cols = {"fatebook": runs("fatebook", FATEBOOK_PY, "fb_pancreas.py", [h5ad, a.n_states, TERMINAL], a.repeat, env)}
     if not a.no_cellrank:
         built = subprocess.run(["bash", str(REPO / "tools" / "cellrank_env.sh")], capture_output=True, text=True)
         if built.returncode != 0:
             print("CellRank env unavailable:\n" + built.stderr[-2000:], flush=True)
         else:
             cols["CellRank (no PETSc)"] = runs("CellRank brandts", CELLRANK_PY, "cr_pancreas.py",
-                                               [h5ad, a.n_states, TERMINAL, "brandts"], a.repeat)
+                                               [h5ad, a.n_states, TERMINAL, "brandts"], a.repeat, env)
             if has_petsc(CELLRANK_PY):
                 cols["CellRank (SLEPc)"] = runs("CellRank krylov", CELLRANK_PY, "cr_pancreas.py",
-                                                [h5ad, a.n_states, TERMINAL, "krylov"], a.repeat)
+                                                [h5ad, a.n_states, TERMINAL, "krylov"], a.repeat, env)
             else:
                 print("  (CellRank env has no petsc4py/slepc4py: SLEPc column skipped; "
                       "bash tools/cellrank_env.sh --petsc adds it)", flush=True)
@@ -73,7 +77,7 @@ def main():
     headers = ["stage (s)", *names, "best CellRank / fatebook"]
     m = machine()
     text = (f"pancreas 2,531 cells, n_states={a.n_states}, median of {a.repeat} fresh-process run(s); {m['date']}, "
-            f"{m['cpus']} CPUs, load average {m['loadavg']}\n" + table(rows, headers))
+            f"{m['cpus']} CPUs, load average {m['loadavg']}, threads {a.threads or 'default'}\n" + table(rows, headers))
     extra = []
     for n in names:
         ok = [r for r in cols[n] if "error" not in r]

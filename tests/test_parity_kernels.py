@@ -230,3 +230,21 @@ def test_reference_is_not_trivial(case):
     assert max_abs_diff(ref["ck_dnorm_True"], ref["ck_dnorm_False"]) > 1e-6
     assert max_abs_diff(ref["pk_hard"], ref["pk_soft"]) > 1e-3
     assert max_abs_diff(ref["vk"], ref["vk_bwd_transpose"]) > 1e-2
+
+
+def test_pancreas_fixture(pancreas_pp):
+    "The shared preprocessed pancreas holds what both tools read (and nothing is NaN where it matters)."
+    a = pancreas_pp
+    assert a.n_obs == 2531
+    for k in ("Ms", "velocity"): assert k in a.layers, k
+    assert "velocity_genes" in a.var and a.var["velocity_genes"].sum() > 50
+    C = a.obsp["connectivities"]
+    assert sp.issparse(C) and C.shape == (2531, 2531) and (C.getnnz(1) > 0).all()
+    assert abs(C - C.T).max() < 1e-12, "scanpy connectivities are symmetric"
+    t = a.obs["dpt_pseudotime"].to_numpy()
+    assert np.isfinite(t).all() and t.min() == 0 and t.max() <= 1
+    root = a.uns["iroot"]
+    assert a.obs["clusters"].iloc[root] == "Ngn3 low EP" and t[root] == 0
+    # pseudotime increases towards the endocrine end states
+    med = a.obs.groupby("clusters", observed=True)["dpt_pseudotime"].median()
+    assert med["Ngn3 low EP"] < med["Ngn3 high EP"] < med["Beta"]

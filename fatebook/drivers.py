@@ -65,7 +65,13 @@ def _col_stats(B, n):
         nnz = np.diff(B.indptr)
         cols = np.repeat(np.arange(B.shape[1]), nnz)
         ss = np.bincount(cols, weights=(B.data - mean[cols]) ** 2, minlength=B.shape[1]) + (n - nnz) * mean ** 2
-        const = np.asarray(B.max(axis=0).toarray()).ravel() == np.asarray(B.min(axis=0).toarray()).ravel()
+        # constant columns from segment max/min of the stored entries (plus the implicit zeros where a column is not full)
+        mx, mn, nz = np.zeros(B.shape[1]), np.zeros(B.shape[1]), nnz > 0
+        if nz.any():
+            starts = B.indptr[:-1][nz]
+            mx[nz], mn[nz] = np.maximum.reduceat(B.data, starts), np.minimum.reduceat(B.data, starts)
+        full = nnz == n
+        const = np.where(full, mx, np.maximum(mx, 0)) == np.where(full, mn, np.minimum(mn, 0))
     else:
         mean = B.mean(axis=0)
         ss = ((B - mean) ** 2).sum(axis=0)
@@ -80,7 +86,7 @@ def lineage_drivers(
     method: str='pearson',               # 'pearson' or 'spearman'
     confidence_level: float=0.95,        # level of the Fisher-z confidence interval
     pvalue: str='t',                     # 't' (exact, as scipy.stats.pearsonr) or 'fisher' (CellRank's normal approximation)
-    block_size: int=1024,                # genes per block (bounds the memory of a dense block)
+    block_size: int|None=None,           # genes per block (default: 1024 for dense X; all genes for sparse X up to 1e8 non-zeros)
     sort_by: str|None=None,              # lineage name: sort genes by its correlation, descending (default: gene order)
     show_progress: bool|None=None,       # progress bar over gene blocks (default: `settings.progress_bar`)
 ) -> pd.DataFrame:
@@ -123,14 +129,16 @@ def lineage_drivers(
         Y = stats.rankdata(Y, axis=0)
         if sp.issparse(X): X = _rank_sparse(X)
     elif sp.issparse(X): X = sp.csc_matrix(X)          # fast column blocks; a copy of the sparse data only
+    if block_size is None:   # sparse blocks are never densified: one block unless the data are huge
+        block_size = max(g, 1) if sp.issparse(X) and X.nnz <= 100_000_000 else 1024
     ymean, yss, yconst = _col_stats(Y, n)
     Yc = Y - ymean
 
     r = np.empty((g, Y.shape[1]))
     starts = range(0, g, block_size)
     for s in progress(starts, total=len(starts), desc="drivers", show=show_progress):
-        B = X[:, s:s + block_size]
-        if sp.issparse(B): B = B.astype(np.float64)
+        B = X if (s == 0 and g <= block_size) else X[:, s:s + block_size]   # one block: no slicing copy
+        if sp.issparse(B): B = B if B.dtype == np.float64 else B.astype(np.float64)
         else:
             B = np.asarray(B, dtype=np.float64)
             if method == "spearman": B = stats.rankdata(B, axis=0)

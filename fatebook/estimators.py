@@ -13,6 +13,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from .core import (Key, info, warn, debug, MissingKeyError, check_row_stochastic, cells_str, fmt_value)
+# the numerical cores are imported eagerly (they are lower-numbered modules): their import cost (scipy.stats,
+# scipy.sparse.linalg) belongs to `import fatebook.estimators`, not to the first call of a step
+import fatebook.schur, fatebook.fate, fatebook.drivers
 
 # %% auto #0
 __all__ = ['default_colors', 'shade', 'mean_color', 'cluster_colors', 'check_cluster_key', 'name_states', 'states_from_input',
@@ -621,8 +624,8 @@ class BaseEstimator:
             mask &= adata.obs[cluster_key].astype(str).isin(list(map(str, clusters))).to_numpy()
         mask &= ~np.isnan(Y).any(axis=1)
         if mask.sum() < 4: raise ValueError(f"Only {mask.sum()} cell(s) selected; need at least 4 for correlations.")
-        idx = np.flatnonzero(mask)
-        df = lineage_drivers(X[idx], Y[idx], lineage_names=lin_names, gene_names=list(map(str, genes)), method=method,
+        Xs, Ys = (X, Y) if mask.all() else (X[np.flatnonzero(mask)], Y[mask])   # no row copy when all cells are used
+        df = lineage_drivers(Xs, Ys, lineage_names=lin_names, gene_names=list(map(str, genes)), method=method,
                              confidence_level=confidence_level, sort_by=lin_names[0], **kw)
         key = Key.varm.drivers(self.backward)
         if use_raw:

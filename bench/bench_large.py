@@ -6,7 +6,7 @@ fresh process, with the peak resident memory of each process (resource.getrusage
 CellRank without SLEPc would densify the n x n matrix for its Brandts Schur (20 GB at n = 50,000): it is run only
 with --cellrank-brandts and only for n <= 5,000.
 
-usage: .venv/bin/python bench/bench_large.py [--n 50000] [--n-states 4] [--n-components 20] [--repeat 1] [--threads T]
+usage: .venv/bin/python bench/bench_large.py [--n 50000] [--n-states 4] [--n-components 20] [--repeat 1] [--threads T] [--fate-tol TOL]
 Writes bench/results/large_*.json|txt. No assertions (shared 2-core machine: noisy timings).
 """
 import argparse, statistics, subprocess, sys
@@ -22,6 +22,9 @@ def main():
     ap.add_argument("--n-components", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fate-tol", default="default",
+                    help="relative tolerance of both tools' iterative fate solvers (default: each tool's own default: "
+                         "fatebook 1e-10, CellRank 1e-6)")
     ap.add_argument("--no-cellrank", action="store_true")
     ap.add_argument("--cellrank-brandts", action="store_true")
     ap.add_argument("--threads", type=int, default=None,
@@ -34,7 +37,7 @@ def main():
         data.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([str(FATEBOOK_PY), str(REPO / "bench" / "make_synthetic.py"), str(a.n), str(data),
                         "--seed", str(a.seed)], check=True)
-    args = [data, a.n_states, a.n_components]
+    args = [data, a.n_states, a.n_components, a.fate_tol]
     cols = {}
     def runs(label, py, script, extra):
         out = []
@@ -67,7 +70,7 @@ def main():
     m = machine()
     text = (f"synthetic kNN chain n={a.n:,}, n_states={a.n_states}, n_components={a.n_components}, median of "
             f"{a.repeat} fresh-process run(s); {m['date']}, {m['cpus']} CPUs, load average {m['loadavg']}, "
-            f"threads {a.threads or 'default'}\n"
+            f"threads {a.threads or 'default'}, fate solver tol {a.fate_tol}\n"
             + table(rows, ["stage (s)", *names, "CellRank / fatebook"]))
     for n in names:
         ok = [r for r in cols[n] if "error" not in r]

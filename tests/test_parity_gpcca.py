@@ -111,6 +111,15 @@ def test_coarse_T(ref, m):
     assert d <= 1e-6, f"m={m}: coarse T differs by {d:.3g}"
 
 
+def _fatebook_gpcca(adata):
+    "fatebook's own pipeline up to the estimator: 0.8 * VelocityKernel + 0.2 * ConnectivityKernel on a copy of `adata`."
+    kern = _need("fatebook.kernels"); est = _need("fatebook.estimators")
+    a = adata.copy()
+    vk = kern.VelocityKernel(a).compute_transition_matrix()
+    ck = kern.ConnectivityKernel(a).compute_transition_matrix()
+    return est.GPCCA(0.8 * vk + 0.2 * ck), a
+
+
 def _terminal_dict(ref):
     return {k: np.asarray(v, int) for k, v in ref["terminal_cells"].items()}
 
@@ -128,11 +137,7 @@ def test_fates_same_T_same_terminal(ref, solver):
 
 def test_fates_fatebook_pipeline_same_terminal(ref, adata):
     "fatebook end to end (its kernels and estimator) with CellRank's terminal cells: fate probabilities to 1e-3."
-    kern = _need("fatebook.kernels"); est = _need("fatebook.estimators")
-    a = adata.copy()
-    vk = kern.VelocityKernel(a).compute_transition_matrix()
-    ck = kern.ConnectivityKernel(a).compute_transition_matrix()
-    g = est.GPCCA(0.8 * vk + 0.2 * ck)
+    g, a = _fatebook_gpcca(adata)
     obs = a.obs_names.to_numpy()
     g.set_terminal_states({k: list(obs[v]) for k, v in _terminal_dict(ref).items()})
     g.compute_fate_probabilities()
@@ -172,11 +177,7 @@ def test_schur_sparse_matches_dense_reference(ref):
 
 def test_macrostates_fatebook_pipeline(ref, adata):
     "fatebook end to end (own kernels, sparse Schur, GPCCA): the same named macrostates as CellRank, memberships close."
-    kern = _need("fatebook.kernels"); est = _need("fatebook.estimators")
-    a = adata.copy()
-    vk = kern.VelocityKernel(a).compute_transition_matrix()
-    ck = kern.ConnectivityKernel(a).compute_transition_matrix()
-    g = est.GPCCA(0.8 * vk + 0.2 * ck)
+    g, a = _fatebook_gpcca(adata)
     g.compute_schur(n_components=20)
     g.compute_macrostates(n_states=N_STATES, cluster_key="clusters")
     chi = np.asarray(g.macrostates_memberships)

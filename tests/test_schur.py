@@ -56,7 +56,7 @@ def test_matrices_have_complex_eigenvalues():
         assert np.abs(lam.imag).max() > 1e-3, name
 
 
-@pytest.mark.parametrize("method", ["arpack", pytest.param("krylov", marks=[needs_slepc, pytest.mark.petsc])])
+@pytest.mark.parametrize("method", ["arpack", "sstep", pytest.param("krylov", marks=[needs_slepc, pytest.mark.petsc])])
 def test_sparse_residual_subspace_and_eigenvalues(case, method):
     name, T, ref = case
     s = sorted_schur(T, 16, method=method)
@@ -78,7 +78,7 @@ def test_brandts_matches_numpy_eigenvalues(case):
     assert np.abs(T @ ref.vectors - ref.vectors @ ref.matrix).max() < 1e-10
 
 
-@pytest.mark.parametrize("method", ["brandts", "arpack"])
+@pytest.mark.parametrize("method", ["brandts", "arpack", "sstep"])
 @pytest.mark.parametrize("which", ["LR", "LM"])
 def test_order_total_and_nested_for_every_m(method, which):
     # 8 groups on a ring: 8 eigenvalues (4 complex pairs) well outside the bulk |λ| < 0.37 of the noise
@@ -90,7 +90,7 @@ def test_order_total_and_nested_for_every_m(method, which):
     assert np.all(np.diff(k) <= 1e-9), "eigenvalues not in total order"
     np.testing.assert_allclose(lam, dense_sorted_eigs(A, which)[:len(lam)], atol=1e-10)
     for m in range(1, 11):
-        s = sorted_schur(T if method == "arpack" else A, m, method=method, which=which)
+        s = sorted_schur(A if method == "brandts" else T, m, method=method, which=which)
         mp = s.n_components
         assert mp == m or (mp == m + 1 and m in full.forbidden), (m, mp)
         np.testing.assert_allclose(s.eigenvalues, lam[:mp], atol=1e-8)

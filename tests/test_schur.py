@@ -313,3 +313,17 @@ def test_block_gmres_matches_direct():
     X, ok = block_gmres(A, B, tol=1e-12)
     assert ok.all()
     np.testing.assert_allclose(X, sp.linalg.spsolve(A.tocsc(), B), atol=1e-9)
+
+
+def test_sstep_threaded_row_blocks_match_one_block(monkeypatch):
+    "From 20,000 rows the s-step method splits its tall products over threads; forced here on a small chain."
+    import fatebook.schur as fs
+    T = ring_chain(600, 5, nnz_per_row=10, seed=2)
+    one = sorted_schur(T, 10, method="sstep")
+    monkeypatch.setattr(fs, "_ROWS_MIN_N", 0)
+    monkeypatch.setenv("FATEBOOK_NUM_THREADS", "3")
+    assert len(fs._Rows(600).blocks) == 3
+    thr = sorted_schur(T, 10, method="sstep")
+    np.testing.assert_allclose(thr.eigenvalues, one.eigenvalues, atol=1e-10)
+    assert sla.subspace_angles(thr.vectors, one.vectors).max() < 1e-8
+    assert np.abs(T @ thr.vectors - thr.vectors @ thr.matrix).max() < 1e-8

@@ -38,7 +38,7 @@ def dense_fates(T, labels):
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_gamblers_ruin_exact(p, solver):
     N = 30
-    B, info = fate_probabilities(gamblers_ruin(N, p), {"ruin": [0], "win": [N]}, solver=solver)
+    B, info = fate_probabilities(gamblers_ruin(N, p), {"ruin": [0], "win": [N]}, solver=solver, tol=1e-12)  # exact answers
     i = np.arange(N + 1)
     win = i / N if p == 0.5 else (1 - ((1 - p) / p) ** i) / (1 - ((1 - p) / p) ** N)
     np.testing.assert_allclose(B["win"].X.ravel(), win, atol=1e-9)

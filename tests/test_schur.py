@@ -327,3 +327,34 @@ def test_sstep_threaded_row_blocks_match_one_block(monkeypatch):
     np.testing.assert_allclose(thr.eigenvalues, one.eigenvalues, atol=1e-10)
     assert sla.subspace_angles(thr.vectors, one.vectors).max() < 1e-8
     assert np.abs(T @ thr.vectors - thr.vectors @ thr.matrix).max() < 1e-8
+
+
+def _child_rowsplit(q):
+    import scipy.sparse as sp
+    from fatebook.schur import RowSplit
+    M = sp.random(2000, 2000, density=0.01, random_state=0, format="csr")
+    q.put(float((RowSplit(M, threads=2, min_nnz=0) @ np.ones(2000)).sum()))
+
+
+def test_rowsplit_thread_pool_survives_fork():
+    "A process forked after fatebook used its thread pool gets a new pool (it used to wait forever on dead threads)."
+    import multiprocessing as mp
+    import scipy.sparse as sp
+    from fatebook.schur import RowSplit
+    M = sp.random(2000, 2000, density=0.01, random_state=0, format="csr")
+    parent = float((RowSplit(M, threads=2, min_nnz=0) @ np.ones(2000)).sum())
+    ctx = mp.get_context("fork"); q = ctx.Queue()
+    p = ctx.Process(target=_child_rowsplit, args=(q,)); p.start(); p.join(60)
+    alive = p.is_alive()
+    if alive: p.kill(); p.join()
+    assert not alive, "the forked child hung in RowSplit"
+    assert p.exitcode == 0 and np.isclose(q.get(timeout=5), parent)
+
+
+def test_n_threads_accepts_nested_openmp_syntax(monkeypatch):
+    from fatebook.schur import n_threads
+    monkeypatch.delenv("FATEBOOK_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2,1")
+    assert n_threads() == 2
+    T = ring_chain(400, 4, seed=1)
+    assert sorted_schur(T, 5, method="arpack").n_components >= 5

@@ -55,6 +55,14 @@ def run_worker(python, script, *args, timeout=3600, env=None) -> dict:
     return dict(error=f"{script} exit {r.returncode}:\n{tail}")
 
 
+def add_threads_arg(ap):
+    "The drivers' `--threads` option (see `thread_env`)."
+    ap.add_argument("--threads", type=int, default=None,
+                    help="BLAS/OpenMP/numba threads of every worker, and fatebook's own (default: the libraries' own "
+                         "choice). On a shared, loaded machine use 1: OpenBLAS threads spin-wait and a busy core slows "
+                         "dense LAPACK ~10x.")
+
+
 def thread_env(n) -> dict:
     "Environment pinning BLAS/OpenMP/numba threads to n (empty dict for None: the libraries decide)."
     if not n: return {}

@@ -1,6 +1,6 @@
 """Large case: Schur + macrostates + fate probabilities on a synthetic n-cell kNN chain (default n = 50,000;
 bench/make_synthetic.py: a root and three branches, k = 30 neighbours, 0.8 * drift softmax + 0.2 * kNN), fatebook's
-default path (sparse ARPACK Schur, no PETSc) vs CellRank 2.3.3 with SLEPc (Krylov-Schur, PETSc GMRES), each in a
+default path (sparse s-step Krylov–Schur from 20,000 cells, ARPACK below; no PETSc) vs CellRank 2.3.3 with SLEPc (Krylov-Schur, PETSc GMRES), each in a
 fresh process, with the peak resident memory of each process (resource.getrusage ru_maxrss).
 
 CellRank without SLEPc would densify the n x n matrix for its Brandts Schur (20 GB at n = 50,000): it is run only
@@ -10,7 +10,7 @@ usage: .venv/bin/python bench/bench_large.py [--n 50000] [--n-states 4] [--n-com
 Writes bench/results/large_*.json|txt. No assertions (shared 2-core machine: noisy timings).
 """
 import argparse, statistics, subprocess, sys
-from _common import (thread_env, CELLRANK_PY, FATEBOOK_PY, REPO, RESULTS, fmt_s, has_petsc, machine, run_worker, save, table)
+from _common import (add_threads_arg, thread_env, CELLRANK_PY, FATEBOOK_PY, REPO, RESULTS, fmt_s, has_petsc, machine, run_worker, save, table)
 
 STAGES = ["schur", "macrostates", "terminal_states", "fate_probabilities", "pipeline", "import", "read"]
 
@@ -24,12 +24,10 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fate-tol", default="default",
                     help="relative tolerance of both tools' iterative fate solvers (default: each tool's own default: "
-                         "fatebook 1e-10, CellRank 1e-6)")
+                         "fatebook 1e-8, CellRank 1e-6)")
     ap.add_argument("--no-cellrank", action="store_true")
     ap.add_argument("--cellrank-brandts", action="store_true")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="BLAS/OpenMP/numba threads of every worker (default: the libraries' own choice). On a shared, "
-                         "loaded machine use 1: OpenBLAS threads spin-wait and a busy core slows dense LAPACK ~10x.")
+    add_threads_arg(ap)
     a = ap.parse_args()
     env = thread_env(a.threads)
     data = RESULTS / "cache" / f"synthetic_{a.n}_seed{a.seed}.h5ad"

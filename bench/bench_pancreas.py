@@ -13,7 +13,7 @@ Prints a table (seconds; ratio = best CellRank / fatebook) and writes bench/resu
 No assertions: timings on a shared 2-core machine are noisy; re-run on a quiet machine for the record.
 """
 import argparse, statistics, subprocess, sys
-from _common import (thread_env, CELLRANK_PY, FATEBOOK_PY, REPO, fmt_s, has_petsc, machine, pancreas_pp_path, run_worker, save,
+from _common import (add_threads_arg, thread_env, CELLRANK_PY, FATEBOOK_PY, REPO, fmt_s, has_petsc, machine, pancreas_pp_path, run_worker, save,
                      table)
 
 STAGES = ["velocity_kernel", "connectivity_kernel", "combine", "schur", "macrostates", "terminal_states",
@@ -42,9 +42,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--n-states", type=int, default=6)
     ap.add_argument("--no-cellrank", action="store_true")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="BLAS/OpenMP/numba threads of every worker (default: the libraries' own choice). On a shared, "
-                         "loaded machine use 1: OpenBLAS threads spin-wait and a busy core slows dense LAPACK ~10x.")
+    add_threads_arg(ap)
     a = ap.parse_args()
     env = thread_env(a.threads)
     h5ad = pancreas_pp_path()

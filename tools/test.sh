@@ -26,6 +26,9 @@ step "nbdev-export leaves no diff"
 after2=$(git status --porcelain -- nbs fatebook; git diff -- nbs fatebook | md5sum)
 if [ "$after" != "$after2" ]; then git status --short -- fatebook; echo "FAIL: library and notebooks are not in sync: run nbdev-export and commit"; exit 1; fi
 
+step "no notebook cell mixes imports with other code (nbdev's docs processing runs such cells alone)"
+.venv/bin/python tools/check_import_cells.py
+
 step "README.md generated from nbs/index.ipynb"
 .venv/bin/python tools/make_readme.py --check
 

@@ -317,12 +317,12 @@ def test_block_gmres_matches_direct():
 
 def test_sstep_threaded_row_blocks_match_one_block(monkeypatch):
     "From 20,000 rows the s-step method splits its tall products over threads; forced here on a small chain."
-    import fatebook.schur as fs
+    import fatebook.linalg as fl
     T = ring_chain(600, 5, nnz_per_row=10, seed=2)
     one = sorted_schur(T, 10, method="sstep")
-    monkeypatch.setattr(fs, "_ROWS_MIN_N", 0)
+    monkeypatch.setattr(fl, "_ROWS_MIN_N", 0)
     monkeypatch.setenv("FATEBOOK_NUM_THREADS", "3")
-    assert len(fs._Rows(600).blocks) == 3
+    assert len(fl._Rows(600).blocks) == 3
     thr = sorted_schur(T, 10, method="sstep")
     np.testing.assert_allclose(thr.eigenvalues, one.eigenvalues, atol=1e-10)
     assert sla.subspace_angles(thr.vectors, one.vectors).max() < 1e-8
@@ -331,7 +331,7 @@ def test_sstep_threaded_row_blocks_match_one_block(monkeypatch):
 
 def _child_rowsplit(q):
     import scipy.sparse as sp
-    from fatebook.schur import RowSplit
+    from fatebook.linalg import RowSplit
     M = sp.random(2000, 2000, density=0.01, random_state=0, format="csr")
     q.put(float((RowSplit(M, threads=2, min_nnz=0) @ np.ones(2000)).sum()))
 
@@ -340,7 +340,7 @@ def test_rowsplit_thread_pool_survives_fork():
     "A process forked after fatebook used its thread pool gets a new pool (it used to wait forever on dead threads)."
     import multiprocessing as mp
     import scipy.sparse as sp
-    from fatebook.schur import RowSplit
+    from fatebook.linalg import RowSplit
     M = sp.random(2000, 2000, density=0.01, random_state=0, format="csr")
     parent = float((RowSplit(M, threads=2, min_nnz=0) @ np.ones(2000)).sum())
     ctx = mp.get_context("fork"); q = ctx.Queue()
@@ -352,7 +352,7 @@ def test_rowsplit_thread_pool_survives_fork():
 
 
 def test_n_threads_accepts_nested_openmp_syntax(monkeypatch):
-    from fatebook.schur import n_threads
+    from fatebook.linalg import n_threads
     monkeypatch.delenv("FATEBOOK_NUM_THREADS", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "2,1")
     assert n_threads() == 2

@@ -1,0 +1,215 @@
+"""fatebook.widgets without a browser (fastai's widget pattern): set control values, check the estimator state, the
+images and the messages. On the preprocessed pancreas (2,531 cells; 2,000 of the original 27,998 genes, see
+../shared/data/README.md) unless a test says otherwise. The browser test is tests/test_widgets_browser.py."""
+from __future__ import annotations
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("ipywidgets")
+import matplotlib
+matplotlib.use("agg")
+
+from fatebook.core import Key, settings
+from fatebook.kernels import ConnectivityKernel, VelocityKernel, PseudotimeKernel
+from fatebook.gpcca import GPCCA
+from fatebook import widgets as fw
+
+
+def _fingerprint(adata) -> str:
+    "A hash of everything in an AnnData's containers (keys, and the bytes of obs/obsm/obsp/layers arrays)."
+    h = hashlib.sha256()
+    h.update(repr(sorted(adata.obs.columns)).encode()); h.update(pd.util.hash_pandas_object(adata.obs, index=True).values.tobytes())
+    for slot in ("obsm", "obsp", "layers", "varm", "uns"):
+        c = getattr(adata, slot)
+        h.update(repr(sorted(c.keys())).encode())
+        if slot == "uns": continue
+        for k in sorted(c.keys()):
+            v = c[k]
+            h.update((v.data if hasattr(v, "data") and not isinstance(v, np.ndarray) else np.asarray(v)).tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def pancreas(_pancreas_pp_session):
+    return _pancreas_pp_session.copy()
+
+
+@pytest.fixture(scope="module")
+def explorer(pancreas):
+    before = _fingerprint(pancreas)
+    ex = fw.explore(pancreas, time_key="dpt_pseudotime")
+    ex._before = before
+    return ex
+
+
+def test_kernel_tab_matches_hand_built_kernel(explorer, pancreas):
+    t = explorer.tuner
+    vk = VelocityKernel(pancreas).compute_transition_matrix()
+    ck = ConnectivityKernel(pancreas).compute_transition_matrix()
+    ref = (0.8 * vk + 0.2 * ck).compute_transition_matrix()
+    assert abs(t.kernel.transition_matrix - ref.transition_matrix).max() < 1e-12
+    d = t.diagnostics
+    assert d["softmax_scale"] == pytest.approx(vk.params["softmax_scale"]) and d["softmax_scale_estimated"]
+    # velocity on pancreas points towards later DPT: most one-step mass and most walks move forward
+    assert d["step_forward"] > 0.5 and d["walks_forward"] > 0.6
+    assert f"{d['softmax_scale']:.3g}" in t.message and "(estimated)" in t.message
+
+
+def test_weights_recombine_cached_kernels(explorer):
+    t = explorer.tuner
+    n0 = {k: t.calls[k] for k in ("velocity", "connectivity", "pseudotime")}
+    png0 = bytes(t.views.out["projection"].value)
+    for w in (0.5, 0.3, 0.2):
+        t.w["connectivity_weight"].value = w
+        assert t.params["connectivity_weight"] == w
+    t.w["pseudotime_weight"].value = 0.4
+    t.w["pseudotime_weight"].value = 0.0
+    assert t.calls["velocity"] == n0["velocity"] and t.calls["connectivity"] == n0["connectivity"]   # never recomputed
+    assert t.calls["pseudotime"] == n0["pseudotime"] + 1                                              # once, then cached
+    assert bytes(t.views.out["projection"].value) == png0      # back at 0.8/0.2: the same figure, byte for byte
+    t.w["connectivity_weight"].value = 0.5
+    assert bytes(t.views.out["projection"].value) != png0
+    np.testing.assert_allclose(t.kernel.weights, [0.8 / 1.3, 0.5 / 1.3])
+    t.set(connectivity_weight=0.2)
+
+
+def test_softmax_scale_recomputes_the_velocity_kernel_once_per_value(explorer):
+    t = explorer.tuner
+    n0 = t.calls["velocity"]
+    for s in (2.0, 20.0, 2.0, 20.0):
+        t.w["softmax_scale"].value = s
+        assert t.kernel.leaves()[0].params["softmax_scale"] == pytest.approx(s)
+        assert not t.w["estimate_scale"].value
+    assert t.calls["velocity"] == n0 + 2
+    t.w["estimate_scale"].value = True          # back to the estimate: cached
+    assert t.params["softmax_scale"] is None and t.calls["velocity"] == n0 + 2
+
+
+def test_kernel_errors_keep_the_previous_kernel(explorer, monkeypatch):
+    t = explorer.tuner
+    k0, png0 = t.kernel, bytes(t.views.out["projection"].value)
+    t.w["connectivity_weight"].value = 0.0
+    t.w["velocity_weight"].value = 0.0           # nothing left
+    assert t.status.kind == "error" and "Every kernel weight is 0" in t.message and "Traceback" not in t.message
+    assert t.w["velocity_weight"].value == 0.8   # the slider shows the valid value again
+    t.set(connectivity_weight=0.2)
+    # an unexpected failure inside a kernel: a message, never a traceback; the previous kernel stays
+    k0 = t.kernel
+    def boom(self, *a, **k): raise np.linalg.LinAlgError("singular matrix")
+    monkeypatch.setattr(VelocityKernel, "compute_transition_matrix", boom)
+    t.w["similarity"].value = "cosine"
+    assert t.status.kind == "error" and t.message.startswith("LinAlgError: singular matrix")
+    assert t.kernel is k0 and t.params["similarity"] == "correlation" and t.w["similarity"].value == "correlation"
+    assert isinstance(t.last_error, np.linalg.LinAlgError)
+
+
+def test_macrostates_cache_schur_and_memberships(explorer):
+    ex = explorer
+    assert ex.show("macrostates")
+    m = ex.macro
+    g = m.estimator
+    X, forb = g.schur_vectors, g.eigendecomposition["forbidden"]
+    assert m.calls["schur"] == 1 and forb, "pancreas has complex eigenvalue pairs among the top 20"
+    labels = dict((v, l) for l, v in m.w["n_states"].options)
+    assert all("splits a complex pair" in labels[f] for f in forb if f in labels)
+    valid = [k for k in range(3, 8) if k not in forb]
+    for k in valid + valid[:2]:
+        m.w["n_states"].value = k
+        assert m.estimator.macrostates.cat.categories.size == k
+    assert m.calls["schur"] == 1 and m.estimator.schur_vectors is X       # never recomputed
+    assert m.calls["gpcca"] == 1 + len(valid)                              # eigengap's first, then each new number once
+    # a forbidden number: flagged, the previous macrostates stay
+    before = m.estimator
+    m.w["n_states"].value = forb[0]
+    assert m.status.kind == "error" and "split a complex conjugate pair" in m.message
+    assert m.estimator is before and m.w["n_states"].value == before.macrostates.cat.categories.size
+    # the same macrostates as a hand-built GPCCA with those parameters
+    ref = GPCCA(ex.kernel).compute_schur(n_components=20)
+    ref.compute_macrostates(n_states=valid[1], n_cells=30, cluster_key="clusters")
+    np.testing.assert_allclose(np.asarray(m.estimator.macrostates_memberships), np.asarray(ref.macrostates_memberships), atol=1e-10)
+    assert list(m.estimator.macrostates.cat.categories) == list(ref.macrostates.cat.categories)
+    cand = m.candidates()
+    assert cand.loc[forb[0], "forbidden"] and "complex pair" in cand.loc[forb[0], "note"]
+    assert np.isfinite(cand.loc[valid[0], "crispness"]) and np.isfinite(cand.loc[valid[0], "minChi"])
+
+
+def test_fates_states_merge_and_code(explorer, pancreas):
+    ex = explorer
+    ex.macro.set(n_states=valid_n(ex, 6))
+    assert ex.show("fates")
+    f = ex.fates
+    names = f.names()
+    alpha, beta = _first(names, "Alpha"), _first(names, "Beta")
+    f.w["terminal_states"].value = (alpha, beta)
+    assert list(f.estimator.fate_probabilities.names) == sorted([alpha, beta], key=names.index)
+    f.w["merge"].value = f"{alpha}, {beta}"
+    assert list(f.estimator.fate_probabilities.names) == [f"{alpha}, {beta}"]
+    np.testing.assert_allclose(np.asarray(f.estimator.fate_probabilities), 1.0)   # one lineage: every cell reaches it
+    f.w["merge"].value = ""
+    n_fates = f.calls["fates"]
+    f.w["merge"].value = f"{alpha}, Nope"                       # an unknown state: refused, fates kept
+    assert "Unknown state(s) ['Nope']" in f.message and f.calls["fates"] == n_fates
+    # drivers and absorption times are computed when shown
+    assert f.estimator.lineage_drivers is None
+    f.views.show("drivers")
+    top = f.drivers_table(5)
+    assert set(top.lineage) == {alpha, beta} and len(top) == 10
+    assert "Gcg" in set(top[top.lineage == alpha].gene)        # glucagon drives the alpha lineage
+    # the printed code reproduces the widget's estimator on a fresh AnnData
+    a = pancreas.copy()
+    k, g = ex.apply(a)
+    np.testing.assert_allclose(np.asarray(g.fate_probabilities), np.asarray(ex.estimator.fate_probabilities), atol=1e-10)
+    assert list(g.terminal_states.cat.categories) == list(ex.estimator.terminal_states.cat.categories)
+    assert Key.obsp.T() in a.obsp and Key.obs.term_states() in a.obs and Key.varm.drivers() in a.varm
+    assert Key.obsm.fate_probs() in a.obsm and Key.obsm.absorption_times() in a.obsm
+    assert _fingerprint(pancreas) == ex._before, "tuning must never write into the user's AnnData"
+
+
+def test_clusters_source_with_merge_reproduced_by_code(explorer, pancreas):
+    ex = explorer
+    f = ex.fates
+    f.set(source="clusters")
+    f.set(terminal_states=["Alpha", "Beta", "Delta", "Epsilon"], merge="Delta, Epsilon", initial_states=["Ngn3 low EP"])
+    assert f.status.kind != "error", f.message
+    assert list(f.estimator.fate_probabilities.names) == ["Beta", "Alpha", "Delta, Epsilon"] or \
+        set(f.estimator.fate_probabilities.names) == {"Alpha", "Beta", "Delta, Epsilon"}
+    code = ex.code()
+    assert "isin(['Delta', 'Epsilon'])" in code
+    a = pancreas.copy()
+    _, g = ex.apply(a)
+    np.testing.assert_allclose(np.asarray(g.fate_probabilities), np.asarray(ex.estimator.fate_probabilities), atol=1e-10)
+    f.set(source="macrostates")
+
+
+def test_apply_restores_the_anndata_on_failure(explorer, pancreas, monkeypatch):
+    a = pancreas.copy()
+    before = _fingerprint(a)
+    code = explorer.code()
+    monkeypatch.setattr(fw.Explorer, "code", lambda self: code + "raise RuntimeError('stop half-way')\n")
+    with pytest.raises(RuntimeError, match="half-way"):
+        explorer.apply(a)
+    assert _fingerprint(a) == before
+
+
+def test_backward_process(pancreas):
+    ex = fw.explore(pancreas, backward=True, n_states=3)
+    assert ex.kernel.backward is True
+    assert ex.show("fates"), ex.fates.message
+    code = ex.code()
+    assert "VelocityKernel(adata, backward=True)" in code
+    a = pancreas.copy()
+    _, g = ex.apply(a)
+    assert g.backward and Key.obsm.fate_probs(True) in a.obsm and Key.obsm.fate_probs(False) not in a.obsm
+
+
+def valid_n(ex, k):
+    forb = ex.macro.estimator.eigendecomposition["forbidden"]
+    while k in forb: k += 1
+    return k
+
+
+def _first(names, prefix):
+    return next(n for n in names if n.startswith(prefix))

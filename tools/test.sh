@@ -29,6 +29,9 @@ if [ "$after" != "$after2" ]; then git status --short -- fatebook; echo "FAIL: l
 step "no notebook cell mixes imports with other code (nbdev's docs processing runs such cells alone)"
 .venv/bin/python tools/check_import_cells.py
 
+step "shipped report template = nbs/templates (tools/sync_templates.py)"
+.venv/bin/python tools/sync_templates.py --check
+
 step "README.md generated from nbs/index.ipynb"
 .venv/bin/python tools/make_readme.py --check
 

@@ -67,7 +67,7 @@ def test_errors_and_roundtrip(tmp_path):
     with pytest.raises(RuntimeError, match="only_evals=False"): cf.compute_terminal_states()
     cf.compute_eigendecomposition(k=5)
     with pytest.raises(ValueError, match="among 0..4"): cf.compute_terminal_states(use=[5])
-    with pytest.raises(ValueError, match="'kmeans' or 'leiden'"): cf.compute_terminal_states(method="x")
+    with pytest.raises(ValueError, match="method='x' is not valid; choose one of 'kmeans', 'leiden'"): cf.compute_terminal_states(method="x")
     with pytest.raises(KeyError, match="valid categorical columns"): cf.compute_terminal_states(cluster_key="x")
     with pytest.raises(KeyError, match="X_pca"): cf.compute_terminal_states(basis="pca")
     with pytest.raises(ValueError, match="pass"): cf.compute_terminal_states(use=2, percentile=100, n_clusters_kmeans=50)

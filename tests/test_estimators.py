@@ -202,4 +202,4 @@ def test_priming_and_rename(est):
     est.rename_terminal_states({"L": "left"})
     assert est.fate_probabilities.names == ["left", "R"]
     assert list(est.adata.obs[Key.obs.term_states()].cat.categories) == ["left", "R"]
-    with pytest.raises(ValueError, match="duplicate"): est.rename_terminal_states({"left": "R"})
+    with pytest.raises(ValueError, match="the same name"): est.rename_terminal_states({"left": "R"})

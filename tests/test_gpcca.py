@@ -119,7 +119,7 @@ def test_forbidden_n_states_and_components():
     assert g.macrostates is None
     g.compute_macrostates(2, on_forbidden="next", n_cells=10)
     assert len(g.macrostates.cat.categories) == 3
-    with pytest.raises(ValueError, match="on_forbidden must be"): g.compute_macrostates(2, on_forbidden="bump")
+    with pytest.raises(ValueError, match="on_forbidden='bump' is not valid"): g.compute_macrostates(2, on_forbidden="bump")
     # asking for a number of Schur vectors that splits the pair extends it by one
     g2 = GPCCA(PrecomputedKernel(None, matrix=T)).compute_schur(n_components=2)
     assert g2.schur_vectors.shape[1] == 3 and g2.params["schur"]["n_components_used"] == 3
@@ -144,12 +144,12 @@ def test_errors_and_nothing_written():
     with pytest.raises(RuntimeError, match="No macrostates"): g.set_terminal_states_from_macrostates()
     with pytest.raises(RuntimeError, match="No macrostates"): g.predict_initial_states()
     g.compute_schur(n_components=5)
-    for n, pat in [(1, "too small"), (0, "too small"), (5, "smaller than the number of Schur vectors"), (9, "compute_schur\\(n_components=10\\)")]:
+    for n, pat in [(1, "n_states=1 is out of range"), (0, "n_states=0 is out of range"), (5, "smaller than the number of Schur vectors"), (9, "compute_schur\\(n_components=10\\)")]:
         with pytest.raises(ValueError, match=pat): g.compute_macrostates(n)
     with pytest.raises(TypeError, match="integer"): g.compute_macrostates(2.5)
     with pytest.raises(KeyError, match="valid categorical columns"): g.compute_macrostates(3, cluster_key="nope")
-    with pytest.raises(ValueError, match="n_cells=50 is too large"): g.compute_macrostates(3, n_cells=50)
-    with pytest.raises(ValueError, match="positive integer"): g.compute_macrostates(3, n_cells=0)
+    with pytest.raises(ValueError, match="n_cells=50 is out of range: 3 states x 50 cells > 120 cells; use n_cells <= 40"): g.compute_macrostates(3, n_cells=50)
+    with pytest.raises(ValueError, match="n_cells=0 is out of range"): g.compute_macrostates(3, n_cells=0)
     assert g.macrostates is None and Key.obs.macrostates() not in a.obs
     g.compute_macrostates(3, n_cells=10)
     before = g.macrostates.copy()

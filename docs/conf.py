@@ -29,12 +29,17 @@ html_theme = "furo"
 html_title = f"fatebook {version}"
 html_static_path = ["_static"] + ([os.environ["FATEBOOK_DOCS_STATIC"]] if os.environ.get("FATEBOOK_DOCS_STATIC") else [])
 html_css_files = ["fatebook.css"]
+html_favicon = "_static/favicon.svg"
 html_copy_source = False
 html_show_sourcelink = False
 html_last_updated_fmt = None
 html_theme_options = {"navigation_with_keys": True}
 # MathJax 2 from the site's own static files (copied from the jupyter-server-mathjax package by tools/docs.py)
 mathjax_path = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full"
+# That package ships the STIX-Web fonts only (as Jupyter's classic notebook configures MathJax)
 mathjax2_config = {"tex2jax": {"inlineMath": [["\\(", "\\)"]], "displayMath": [["\\[", "\\]"]],
-                               "processRefs": False, "processEnvironments": False},
+                               "processRefs": False, "processEnvironments": False, "processEscapes": True,
+                               # MyST-NB marks notebook pages mathjax_ignore; Sphinx marks real maths class="math"
+                               "processClass": "math|output_area", "ignoreClass": "tex2jax_ignore|mathjax_ignore|document"},
+                   "HTML-CSS": {"availableFonts": [], "webFont": "STIX-Web", "imageFont": None, "preferredFont": None},
                    "messageStyle": "none", "menuSettings": {"zoom": "None"}}

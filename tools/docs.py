@@ -11,10 +11,10 @@
 3. **Sphinx** with MyST-NB (configuration in `docs/conf.py`, execution off: the stored outputs are what readers see)
    writes the static site, with search, to `_site/`. MathJax is served from the site itself (no CDN).
 
-Usage: python tools/docs.py [--out _site] [--force] [--no-proc]
+Usage: python tools/docs.py [--out _site] [--build _build/docs] [--force] [--no-proc]
 """
 from __future__ import annotations
-import argparse, json, os, posixpath, re, shutil, subprocess, sys, time
+import argparse, fcntl, json, os, posixpath, re, shutil, subprocess, sys, time
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -322,12 +322,12 @@ def mathjax(dest: Path):
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns("*.md", "unpacked", "test*", "docs"))
 
 
-def sphinx(src: Path, out: Path, static: Path) -> list[str]:
+def sphinx(src: Path, out: Path, static: Path, doctrees: Path) -> list[str]:
     "Run Sphinx (HTML builder); returns its warnings."
     if out.exists(): shutil.rmtree(out)
     env = dict(os.environ, FATEBOOK_DOCS_STATIC=str(static))
-    cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-q", "-j", "1", "-c", str(ROOT / "docs"),
-           "-d", str(BUILD / "doctrees"), str(src), str(out)]
+    cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-q", "-E", "-j", "1", "-c", str(ROOT / "docs"),
+           "-d", str(doctrees), str(src), str(out)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     warnings = [l for l in r.stderr.splitlines() if l.strip()]
     if r.returncode: raise SystemExit("docs: sphinx-build failed:\n" + r.stderr[-5000:])
@@ -337,24 +337,30 @@ def sphinx(src: Path, out: Path, static: Path) -> list[str]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "_site"), help="output folder (default: _site/)")
+    ap.add_argument("--build", default=str(BUILD), help="staging folder (default: _build/docs/)")
     ap.add_argument("--force", action="store_true", help="reprocess every notebook (ignore nbdev's _proc cache)")
     ap.add_argument("--no-proc", action="store_true", help="reuse _proc/ as it is (no nbdev processing)")
     a = ap.parse_args(argv)
-    t0 = time.time()
-    if a.no_proc: proc = ROOT / "_proc"
-    else:
-        print("docs: nbdev processing (nbdev-proc-nbs) -> _proc/", flush=True)
-        proc = nbdev_process(force=a.force)
-    t1 = time.time()
-    site_url = yaml.safe_load((ROOT / "nbs" / "nbdev.yml").read_text())["website"]["site-url"]
-    summary = stage(proc, BUILD / "src", site_url)
-    mathjax(BUILD / "static" / "mathjax")
-    print(f"docs: {len(summary['pages'])} pages staged; sidebar: "
-          + "; ".join(f"{c or '(top)'}: {len(f)}" for c, f in summary["sections"]), flush=True)
-    warnings = sphinx(BUILD / "src", Path(a.out), BUILD / "static")
-    for w in warnings: print("  sphinx:", w.replace(str(BUILD / "src") + "/", ""))
-    (BUILD / "pages.json").write_text(json.dumps(summary, indent=1))
-    print(f"docs: site written to {os.path.relpath(a.out)}/ ({len(warnings)} Sphinx warnings; "
+    out, build = Path(a.out).resolve(), Path(a.build).resolve()
+    (ROOT / "_build").mkdir(exist_ok=True)
+    with open(ROOT / "_build" / "docs.lock", "w") as lock:   # two builds in one tree (nbdev's _proc/) wait in turn
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        t0 = time.time()
+        if a.no_proc: proc = ROOT / "_proc"
+        else:
+            print("docs: nbdev processing (nbdev-proc-nbs) -> _proc/", flush=True)
+            proc = nbdev_process(force=a.force)
+        t1 = time.time()
+        site_url = yaml.safe_load((ROOT / "nbs" / "nbdev.yml").read_text())["website"]["site-url"]
+        summary = stage(proc, build / "src", site_url)
+        mathjax(build / "static" / "mathjax")
+        print(f"docs: {len(summary['pages'])} pages staged; sidebar: "
+              + "; ".join(f"{c or '(top)'}: {len(f)}" for c, f in summary["sections"]), flush=True)
+        warnings = sphinx(build / "src", out, build / "static", build / "doctrees")
+    for w in warnings: print("  sphinx:", w.replace(str(build / "src") + "/", ""))
+    summary["warnings"] = warnings
+    (out / "_pages.json").write_text(json.dumps(summary, indent=1))
+    print(f"docs: site written to {os.path.relpath(out)}/ ({len(warnings)} Sphinx warnings; "
           f"processing {t1 - t0:.0f} s, site {time.time() - t1:.0f} s)")
     return 0
 

@@ -2,9 +2,11 @@
 # The README's test command: set up everything on a fresh machine, then run every check and every test.
 #   1. .venv with fatebook and all extras (PETSc/SLEPc built from source the first time, cached afterwards)
 #   2. .venv-cellrank: CellRank 2.3.3 on Python 3.12, the test-only reference for the parity tests
-#   3. nbdev-clean and nbdev-export must leave no diff (notebooks clean, library in sync with the notebooks)
+#   3. nbdev-clean and nbdev-export must leave no diff (notebooks clean, library in sync with the notebooks);
+#      import cells hold only imports; stored outputs are clean (tools/check_outputs.py)
 #   4. nbdev-test runs every notebook, slow and PETSc cells included
-#   5. pytest runs tests/ (last, so the run ends on pytest's summary line)
+#   5. pytest runs tests/ (last, so the run ends on pytest's summary line); tests/test_docs.py builds the
+#      documentation site (bash tools/docs.sh) and checks it in headless Chromium
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MPLBACKEND=agg PYTHONHASHSEED=0
@@ -31,6 +33,9 @@ step "no notebook cell mixes imports with other code (nbdev's docs processing ru
 
 step "shipped report template = nbs/templates (tools/sync_templates.py)"
 .venv/bin/python tools/sync_templates.py --check
+
+step "stored notebook outputs are clean (no tracebacks, Python warnings, progress bars, machine paths, huge images)"
+.venv/bin/python tools/check_outputs.py
 
 step "README.md generated from nbs/index.ipynb"
 .venv/bin/python tools/make_readme.py --check

@@ -138,7 +138,9 @@ class Site:
         doc, frag = r
         if frag and (doc, frag.lower()) in self.labels: return "#" + self.labels[doc, frag.lower()]
         rel = posixpath.relpath(doc, posixpath.dirname(here) or ".") + ".ipynb"
-        if frag and frag not in self.slugs.get(doc, ()):
+        if frag and frag not in self.slugs.get(doc, ()) and url.startswith(self.site_url):
+            # a doclink (nbdev writes them as absolute URLs) to a symbol without an API entry: link to its page.
+            # A fragment written by hand stays as it is: MyST warns and tools/check_site.py fails on it.
             self.dangling.append(f"{doc}#{frag}"); frag = ""
         return rel + ("#" + frag if frag else "")
 

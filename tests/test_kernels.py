@@ -326,7 +326,7 @@ def test_errors_leave_adata_untouched(dg50):
         VelocityKernel(a, xkey="Mx")
     with pytest.raises(KeyError, match=r"obs\['pt'\]"):
         PseudotimeKernel(a, time_key="pt")
-    with pytest.raises(ValueError, match="Unknown model"):
+    with pytest.raises(ValueError, match="model='fancy' is not valid; choose one of 'deterministic'"):
         VelocityKernel(a).compute_transition_matrix(model="fancy")
     with pytest.raises(ValueError, match="positive"):
         0.0 * VelocityKernel(a)
@@ -407,3 +407,80 @@ def test_walks_of_100_steps_move_with_true_time_for_over_90_percent_of_cells(sim
             x = T @ x
         good = (x - t < 0) if backward else (x - t > 0)
         assert good.mean() > 0.9, (backward, good.mean())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 13: the masked-softmax path, float32 matrices, any cluster labels, inputs read in place
+
+def test_every_neighbour_masked_gives_uniform_row_and_warning(dg50, caplog):
+    """A cell whose neighbours all have its expression (zero displacements: every similarity is undefined) gets the
+    uniform distribution over its neighbours, with a warning naming it; the other rows are a proper softmax."""
+    import logging
+    a = dg50.copy()
+    C = sp.csr_matrix(a.obsp["connectivities"]); C.sort_indices()
+    i = 4; nb = C.indices[C.indptr[i]:C.indptr[i + 1]]
+    a.layers["Ms"] = np.array(a.layers["Ms"], dtype=np.float64)
+    a.layers["Ms"][nb] = a.layers["Ms"][i]                 # every neighbour of cell 4 sits where it sits
+    assert np.any(a.layers["velocity"][i] != 0)
+    with caplog.at_level(logging.WARNING, logger="fatebook"):
+        k = VelocityKernel(a).compute_transition_matrix(softmax_scale=2.0)
+    T = k.transition_matrix
+    row = T.getrow(i)
+    np.testing.assert_array_equal(np.sort(row.indices), np.sort(nb))
+    np.testing.assert_allclose(row.data, 1 / len(nb), rtol=0, atol=0)
+    assert "no usable neighbour" in caplog.text and a.obs_names[i] in caplog.text
+    ref, _ = loop_velocity(a, softmax_scale=2.0)              # the loop reference agrees on every row
+    np.testing.assert_allclose(T.toarray(), ref, atol=1e-12)
+    assert np.ptp(T.getrow(0).data) > 0                       # not uniform elsewhere
+
+
+def test_float32_transition_matrices_accepted_everywhere(dg50):
+    "A float32 matrix (rows off by ~1e-8) is accepted by PrecomputedKernel(matrix=), (obsp_key=) and Kernel.from_adata."
+    T64 = ConnectivityKernel(dg50).compute_transition_matrix().transition_matrix
+    T32 = T64.astype(np.float32)
+    assert np.abs(np.asarray(T32.sum(1), dtype=np.float64) - 1).max() > 1e-9   # float64's tolerance would refuse it
+    a = dg50.copy(); a.obsp["T32"] = T32; snap = _snapshot(a)
+    for k in (PrecomputedKernel(None, matrix=T32), PrecomputedKernel(a, obsp_key="T32"), Kernel.from_adata(a, key="T32")):
+        T = k.transition_matrix
+        assert T.dtype == np.float64
+        np.testing.assert_allclose(np.asarray(T.sum(1)).ravel(), 1, atol=1e-14)
+        assert abs(T - T64).max() < 1e-6
+    _same(a, snap)
+    assert a.obsp["T32"].dtype == np.float32
+    bad = T64.copy(); bad.data[bad.indptr[3]] += 1e-3
+    with pytest.raises(ValueError, match="off by 0.001"):
+        PrecomputedKernel(None, matrix=bad.astype(np.float32))
+
+
+@pytest.mark.parametrize("kind", ["int", "float", "comma"])
+def test_random_walk_starts_with_any_cluster_labels(dg100, kind):
+    a = dg100.copy()
+    codes = a.obs["clusters"].cat.codes.to_numpy()
+    target = int(a.obs["clusters"].cat.categories.get_loc("Granule immature"))
+    if kind == "int": a.obs["cl"] = codes.astype(np.int64); key = target          # a plain int64 column
+    elif kind == "float": a.obs["cl"] = codes.astype(float); key = float(target)
+    else: a.obs["cl"] = a.obs["clusters"].cat.rename_categories(lambda c: f"{c},0"); key = "Granule immature,0"
+    k = ConnectivityKernel(a).compute_transition_matrix()
+    want = set(np.flatnonzero(codes == target))
+    for start in ({"cl": key}, {"cl": [str(key)]}):
+        w = k.random_walks(n_sims=40, max_iter=2, seed=0, start_ixs=start)
+        assert {x[0] for x in w} <= want
+    with pytest.raises(KeyError, match="valid names"):
+        k.random_walks(start_ixs={"cl": "not a cluster"})
+
+
+def test_velocity_inputs_read_in_place(dg100):
+    "The deterministic kernel reads Ms/velocity where they are: no float64 copy of cells x genes is kept."
+    from fatebook.velocity import velocity_inputs
+    a = dg100.copy()
+    a.layers["Ms"] = np.asarray(a.layers["Ms"], dtype=np.float32); a.layers["velocity"] = np.asarray(a.layers["velocity"], dtype=np.float32)
+    X, V, gx, gv, genes = velocity_inputs(a)
+    assert np.shares_memory(X, a.layers["Ms"]) and np.shares_memory(V, a.layers["velocity"])
+    k = VelocityKernel(a)
+    assert np.shares_memory(k._X, a.layers["Ms"])
+    T32 = k.compute_transition_matrix().transition_matrix
+    b = a.copy(); b.layers["Ms"] = b.layers["Ms"].astype(np.float64); b.layers["velocity"] = b.layers["velocity"].astype(np.float64)
+    T64 = VelocityKernel(b).compute_transition_matrix().transition_matrix
+    assert abs(T32 - T64).max() < 1e-12          # float32 inputs are read exactly and computed in float64
+    c = a.copy(); c.layers["Ms"] = sp.csr_matrix(c.layers["Ms"])   # a sparse layer: read in row blocks
+    assert abs(VelocityKernel(c).compute_transition_matrix().transition_matrix - T32).max() < 1e-12

@@ -236,7 +236,7 @@ def test_errors_and_no_mutation():
     T = ring_chain(100, 3, seed=0)
     T0 = T.copy()
     for kw, msg in [(dict(n_components=0), "n_components"), (dict(which="SM"), "which"),
-                    (dict(method="nope"), "Unknown method"), (dict(eta=np.ones(5)), "eta")]:
+                    (dict(method="nope"), "method=.nope. is not valid"), (dict(eta=np.ones(5)), "eta")]:
         with pytest.raises(ValueError, match=msg):
             sorted_schur(T, **({"n_components": 4} | kw))
     with pytest.raises(ValueError, match="row-stochastic"):
@@ -358,3 +358,54 @@ def test_n_threads_accepts_nested_openmp_syntax(monkeypatch):
     assert n_threads() == 2
     T = ring_chain(400, 4, seed=1)
     assert sorted_schur(T, 5, method="arpack").n_components >= 5
+
+
+def test_reorder_nearly_equal_pairs_issue13():
+    """The reference GPCCA test case LAPACK refuses to reorder (issue 13 item 7): sorted with a small backward error,
+    by modulus, for every leading size; the 2x2 blocks stay whole."""
+    R = np.array([[1, -1e4, 8812, 4566], [1e-4, 1, -9, 1200], [0, 0, 1 + 1e-5, -1e-4], [0, 0, 1e4, 1 + 1e-5]])
+    for m in (1, 2, 3, 4):
+        Rs, Q, mp = sort_real_schur(R, np.eye(4), m, "LM")
+        assert mp == (2 if m <= 2 else 4)
+        assert np.linalg.norm(Q @ Rs @ Q.T - R) <= 1e-13 * np.linalg.norm(R)
+        assert np.linalg.norm(Q.T @ Q - np.eye(4)) < 1e-13
+        lam = np.abs(np.linalg.eigvals(Rs[:2, :2]))
+        assert lam.min() >= np.abs(np.linalg.eigvals(Rs[2:, 2:])).max(), (m, lam)
+        assert abs(Rs[2, 1]) == 0 and abs(Rs[1, 0]) > 0 and abs(Rs[3, 2]) > 0
+
+
+def test_direct_swaps_agree_with_lapack_on_random_forms():
+    "Where LAPACK can swap, the direct swap gives the same eigenvalue order, an orthogonal Q and a tiny backward error."
+    import fatebook.schur as fs
+    rng = np.random.default_rng(5)
+    for trial in range(30):
+        A = rng.standard_normal((8, 8))
+        R, Q = sla.schur(A, output="real")
+        blocks = fs.schur_blocks(R)
+        b = rng.integers(1, len(blocks))
+        (i0, s0), (i1, s1) = blocks[b - 1], blocks[b]
+        R1, Q1 = np.asfortranarray(R.copy()), np.asfortranarray(Q.copy())
+        err = fs._swap_direct(R1, Q1, i0, s0, s1)
+        assert err < 1e-13
+        np.testing.assert_allclose(Q1 @ R1 @ Q1.T, A, atol=1e-12)
+        np.testing.assert_allclose(Q1.T @ Q1, np.eye(8), atol=1e-13)
+        swapped = fs.schur_eigenvalues(R1)
+        want = fs.schur_eigenvalues(R)
+        seg = np.r_[want[i1:i1 + s1], want[i0:i0 + s0]]
+        np.testing.assert_allclose(np.sort_complex(swapped[i0:i0 + s0 + s1]), np.sort_complex(seg), atol=1e-10)
+
+
+def test_parameters_checked_at_the_door():
+    T = ring_chain(300, 3, seed=0)
+    for kw, msg in [(dict(n_components=0), r"n_components=0 is out of range: it must be an integer in \[1, 299\]"),
+                    (dict(n_components=300), r"n_components=300 is out of range"),
+                    (dict(n_components=5, method="slepc"), r"method='slepc' is not valid; choose one of 'auto', 'sstep'"),
+                    (dict(n_components=5, which="SM"), r"which='SM' is not valid"),
+                    (dict(n_components=5, tol=0), r"tol=0 is out of range"),
+                    (dict(n_components=5, ncv=3), r"ncv=3 is out of range"),
+                    (dict(n_components=5, maxiter=-1), r"maxiter=-1 is out of range")]:
+        with pytest.raises(ValueError, match=msg): sorted_schur(T, **kw)
+    with pytest.raises(TypeError, match="n_components must be an integer"): sorted_schur(T, 2.5)
+    with pytest.raises(ValueError, match=r"k=0 is out of range"): eigendecomposition(T, k=0)
+    with pytest.raises(ValueError, match=r"solver='lu' is not valid"): stationary_distribution(T, solver="lu")
+    with pytest.raises(ValueError, match=r"alpha=-1 is out of range"): eigengap([1, 0.5, 0.2], alpha=-1)

@@ -55,6 +55,7 @@ def site(tmp_path_factory):
 def test_build_has_no_sphinx_warnings(site):
     info = json.loads((site[0] / "_pages.json").read_text())
     assert info["warnings"] == [], "Sphinx warnings:\n" + "\n".join(info["warnings"])
+    for n in info["notes"]: print("note:", n)       # worked around by the build; the notebook's owner should fix it
 
 
 def test_every_notebook_has_a_page_in_the_navigation(site):

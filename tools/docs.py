@@ -118,6 +118,7 @@ class Site:
         self.labels = {}                # (docname, anchor) -> label of an API entry
         self.slugs = {}                 # docname -> MyST heading anchors of the page
         self.dangling = []              # links to a fragment that is on no page
+        self.notes = []                 # things the notebooks' owners should fix (the site works around them)
 
     def resolve(self, url: str, here: str) -> tuple[str, str] | None:
         "The (docname, fragment) a link points to, if it is a page of this site; `here` is the linking docname."
@@ -218,6 +219,21 @@ def api_markdown(md: str, doc: str, site: Site, used: set) -> str:
     return "\n".join(out)
 
 
+def source_subtitle(nb_path: Path) -> tuple[str | None, int]:
+    "The `> subtitle` under a notebook's `# Title` (all its lines joined) and its number of lines."
+    nb = json.loads(Path(nb_path).read_text())
+    for c in nb["cells"]:
+        if c["cell_type"] != "markdown": continue
+        lines = _src(c).strip().splitlines()
+        if not lines or not lines[0].startswith("# "): continue
+        quote = []
+        for l in (l for l in lines[1:] if l.strip()):
+            if not l.lstrip().startswith(">"): break
+            quote.append(l.lstrip()[1:].strip())
+        return (" ".join(quote) or None), len(quote)
+    return None, 0
+
+
 def _md_cell(text: str) -> dict: return {"cell_type": "markdown", "metadata": {}, "source": text}
 
 
@@ -227,7 +243,12 @@ def stage_notebook(nb: dict, nbpath: str, site: Site, used: set) -> dict:
     cells = []
     title = fm.get("title") or Path(nbpath).stem
     head = f"# {title}"
-    if fm.get("description"): head += f"\n\n> {str(fm['description']).strip()}"
+    desc = str(fm.get("description") or "").strip()
+    full, n = source_subtitle(ROOT / "nbs" / nbpath) if (ROOT / "nbs" / nbpath).exists() else (None, 0)
+    if n > 1 and full and full.startswith(desc):   # nbdev keeps the first line of a subtitle only: show all of it
+        site.notes.append(f"{nbpath}: the `>` subtitle spans {n} lines; nbdev (and Quarto) keep only the first: "
+                          "write it on one line"); desc = full
+    if desc: head += f"\n\n> {desc}"
     cells.append(_md_cell(head))
     for c in nb["cells"]:
         s = _src(c)
@@ -312,7 +333,8 @@ def stage(proc: Path, dest: Path, site_url: str) -> dict:
         rel = f.relative_to(proc)
         if f.is_file() and f.suffix not in (".ipynb", ".yml", ".yaml", ".txt", ".css") and not any(s.startswith(".") for s in rel.parts):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(f, dest / rel)
-    return {"pages": {n: site.doc[n] for n in site.notebooks}, "sections": sections}
+    for p in site.notes: print("docs: note:", p)
+    return {"pages": {n: site.doc[n] for n in site.notebooks}, "sections": sections, "notes": site.notes}
 
 
 # ---------------------------------------------------------------- 3. Sphinx
@@ -359,6 +381,7 @@ def main(argv=None):
         print(f"docs: {len(summary['pages'])} pages staged; sidebar: "
               + "; ".join(f"{c or '(top)'}: {len(f)}" for c, f in summary["sections"]), flush=True)
         warnings = sphinx(build / "src", out, build / "static", build / "doctrees")
+    if (out / "_sources").is_dir() and not any((out / "_sources").iterdir()): (out / "_sources").rmdir()
     for w in warnings: print("  sphinx:", w.replace(str(build / "src") + "/", ""))
     summary["warnings"] = warnings
     (out / "_pages.json").write_text(json.dumps(summary, indent=1))

@@ -213,3 +213,82 @@ def valid_n(ex, k):
 
 def _first(names, prefix):
     return next(n for n in names if n.startswith(prefix))
+
+
+# ---- bad inputs: each shows a message naming the problem and the fix, keeps the previous result, never a traceback
+@pytest.fixture(scope="module")
+def dg_explorer(_dg_cache):
+    a = _dg_cache(200).copy()
+    ex = fw.explore(a, time_key="dpt_pseudotime", n_states=4, n_cells=20)
+    assert ex.show("fates"), ex.fates.message
+    return ex
+
+
+def _forbidden(ex):
+    return ex.macro.estimator.eigendecomposition["forbidden"][0]
+
+
+BAD = {
+    "all kernel weights 0": ("tuner", lambda ex: ex.tuner.set(velocity_weight=0.0, connectivity_weight=0.0),
+                             ["Every kernel weight is 0", "give at least one kernel a weight > 0"]),
+    "softmax_scale <= 0": ("tuner", lambda ex: ex.tuner.set(softmax_scale=0.0),
+                           ["softmax_scale=0.0 is out of range", "Use None to estimate it"]),
+    "unknown similarity": ("tuner", lambda ex: ex.tuner.set(similarity="cosinus"),
+                           ["similarity='cosinus' is not valid", "Did you mean 'cosine'?"]),
+    "forbidden n_states": ("macro", lambda ex: ex.macro.set(n_states=_forbidden(ex)),
+                           ["would split a complex conjugate pair", "choose"]),
+    "n_cells too large": ("macro", lambda ex: ex.macro.set(n_cells=150), ["n_cells=150", "n_cells <="]),
+    "n_states above the Schur vectors": ("macro", lambda ex: ex.macro.set(n_states=40, n_cells=2),
+                                         ["number of Schur vectors", "compute_schur(n_components="]),
+    "unknown cluster_key": ("macro", lambda ex: ex.macro.set(cluster_key="nope"), ["cluster_key='nope'", "valid"]),
+    "n_components < 3": ("macro", lambda ex: ex.macro.set(n_components=1), ["n_components=1 is out of range", "Schur vector"]),
+    "no terminal state": ("fates", lambda ex: ex.fates.set(terminal_states=[], merge=""),
+                          ["Select at least one terminal state", "choices"]),
+    "unknown state in merge": ("fates", lambda ex: ex.fates.set(merge="Astrocytes, Nope"),
+                               ["Unknown state(s) ['Nope']", "valid:"]),
+    "state both initial and terminal": ("fates", lambda ex: ex.fates.set(initial_states=ex.fates.params["terminal_states"][:1]),
+                                        ["both initial and terminal", "allow_overlap"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_messages(dg_explorer, case):
+    ex = dg_explorer
+    which, act, expected = BAD[case]
+    pane = {"tuner": ex.tuner, "macro": ex.macro, "fates": ex.fates}[which]
+    before = (ex.tuner.kernel, ex.macro.estimator, ex.fates.estimator, dict(pane.params))
+    assert act(ex) is False
+    assert pane.status.kind == "error" and "Traceback" not in pane.message
+    for text in expected: assert text in pane.message, (case, pane.message)
+    assert "previous result is kept" in pane.message
+    assert (ex.tuner.kernel, ex.macro.estimator, ex.fates.estimator) == before[:3]   # nothing replaced
+    assert pane.params == before[3]
+
+
+def test_state_with_no_cells_from_clusters(_dg_cache):
+    a = _dg_cache(200).copy()
+    a.obs["clusters"] = a.obs["clusters"].cat.add_categories(["Ductal"])   # e.g. left over after subsetting
+    ex = fw.explore(a, n_states=4, n_cells=20)
+    assert ex.show("fates")
+    f = ex.fates
+    assert f.set(source="clusters") and f.params["source"] == "clusters"
+    labels = dict((v, l) for l, v in f.w["terminal_states"].options)
+    assert labels["Ductal"] == "Ductal (0 cells!)"
+    g0 = f.estimator
+    assert f.set(terminal_states=["Astrocytes", "Ductal"]) is False
+    assert "['Ductal'] have no cells" in f.message and "remove_unused_categories()" in f.message
+    assert f.estimator is g0
+
+
+def test_inputs_that_are_missing(_dg_cache):
+    a = _dg_cache(200).copy()
+    with pytest.raises(Exception, match=r"X_tsne.*scanpy.tl.umap|scanpy.tl.umap.*X_tsne"):
+        fw.explore(a, basis="tsne")
+    with pytest.raises(ValueError, match=r"is a view.*\.copy\(\)"):
+        fw.explore(a[:100])
+    b = a.copy(); del b.layers["velocity"]
+    ex = fw.explore(b, time_key="dpt_pseudotime")
+    v = ex.tuner.w["velocity_weight"]
+    assert v.disabled and "no `adata.layers['velocity']`" in v.tooltip and "preprocess" in v.tooltip
+    assert ex.tuner.params["velocity_weight"] == 0 and ex.tuner.params["pseudotime_weight"] == 0.8   # falls back
+    assert "PseudotimeKernel" in ex.code() and "VelocityKernel" not in ex.code()

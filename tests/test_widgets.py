@@ -292,3 +292,19 @@ def test_inputs_that_are_missing(_dg_cache):
     assert v.disabled and "no `adata.layers['velocity']`" in v.tooltip and "preprocess" in v.tooltip
     assert ex.tuner.params["velocity_weight"] == 0 and ex.tuner.params["pseudotime_weight"] == 0.8   # falls back
     assert "PseudotimeKernel" in ex.code() and "VelocityKernel" not in ex.code()
+
+
+def test_explore_with_the_tutorials_choice(pancreas):
+    "The tutorial's cell: explore() started from a chosen n_states and terminal states reproduces the plain pipeline."
+    k = (0.8 * VelocityKernel(pancreas).compute_transition_matrix()
+         + 0.2 * ConnectivityKernel(pancreas).compute_transition_matrix()).compute_transition_matrix()
+    g = GPCCA(k).compute_schur(n_components=20)
+    n = next(n for n in (6, 7, 5, 9) if n not in g.eigendecomposition["forbidden"])
+    g.compute_macrostates(n_states=n, cluster_key="clusters")
+    ends = [x for x in map(str, g.macrostates.cat.categories) if x.split("_")[0] in ("Alpha", "Beta", "Delta", "Epsilon")]
+    g.set_terminal_states_from_macrostates(ends).compute_fate_probabilities()
+    ex = fw.explore(pancreas, time_key="dpt_pseudotime", n_states=n, terminal_states=ends)
+    assert ex.show("fates"), ex.fates.message
+    assert list(ex.estimator.fate_probabilities.names) == list(g.fate_probabilities.names)
+    np.testing.assert_allclose(np.asarray(ex.estimator.fate_probabilities), np.asarray(g.fate_probabilities), atol=1e-8)
+    assert f"set_terminal_states_from_macrostates({ends!r})" in ex.code()

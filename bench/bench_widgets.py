@@ -111,8 +111,10 @@ def fb_worker(h5ad: str):
     change(f, "fates", "terminal_states", tuple(pick), f"{len(pick)} macrostates")
     if len(pick) >= 2: change(f, "fates", "merge", f"{pick[-2]}, {pick[-1]}", "two merged")
     change(f, "fates", "merge", "", "none")
-    ini = [n for n in names if n not in pick][:1]
-    change(f, "fates", "initial_states", tuple(ini), repr(ini))
+    cur = tuple(f.params["initial_states"] or ())
+    ini = tuple([n for n in names if n not in pick and n not in cur][:1]) if not cur else ()
+    change(f, "fates", "initial_states", ini, repr(list(ini)))
+    change(f, "fates", "initial_states", cur, repr(list(cur)))
     for name in ("states", "by cluster", "drivers", "absorption times"): view(f, "fates", name)
     with S("result tab (code)"):
         ex.show("result")

@@ -60,7 +60,10 @@ def check_notebook(path) -> tuple[list[str], dict]:
                     m = _warning.search(s)
                     if m: problems.append(f"{where}: warning on stderr: {_line(s, m)}")
                     notes += [f"{where}: {_line(s, m)}" for m in _logwarn.finditer(s)]
-                if _progress.search(s): problems.append(f"{where}: progress bar in the output (timings change every run; pass show_progress=False)")
+            if any(_progress.search(_text(x)) for x in ([o.get("text")] if t == "stream" else [(o.get("data") or {}).get("text/plain")])):
+                widget = "application/vnd.jupyter.widget-view+json" in (o.get("data") or {})
+                problems.append(f"{where}: progress bar in the output{' (a tqdm widget)' if widget else ''}: its timings "
+                                "change every run; turn progress bars off in that call (e.g. show_progress=False)")
             for mime, v in (o.get("data") or {}).items():
                 if mime.startswith("image/"):
                     n_img += 1

@@ -26,6 +26,7 @@ CALLOUTS = {"note": "note", "tip": "tip", "warning": "warning", "important": "im
 _dir_line = re.compile(r"^\s*#\s*\|\s*([\w-]+)\s*:?\s*(.*?)\s*$")
 _md_link = re.compile(r"(!?)\[((?:[^\[\]]|\[[^\[\]]*\])*)\]\(\s*<?([^)\s>]+)>?(\s+\"[^\"]*\")?\s*\)(\{[^}\n]*\})?")
 _heading = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
+_progress_bar = re.compile(r"^\s*[^|\n]*\d+%\|.*\|\s*\d+/\d+")
 
 
 # ---------------------------------------------------------------- 1. nbdev processing
@@ -274,7 +275,7 @@ def stage_notebook(nb: dict, nbpath: str, site: Site, used: set) -> dict:
                 md_out.append(api_markdown(_src({"source": md}), doc, site, used))
             outputs = keep
         if _false(d.get("output", "true")): outputs = []
-        outputs = [widget_fallback(o) for o in outputs]
+        outputs = [w for w in map(widget_fallback, outputs) if w is not None]
         tags = []
         if not echo: tags.append("remove-input")
         if "code-fold" in d and not _false(d["code-fold"]): tags.append("hide-input")
@@ -291,6 +292,7 @@ def widget_fallback(o: dict) -> dict:
     data = o.get("data") or {}
     if "application/vnd.jupyter.widget-view+json" not in data: return o
     o = dict(o); data = {k: v for k, v in data.items() if k != "application/vnd.jupyter.widget-view+json"}
+    if _progress_bar.search(_src({"source": data.get("text/plain", "")})): return None   # a tqdm bar: nothing to see
     if not (set(data) - {"text/plain"}):
         data = {"text/markdown": "*Interactive widget: it runs when the notebook runs in Jupyter.*",
                 "text/plain": _src({"source": data.get("text/plain", "")})}

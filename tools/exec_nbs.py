@@ -5,6 +5,7 @@
 The same way for everyone (owners, the lead's final pass):
 - a fresh kernel running this interpreter (`.venv`'s Python), started in the notebook's folder;
 - `FATEBOOK_DATA_DIR` set (default: `../shared/data` next to the repository, when it exists), `PYTHONHASHSEED=0`,
+  `TQDM_DISABLE=1` (tqdm bars that a call does not switch on explicitly stay off),
   `random` and `numpy.random` seeded with 0 before the first cell; `MPLBACKEND` removed, so figures are stored
   inline as PNG at 100 dpi (a throw-away IPython profile: the user's own profile and startup files are not used);
 - cells marked `#| eval: false` are not run (as in nbdev and Quarto: the hidden `nbdev_export()` cell would
@@ -58,6 +59,7 @@ def environment(tmp: Path) -> dict:
     env = dict(os.environ)
     env.pop("MPLBACKEND", None)
     env["PYTHONHASHSEED"] = "0"
+    env.setdefault("TQDM_DISABLE", "1")   # progress bars (scVelo's among them) are noise in stored outputs
     if not env.get("FATEBOOK_DATA_DIR") and (ROOT.parent / "shared" / "data").is_dir():
         env["FATEBOOK_DATA_DIR"] = str((ROOT.parent / "shared" / "data").resolve())
     prof = tmp / "ipython" / "profile_default"

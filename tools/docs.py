@@ -98,7 +98,6 @@ def split_directives(src: str) -> tuple[dict, str]:
 
 
 def _false(v) -> bool: return str(v).strip().lower() in ("false", "no", "0")
-def _true(v) -> bool: return str(v).strip().lower() in ("true", "yes", "1", "show", "")
 
 
 class Site:
@@ -278,7 +277,7 @@ def stage_notebook(nb: dict, nbpath: str, site: Site, used: set) -> dict:
         outputs = [w for w in map(widget_fallback, outputs) if w is not None]
         tags = []
         if not echo: tags.append("remove-input")
-        if "code-fold" in d and not _false(d["code-fold"]): tags.append("hide-input")
+        if d.get("code-fold", "false").lower() not in ("false", "show", "no"): tags.append("hide-input")  # folded
         if (echo and code.strip()) or outputs:
             cells.append({"cell_type": "code", "execution_count": None, "metadata": {"tags": tags} if tags else {},
                           "outputs": outputs, "source": code})

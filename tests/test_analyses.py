@@ -1,0 +1,209 @@
+"""Issue 15 analyses against CellRank 2.3.3 on the preprocessed pancreas (2,531 cells; 2,000 of the original 27,998
+genes, about 1,000 after filtering, see ../shared/data/README.md), plus hand-made cases.
+
+One CellRank run (tests/cellrank_ref/analyses.py) on one file written here — fatebook's 0.8 velocity + 0.2
+connectivity transition matrix and its fate probabilities (Alpha/Beta/Delta/Epsilon) in CellRank's keys — gives:
+- CytoTRACE: score, pseudotime and hard-threshold transition matrix equal to 1e-6 (layer Ms, mean of 200 genes);
+- gene trends (CellRank's default pygam GAM) for 8 genes x 2 lineages: curves and 95% bands equal to 1e-6 relative;
+- cross-boundary correctness on four cluster pairs equal to 1e-7;
+- TSI table and score for up to 8 macrostates — on the 200-cell dentate gyrus (mature granule cells, astrocytes,
+  oligodendrocytes): CellRank's eight Nelder-Mead GPCCA runs on the pancreas take minutes;
+- circular projection coordinates (default and optimal lineage order) equal to 1e-12.
+"""
+from __future__ import annotations
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+TERMINAL = ["Alpha", "Beta", "Delta", "Epsilon"]
+GENES = ["Gcg", "Ins2", "Ghrl", "Sst", "Pdx1", "Arx", "Nkx6-1", "Isl1"]
+TREND_LINEAGES = ["Alpha", "Beta"]
+PAIRS = [("Ngn3 low EP", "Ngn3 high EP"), ("Ngn3 high EP", "Pre-endocrine"), ("Pre-endocrine", "Beta"), ("Pre-endocrine", "Alpha")]
+TSI_N = 8
+TSI_TERMINAL = ["Granule mature", "Astrocytes", "OL"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(_pancreas_pp_session, tmp_path_factory):
+    "fatebook's pipeline on the preprocessed pancreas, and the same inputs written for CellRank."
+    from fatebook.core import settings
+    from fatebook.kernels import ConnectivityKernel, VelocityKernel
+    from fatebook.gpcca import GPCCA
+    settings.progress_bar = False
+    a = _pancreas_pp_session.copy()
+    k = 0.8 * VelocityKernel(a).compute_transition_matrix() + 0.2 * ConnectivityKernel(a).compute_transition_matrix()
+    g = GPCCA(k)
+    g.compute_schur(n_components=20)
+    g.compute_macrostates(n_states=12, cluster_key="clusters")
+    g.set_terminal_states_from_macrostates(TERMINAL)
+    g.compute_fate_probabilities(tol=1e-12)
+    out = a.copy()
+    out.obsp["fb_T"] = sp.csr_matrix(g.transition_matrix)
+    B = g.fate_probabilities
+    out.obsm["lineages_fwd"] = np.asarray(B)
+    ts = g.terminal_states.astype(str).where(g.terminal_states.notna(), None)
+    out.obs["term_states_fwd"] = pd.Categorical(ts, categories=list(B.names))
+    out.uns["term_states_fwd_colors"] = np.array(B.colors, dtype=object)
+    for key in list(out.obsm):
+        if key.startswith("fb_"): del out.obsm[key]
+    for key in list(out.uns):
+        if key.startswith("fb_"): del out.uns[key]
+    for key in list(out.obs):
+        if key.startswith("fb_"): del out.obs[key]
+    path = tmp_path_factory.mktemp("analyses") / "pancreas_fates.h5ad"
+    out.write_h5ad(path)
+    return dict(adata=a, g=g, path=path)
+
+
+@pytest.fixture(scope="module")
+def dg_pipeline(dentate_gyrus_path, tmp_path_factory):
+    "fatebook's GPCCA on the 200-cell dentate gyrus, and its transition matrix written for CellRank (TSI)."
+    import anndata as ad
+    from fatebook.kernels import ConnectivityKernel, VelocityKernel
+    from fatebook.gpcca import GPCCA
+    a = ad.read_h5ad(dentate_gyrus_path(200))
+    g = GPCCA(0.8 * VelocityKernel(a).compute_transition_matrix() + 0.2 * ConnectivityKernel(a).compute_transition_matrix())
+    g.compute_schur(n_components=12)
+    out = ad.AnnData(X=np.zeros((a.n_obs, 1), np.float32), obs=a.obs[["clusters"]].copy())
+    out.obsp["fb_T"] = sp.csr_matrix(g.transition_matrix)
+    path = tmp_path_factory.mktemp("analyses_dg") / "dg200_T.h5ad"
+    out.write_h5ad(path)
+    return dict(g=g, path=path)
+
+
+@pytest.fixture(scope="module")
+def ref(pipeline, dg_pipeline, run_cellrank):
+    r = run_cellrank("analyses", h5ad=pipeline["path"], time_key="dpt_pseudotime", genes=GENES, lineages=TREND_LINEAGES,
+                     layer="Ms", T_key="fb_T", pairs=[list(p) for p in PAIRS], tsi_h5ad=dg_pipeline["path"], tsi_n=TSI_N,
+                     tsi_terminal=TSI_TERMINAL, tsi_n_cells=10, n_components=12)
+    assert r["cellrank_version"] == "2.3.3"
+    return r
+
+
+# ---- CytoTRACE ---------------------------------------------------------------------------------------------------
+@pytest.mark.parity
+def test_cytotrace_parity(pipeline, ref):
+    from fatebook.cytotrace import CytoTRACEKernel
+    a = pipeline["adata"].copy()
+    k = CytoTRACEKernel(a).compute_cytotrace(layer="Ms", aggregation="mean", n_genes=200).compute_transition_matrix()
+    np.testing.assert_allclose(a.obs["ct_score"].to_numpy(float), ref["ct_score"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(a.obs["ct_pseudotime"].to_numpy(float), ref["ct_pseudotime"], atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(a.obs["ct_num_exp_genes"].to_numpy(float), ref["ct_num_exp_genes"])
+    # CellRank correlates in the data's float32 (differences up to ~1e-4); the chosen genes are the same
+    np.testing.assert_allclose(a.var["ct_gene_corr"].to_numpy(float), ref["ct_gene_corr"], atol=1e-3, equal_nan=True)
+    assert sorted(a.var_names[a.var["ct_correlates"].to_numpy(bool)]) == sorted(ref["ct_correlates"])
+    T, R = k.transition_matrix, sp.csr_matrix(ref["ct_T"])
+    assert T.shape == R.shape and (T != 0).sum() == (R != 0).sum()
+    assert abs(T - R).max() < 1e-6
+
+
+# ---- gene trends -------------------------------------------------------------------------------------------------
+@pytest.mark.parity
+def test_gene_trends_parity(pipeline, ref):
+    from fatebook.trends import compute_gene_trends
+    tr = compute_gene_trends(pipeline["g"], GENES, TREND_LINEAGES, time_key="dpt_pseudotime", layer="Ms")
+    for lin in TREND_LINEAGES:
+        f = tr.fits[lin]
+        np.testing.assert_allclose(f.x, ref[f"trend_{lin}__x"][0], rtol=1e-12)        # the lineage's time range
+        np.testing.assert_array_equal(f.converged, ref[f"trend_{lin}__converged"])
+        scale = np.abs(ref[f"trend_{lin}__y"]).max(axis=1, keepdims=True)
+        for ours, theirs in [(f.mean, ref[f"trend_{lin}__y"]), (f.lower, ref[f"trend_{lin}__lo"]), (f.upper, ref[f"trend_{lin}__hi"])]:
+            assert (np.abs(ours - theirs) / scale).max() < 1e-6, lin
+
+
+# ---- cross-boundary correctness -----------------------------------------------------------------------------------
+@pytest.mark.parity
+def test_cbc_parity(pipeline, ref):
+    from fatebook.diagnostics import cbc
+    from fatebook.kernels import PrecomputedKernel
+    a = pipeline["adata"].copy(); a.obsp["fb_T2"] = sp.csr_matrix(pipeline["g"].transition_matrix)
+    k = PrecomputedKernel(a, obsp_key="fb_T2")
+    for i, (s, t) in enumerate(PAIRS):
+        ours = cbc(k, s, t, "clusters", rep="X_pca", graph_key="distances")
+        assert len(ours) == len(ref[f"cbc_{i}"]) > 0, (s, t)
+        np.testing.assert_allclose(ours, ref[f"cbc_{i}"], atol=1e-7)
+    # the velocity-based chain points along the known order
+    assert np.mean(cbc(k, "Ngn3 high EP", "Pre-endocrine", "clusters")) > 0
+
+
+# ---- TSI ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parity
+def test_tsi_parity(dg_pipeline, ref):
+    from fatebook.diagnostics import tsi
+    g = dg_pipeline["g"]
+    score = tsi(g, TSI_N, TSI_TERMINAL, "clusters", n_cells=10)
+    tab = g._fb_tsi["table"].sort_values("number_of_macrostates", ascending=False)
+    m = tab["number_of_macrostates"].to_numpy()
+    np.testing.assert_array_equal(m, ref["tsi_number_of_macrostates"])
+    np.testing.assert_array_equal(tab["optimal_identification"].to_numpy(float), ref["tsi_optimal_identification"])
+    # CellRank silently computes m + 1 macrostates when m would split a complex-conjugate pair; fatebook counts such
+    # an m as failed and carries m - 1's value (CellRank's own rule for failed m). Every other m must agree.
+    forbidden = set(g.eigendecomposition["forbidden"])
+    ok = ~np.isin(m, list(forbidden))
+    assert ok.sum() >= TSI_N - 3
+    np.testing.assert_array_equal(tab["identified_terminal_states"].to_numpy(float)[ok], ref["tsi_identified_terminal_states"][ok])
+    ident = dict(zip(m, tab["identified_terminal_states"]))
+    for f in forbidden & set(m[m > 1]): assert ident[f] == ident[f - 1]
+    t = tab[tab.number_of_macrostates <= TSI_N]
+    assert abs(score - t["identified_terminal_states"].sum() / t["optimal_identification"].sum()) < 1e-12
+
+
+# ---- circular projection -----------------------------------------------------------------------------------------
+@pytest.mark.parity
+def test_circular_projection_parity(pipeline, ref):
+    import matplotlib.pyplot as plt
+    from fatebook.lineage_plots import circular_projection
+    g = pipeline["g"]
+    for order in ("default", "optimal"):
+        fig = circular_projection(g, keys="clusters", lineage_order=order, key_added=f"circ_{order}")
+        plt.close(fig)
+        ours, theirs = g.adata.obsm[f"circ_{order}"], ref[f"circ_{order}"]
+        if order == "optimal" and not np.allclose(ours, theirs, atol=1e-12):
+            theirs = theirs * [1, -1]   # the same tour run the other way (equally short): the mirror image
+        np.testing.assert_allclose(ours, theirs, atol=1e-12)
+
+
+# ---- fate uncertainty on real data ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_fate_uncertainty_pancreas(pipeline):
+    "Intervals on the pancreas: terminal cells exact, clusters' intervals contain their estimate, widths shrink with commitment."
+    from fatebook.uncertainty import fate_uncertainty
+    g = pipeline["g"]
+    u = fate_uncertainty(g, n_boot=15, cluster_key="clusters", seed=0)
+    term = g.terminal_states.notna().to_numpy()
+    assert np.abs(u.width.to_numpy()[term]).max() < 1e-8
+    c = u.clusters
+    assert ((c["lower"] <= c["mean"] + 0.02) & (c["mean"] <= c["upper"] + 0.02)).mean() > 0.9
+    # committed cells (one fate > 0.9) have narrower intervals than undecided ones
+    est = u.estimate.to_numpy(); w = u.width.to_numpy().max(1)
+    committed, undecided = est.max(1) > 0.9, est.max(1) < 0.5
+    assert np.median(w[committed & ~term]) < np.median(w[undecided])
+
+
+# ---- hand-made cases ---------------------------------------------------------------------------------------------
+def test_cbc_sources_and_targets_as_lists():
+    import anndata as ad
+    from fatebook.diagnostics import cbc, boundary_cells
+    n = 12; xs = np.arange(n, dtype=float)
+    a = ad.AnnData(np.zeros((n, 1)))
+    a.obsm["X_pca"] = np.c_[xs, xs ** 1.5, np.sin(xs)]
+    a.obs["clusters"] = pd.Categorical(np.repeat(["A", "B", "C"], 4))
+    D = sp.diags([np.ones(n - 1), np.ones(n - 1)], [-1, 1], format="csr"); a.obsp["distances"] = D
+    class K: adata = a; transition_matrix = sp.csr_matrix(np.eye(n, k=1) + np.diag(np.r_[np.zeros(n - 1), 1.0]))
+    assert boundary_cells(a, ["A", "B"], "C", "clusters").tolist() == [7]
+    np.testing.assert_allclose(cbc(K, ["A", "B"], ["C"], "clusters"), [1.0])
+    assert len(cbc(K, "A", "C", "clusters")) == 0          # no contact: empty, with a warning
+
+
+def test_circular_projection_writes_and_orders(dg200):
+    import matplotlib.pyplot as plt
+    from fatebook.lineage_plots import circular_projection, circular_coordinates, optimal_lineage_order
+    rng = np.random.default_rng(0)
+    P = rng.dirichlet([0.3] * 5, dg200.n_obs)
+    dg200.obsm["fb_fate_probs_fwd"] = P; dg200.uns["fb_fate_probs_fwd_names"] = np.array(list("abcde"), dtype=object)
+    fig = circular_projection(dg200, keys=["clusters", "entropy"])
+    plt.close(fig)
+    Pn = P / P.mean(0); Pn /= Pn.sum(1, keepdims=True)
+    order = optimal_lineage_order(Pn)
+    np.testing.assert_allclose(dg200.obsm["X_fate_simplex_fwd"], circular_coordinates(P, True, order))

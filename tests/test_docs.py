@@ -67,6 +67,11 @@ def test_every_notebook_has_a_page_in_the_navigation(site):
     for nb, doc in pages.items():
         assert (root / f"{doc}.html").is_file(), f"{nb}: no page {doc}.html"
         if doc != "index": assert f"{doc}.html" in linked, f"{nb}: {doc}.html is not in the navigation"
+    # every module notebook's page carries its API entries (show_doc: a heading with a link to the source)
+    for nb, doc in pages.items():
+        if "#| default_exp" in (REPO / "nbs" / nb).read_text():
+            refs = check_site.page(root / f"{doc}.html").refs
+            assert any(u.startswith("https://github.com/") and "/fatebook/" in u for _, _, u in refs), f"{doc}.html: no API entries"
     # the sections of nbs/_quarto.yml, in order
     sections = json.loads((root / "_pages.json").read_text())["sections"]
     assert [s for s, _ in sections][:3] == ["Foundations", "Kernels", "Numerical cores"]

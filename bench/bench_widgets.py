@@ -5,7 +5,9 @@ preprocessed pancreas (2,531 cells; the shared file holds 2,000 of the original 
 fatebook: `explore(adata, time_key='dpt_pseudotime')`; each control's `.value` is set as the slider/list would set it,
 and the clock stops when the control's observer returns, i.e. when the new PNG is in the Image widget (the comm
 message to the browser is sent then; the browser's decoding is not included: tests/test_widgets_browser.py prints the
-end-to-end redraw of one slider move in JupyterLab). `first image` is when the figure first changed: for an `n_states`
+end-to-end redraw of one slider move in JupyterLab). `cpu` is the process's CPU time for the same change: on a
+loaded machine it estimates the wall time on idle cores (the widgets' work runs on one thread: BLAS is limited to
+one thread inside them). `first image` is when the figure first changed: for an `n_states`
 visited for the first time the unoptimised preview is drawn at once, `figure` is the final one. `compute` is the
 widget's own timing of the step without drawing. Values that were seen before come from the caches and are listed as
 '(cached)'.
@@ -49,20 +51,21 @@ def fb_worker(h5ad: str):
         stamps = []
         h = lambda ch: stamps.append(time.perf_counter())
         img.observe(h, "value")
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         if value == "click": w.click()
         else: w.value = value
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         img.unobserve(h, "value")
         step = {"kernel": "kernel", "macrostates": "macrostates", "fates": "fates"}[tab]
-        rows.append(dict(tab=tab, control=control, value=label or repr(value), seconds=t1 - t0,
+        rows.append(dict(tab=tab, control=control, value=label or repr(value), seconds=t1 - t0, cpu=c1 - c0,
                          first_image=(stamps[0] - t0) if stamps else None, n_images=len(stamps),
                          compute=pane.timings.get(step) if stamps else None, status=pane.status.kind,
                          message=pane.message[:160]))
 
     def view(pane, tab, name):
-        t0 = time.perf_counter(); pane.views.show(name)
-        rows.append(dict(tab=tab, control="view", value=name, seconds=time.perf_counter() - t0, first_image=None,
+        c0, t0 = time.process_time(), time.perf_counter(); pane.views.show(name)
+        rows.append(dict(tab=tab, control="view", value=name, seconds=time.perf_counter() - t0,
+                         cpu=time.process_time() - c0, first_image=None,
                          n_images=1, compute=None, status=pane.status.kind, message=""))
 
     with S("explore (kernel tab drawn)"):
@@ -136,17 +139,17 @@ def cr_worker(h5ad: str, n_states: str, terminal: str):
         rows.append(dict(tab=tab, control=control, value=value, seconds=time.perf_counter() - t0))
     vk = cr.kernels.VelocityKernel(a).compute_transition_matrix(show_progress_bar=False)
     ck = cr.kernels.ConnectivityKernel(a).compute_transition_matrix()
-    for w in (0.3, 0.4):
+    for w in (0.3, 0.4, 0.5):
         step("kernel", "connectivity_weight", repr(w), lambda: (0.8 * vk + w * ck).compute_transition_matrix())
-    for s in (2.0, 5.0):
+    for s in (2.0, 5.0, 20.0):
         step("kernel", "softmax_scale", f"{s} (new VelocityKernel)",
              lambda: (0.8 * cr.kernels.VelocityKernel(a).compute_transition_matrix(softmax_scale=s, show_progress_bar=False)
                       + 0.2 * ck).compute_transition_matrix())
     k = (0.8 * vk + 0.2 * ck).compute_transition_matrix()
     g = cr.estimators.GPCCA(k)
-    step("macrostates", "n_components", "20 (Schur, Brandts)", lambda: g.compute_schur(n_components=20, method="brandts"))
+    step("macrostates", "n_components", "20 (new Schur vectors)", lambda: g.compute_schur(n_components=20, method="brandts"))
     for n in [int(x) for x in n_states.split(",")]:
-        step("macrostates", "n_states", repr(n), lambda: g.compute_macrostates(n_states=n, cluster_key="clusters"))
+        step("macrostates", "n_states", f"{n} (first visit)", lambda: g.compute_macrostates(n_states=n, cluster_key="clusters"))
     names = [str(x) for x in g.macrostates.cat.categories]
     term = [t for t in terminal.split(",") if t in names] or names[:2]
     def states():
@@ -191,28 +194,28 @@ def main():
         return statistics.median(vals) if vals else None
     n = len(runs[0]["rows"])
     out, payload_rows = [], []
-    cr_by = {}
-    for r in (cr_res or {}).get("rows", []):
-        cr_by.setdefault((r["tab"], r["control"]), []).append(r["seconds"])
+    cr_by = {(r["tab"], r["control"], r["value"]): [r["seconds"]] for r in (cr_res or {}).get("rows", [])}
     for j in range(n):
         base = runs[0]["rows"][j]
         secs = med([run["rows"][j]["seconds"] for run in runs])
         first = med([run["rows"][j]["first_image"] for run in runs])
         comp = med([run["rows"][j]["compute"] for run in runs])
         goal = GOALS.get(base["control"]) if "forbidden" not in base["value"] else None
-        crs = cr_by.get((base["tab"], base["control"]))
+        crs = cr_by.get((base["tab"], base["control"], base["value"]))
+        cpu = med([run["rows"][j].get("cpu") for run in runs])
         note = "" if goal is None else ("meets goal" if secs <= goal else f"goal {goal} s")
         if base["status"] == "error": note = "message: " + base["message"][:60]
-        out.append([base["tab"], base["control"], base["value"], fmt_s(secs),
+        out.append([base["tab"], base["control"], base["value"], fmt_s(secs), fmt_s(cpu),
                     fmt_s(first) if first is not None and base["n_images"] > 1 else "", fmt_s(comp),
                     fmt_s(med(crs)) if crs else "", note])
-        payload_rows.append(dict(base, seconds_median=secs, first_image_median=first, compute_median=comp, cellrank=crs))
+        payload_rows.append(dict(base, seconds_median=secs, cpu_median=cpu, first_image_median=first,
+                                 compute_median=comp, cellrank=crs))
     stages = {k: fmt_s(med([r["seconds"][k] for r in runs])) for k in runs[0]["seconds"]}
     head = (f"fatebook.widgets on pancreas ({runs[0]['n_obs']} cells), median of {len(runs)} fresh process(es); "
             f"threads={o.threads or 'default'}; load average before {before['loadavg']}, after {after['loadavg']} "
             f"({before['cpus']} CPUs, {before['date']})")
     txt = "\n".join([head, "", "one-off steps: " + ", ".join(f"{k} {v} s" for k, v in stages.items()), "",
-                     table(out, ["tab", "control", "value", "figure (s)", "first image", "compute", "CellRank", ""]),
+                     table(out, ["tab", "control", "value", "figure (s)", "cpu (s)", "first image", "compute", "CellRank", ""]),
                      "", "CellRank: compute only, same change (" + ((cr_res or {}).get("tool") or "not run") + ")."])
     print(txt)
     path = save("widgets", dict(machine_before=before, machine_after=after, threads=o.threads, fatebook=runs,

@@ -26,7 +26,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 NB = REPO / "nbs" / "tutorials" / "pancreas.ipynb"
-TIME_BUDGET = int(os.environ.get("FATEBOOK_TUTORIAL_TIMEOUT", "1500"))  # seconds for the whole run (one cell at most this)
+TIME_BUDGET = int(os.environ.get("FATEBOOK_TUTORIAL_TIMEOUT", "2400"))  # seconds one cell may take (recover_dynamics: ~2 min on 2 idle cores, 19 min under load 15-20)
 
 PROGENITORS = ["Ngn3 low EP", "Ngn3 high EP", "Pre-endocrine"]
 BETA_MARKERS = ["Ins1", "Ins2", "Pdx1", "Nkx6-1", "Pax4", "Mafb"]
@@ -145,9 +145,10 @@ def test_endocrine_terminal_states(tutorial):
     assert {"Alpha", "Beta", "Epsilon"} <= set(r["lineages"]), r["lineages"]
 
 
-ALPHA_REASON = ("with the 2,000-gene file, scVelo's velocities in the Alpha cluster point back towards Beta (Gcg is no "
-                "velocity gene, Arx has negative velocity in Alpha cells) and Alpha cells reach Beta first; CellRank 2.3.3 "
-                "gives the same numbers. Explained in the tutorial; strict, so that a change shows up here.")
+ALPHA_REASON = ("with the 2,000-gene file, most Alpha cells' velocities point towards Beta (Beta-program genes Nnat, Dlk1, "
+                "Ins2 push; Gcg is no velocity gene) rather than towards GPCCA's high-glucagon Alpha terminal cells, so "
+                "Alpha cells reach Beta first; CellRank 2.3.3 gives the same numbers. Explained in the tutorial; strict, "
+                "so that a change shows up here.")
 
 
 @pytest.mark.slow

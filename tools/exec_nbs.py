@@ -76,6 +76,15 @@ def environment(tmp: Path) -> dict:
     return env
 
 
+def _stop(client):
+    "Kill what is left of the kernel's process group (a cell stuck in C code can outlive the shutdown request)."
+    import signal
+    pgid = getattr(client, "pgid", None)
+    if pgid:
+        try: os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, OSError): pass
+
+
 def execute(path: Path, timeout: int, flags: set) -> tuple[bool, str]:
     "Execute one notebook; write it only if every cell ran. Returns (ok, message)."
     import nbformat
@@ -83,6 +92,13 @@ def execute(path: Path, timeout: int, flags: set) -> tuple[bool, str]:
     from nbclient.exceptions import CellExecutionError, CellTimeoutError
 
     class Client(NotebookClient):
+        pgid = None
+
+        async def async_start_new_kernel(self, **kw):
+            await super().async_start_new_kernel(**kw)
+            proc = getattr(getattr(self.km, "provisioner", None), "process", None)
+            if proc is not None: self.pgid = os.getpgid(proc.pid)   # jupyter_client starts kernels in a new session
+
         async def async_execute_cell(self, cell, cell_index, execution_count=None, store_history=True):
             if skip_cell(cell, flags):
                 cell.outputs = []; cell.execution_count = None; return cell
@@ -95,11 +111,14 @@ def execute(path: Path, timeout: int, flags: set) -> tuple[bool, str]:
         saved = dict(os.environ)
         os.environ.clear(); os.environ.update(env)       # the kernel manager passes os.environ to the kernel
         try:
-            from jupyter_client.manager import AsyncKernelManager
-            km = AsyncKernelManager(kernel_name="fatebook-exec", transport="ipc", ip=str(Path(tmp) / "kernel"))
-            client = Client(nb, km=km, timeout=timeout, kernel_name="fatebook-exec", record_timing=False,
+            from traitlets.config import Config
+            cfg = Config()
+            cfg.KernelManager.transport = "ipc"                 # unix sockets in the temporary folder, not TCP
+            cfg.KernelManager.ip = str(Path(tmp) / "kernel")
+            client = Client(nb, config=cfg, timeout=timeout, kernel_name="fatebook-exec", record_timing=False,
                             store_widget_state=True, resources={"metadata": {"path": str(path.parent.resolve())}})
-            client.execute()
+            try: client.execute()                                # nbclient shuts the kernel down it started ...
+            finally: _stop(client)                               # ... and we make sure of it, children included
         except (CellExecutionError, CellTimeoutError) as e:
             lines = _ansi.sub("", str(e)).splitlines()
             return False, "\n".join(lines if len(lines) <= 60 else lines[:12] + ["[...]"] + lines[-40:])

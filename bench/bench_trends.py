@@ -171,12 +171,13 @@ def main():
         for r in cols[n]:
             if r.get("trends_failed"): print(f"{n}: {len(r['trends_failed'])} fit(s) failed: {r['trends_failed'][:10]}")
             if r.get("heatmap_error"): print(f"{n}: heatmap failed: {r['heatmap_error']}")
-    text = (f"gene trends, pancreas 2,531 cells x {a.n_genes} genes x {len(LINEAGES)} lineages, median of {a.repeat} "
+    n_fit = next((r["n_genes"] for rs in cols.values() for r in rs if "n_genes" in r), a.n_genes)
+    text = (f"gene trends, pancreas 2,531 cells x {n_fit} genes x {len(LINEAGES)} lineages, median of {a.repeat} "
             f"fresh-process run(s); {m['date']}, {m['cpus']} CPUs, load average {m['loadavg']}, threads "
             f"{a.threads or 'default'}, CellRank n_jobs {a.cr_jobs}\n"
             + table(rows, ["stage (s)", *names, "CellRank / fatebook"]))
     if any("*" in str(r[2]) for r in rows if len(r) > 2):
-        text += f"\n* CellRank fitted {a.cr_genes} genes per lineage; time scaled to {a.n_genes}."
+        text += f"\n* CellRank fitted {a.cr_genes} genes per lineage; time scaled to {n_fit}."
     print("\n" + text)
     print(f"\nwritten: {save('trends', dict(machine=m, args=vars(a), h5ad=str(h5ad), runs=cols), text)}")
 

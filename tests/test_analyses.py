@@ -6,8 +6,8 @@ connectivity transition matrix and its fate probabilities (Alpha/Beta/Delta/Epsi
 - CytoTRACE: score, pseudotime and hard-threshold transition matrix equal to 1e-6 (layer Ms, mean of 200 genes);
 - gene trends (CellRank's default pygam GAM) for 8 genes x 2 lineages: curves and 95% bands equal to 1e-6 relative;
 - cross-boundary correctness on four cluster pairs equal to 1e-7;
-- TSI table and score for up to 8 macrostates — on the 200-cell dentate gyrus (mature granule cells, astrocytes,
-  oligodendrocytes): CellRank's eight Nelder-Mead GPCCA runs on the pancreas take minutes;
+- TSI table and score for up to 6 macrostates — on the 200-cell dentate gyrus (mature granule cells, astrocytes,
+  oligodendrocytes): CellRank's Nelder-Mead GPCCA runs on the pancreas take minutes;
 - circular projection coordinates (default and optimal lineage order) equal to 1e-12.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ TERMINAL = ["Alpha", "Beta", "Delta", "Epsilon"]
 GENES = ["Gcg", "Ins2", "Ghrl", "Sst", "Pdx1", "Arx", "Nkx6-1", "Isl1"]
 TREND_LINEAGES = ["Alpha", "Beta"]
 PAIRS = [("Ngn3 low EP", "Ngn3 high EP"), ("Ngn3 high EP", "Pre-endocrine"), ("Pre-endocrine", "Beta"), ("Pre-endocrine", "Alpha")]
-TSI_N = 8
+TSI_N = 6
 TSI_TERMINAL = ["Granule mature", "Astrocytes", "OL"]
 
 
@@ -106,10 +106,17 @@ def test_gene_trends_parity(pipeline, ref):
     for lin in TREND_LINEAGES:
         f = tr.fits[lin]
         np.testing.assert_allclose(f.x, ref[f"trend_{lin}__x"][0], rtol=1e-12)        # the lineage's time range
-        np.testing.assert_array_equal(f.converged, ref[f"trend_{lin}__converged"])
+        conv = ref[f"trend_{lin}__converged"].astype(bool)
+        assert f.converged.all() and conv.sum() >= len(GENES) - 2   # fatebook refits pygam's unconverged genes
         scale = np.abs(ref[f"trend_{lin}__y"]).max(axis=1, keepdims=True)
         for ours, theirs in [(f.mean, ref[f"trend_{lin}__y"]), (f.lower, ref[f"trend_{lin}__lo"]), (f.upper, ref[f"trend_{lin}__hi"])]:
-            assert (np.abs(ours - theirs) / scale).max() < 1e-6, lin
+            assert (np.abs(ours - theirs) / scale)[conv].max() < 1e-6, lin
+    # pygam's own algorithm, unconverged genes included (their last iterate), with step_control='diverged'
+    tp = compute_gene_trends(pipeline["g"], GENES, TREND_LINEAGES, time_key="dpt_pseudotime", layer="Ms", step_control="diverged")
+    for lin in TREND_LINEAGES:
+        np.testing.assert_array_equal(tp.fits[lin].converged, ref[f"trend_{lin}__converged"])
+        scale = np.abs(ref[f"trend_{lin}__y"]).max(axis=1, keepdims=True)
+        assert (np.abs(tp.fits[lin].mean - ref[f"trend_{lin}__y"]) / scale).max() < 1e-6, lin
 
 
 # ---- cross-boundary correctness -----------------------------------------------------------------------------------
@@ -170,7 +177,7 @@ def test_fate_uncertainty_pancreas(pipeline):
     "Intervals on the pancreas: terminal cells exact, clusters' intervals contain their estimate, widths shrink with commitment."
     from fatebook.uncertainty import fate_uncertainty
     g = pipeline["g"]
-    u = fate_uncertainty(g, n_boot=15, cluster_key="clusters", seed=0)
+    u = fate_uncertainty(g, n_boot=10, cluster_key="clusters", seed=0)
     term = g.terminal_states.notna().to_numpy()
     assert np.abs(u.width.to_numpy()[term]).max() < 1e-8
     c = u.clusters

@@ -41,6 +41,13 @@ def assert_value_equal(a, b, where: str = "value", raise_: bool = True) -> bool:
     if type(a) is not type(b) and not (isinstance(a, (np.generic, int, float, str, bool)) and
                                        isinstance(b, (np.generic, int, float, str, bool))):
         return fail(f"types differ: {type(a).__name__} vs {type(b).__name__}")
+    import anndata
+    if isinstance(a, anndata.AnnData):
+        try: assert_adata_equal(a, b, where)
+        except AssertionError:
+            if raise_: raise
+            return False
+        return True
     if sp.issparse(a):
         if a.shape != b.shape or a.dtype != b.dtype or a.format != b.format:
             return fail(f"sparse shape/dtype/format differ: {a.shape} {a.dtype} {a.format} vs {b.shape} {b.dtype} {b.format}")

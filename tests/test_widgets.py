@@ -247,7 +247,7 @@ BAD = {
     "unknown state in merge": ("fates", lambda ex: ex.fates.set(merge="Astrocytes, Nope"),
                                ["Unknown state(s) ['Nope']", "valid:"]),
     "state both initial and terminal": ("fates", lambda ex: ex.fates.set(initial_states=ex.fates.params["terminal_states"][:1]),
-                                        ["both initial and terminal", "allow_overlap"]),
+                                        ["both as terminal and as initial", "tick allow_overlap"]),
 }
 
 
@@ -308,3 +308,25 @@ def test_explore_with_the_tutorials_choice(pancreas):
     assert list(ex.estimator.fate_probabilities.names) == list(g.fate_probabilities.names)
     np.testing.assert_allclose(np.asarray(ex.estimator.fate_probabilities), np.asarray(g.fate_probabilities), atol=1e-8)
     assert f"set_terminal_states_from_macrostates({ends!r})" in ex.code()
+
+
+def test_a_step_failing_half_way_leaves_the_anndata_as_it_was(_dg_cache, monkeypatch):
+    "The standalone panes write into the AnnData of the estimator they get; a step that fails after writing part of its"
+    " results (here: terminal states set, fates failing) restores it."
+    a = _dg_cache(200).copy()
+    k = (0.8 * VelocityKernel(a).compute_transition_matrix() + 0.2 * ConnectivityKernel(a).compute_transition_matrix())
+    m = fw.MacrostateExplorer(k.compute_transition_matrix(), n_states=4, n_cells=20)
+    f = fw.FateExplorer(m.estimator)
+    assert f.estimator.fate_probabilities is not None and Key.obsm.fate_probs() in a.obsm
+    snap = {s: dict(getattr(a, s)) for s in ("obsm", "obsp", "uns", "varm")}
+    obs = a.obs.copy()
+    g0, fates0 = f.estimator, a.obsm[Key.obsm.fate_probs()]
+    def boom(self, *args, **kw): raise np.linalg.LinAlgError("GMRES broke down")
+    monkeypatch.setattr(GPCCA, "compute_fate_probabilities", boom)
+    names = f.names()
+    assert f.set(terminal_states=list(f.params["terminal_states"][:1])) is False   # one lineage fewer: fates recomputed
+    assert f.message.startswith("LinAlgError: GMRES broke down") and f.estimator is g0
+    for s, d in snap.items():
+        assert set(getattr(a, s).keys()) == set(d) and all(getattr(a, s)[key] is v for key, v in d.items()), s
+    pd.testing.assert_frame_equal(a.obs, obs)
+    assert a.obsm[Key.obsm.fate_probs()] is fates0

@@ -12,19 +12,47 @@ CELLRANK_PY = Path(os.environ.get("CELLRANK_VENV", REPO / ".venv-cellrank")) / "
 
 
 class Stages:
-    "Wall-clock per stage (time.perf_counter) and the process's peak resident memory."
-    def __init__(self):
-        self.t, self.t0 = {}, time.perf_counter()
+    """Wall-clock and CPU time per stage (time.perf_counter, time.process_time) and the process's peak resident memory;
+    with `memory=True` also the peak RSS *during* each stage, from a thread that samples /proc/self/statm every 5 ms."""
+    def __init__(self, memory: bool = False):
+        self.t, self.cpu, self.peak, self.t0 = {}, {}, {}, time.perf_counter()
+        self._sampler = _RssSampler() if memory else None
 
     @contextmanager
     def __call__(self, name):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
+        if self._sampler: self._sampler.reset()
         try: yield
-        finally: self.t[name] = time.perf_counter() - t
+        finally:
+            self.t[name] = time.perf_counter() - t
+            self.cpu[name] = time.process_time() - c
+            if self._sampler: self.peak[name] = self._sampler.peak_mb()
 
     def result(self, **extra) -> dict:
-        return dict(seconds=self.t, total_process_seconds=time.perf_counter() - self.t0,
-                    peak_rss_mb=peak_rss_mb(), python=platform.python_version(), **extra)
+        out = dict(seconds=self.t, cpu_seconds=self.cpu, total_process_seconds=time.perf_counter() - self.t0,
+                   peak_rss_mb=peak_rss_mb(), python=platform.python_version(), **extra)
+        if self._sampler: out["stage_peak_rss_mb"] = self.peak
+        return out
+
+
+class _RssSampler:
+    "Peak resident memory since the last reset, sampled every 5 ms by a daemon thread (Linux /proc/self/statm)."
+    def __init__(self, every=0.005):
+        import threading
+        self._page = os.sysconf("SC_PAGE_SIZE"); self._max = 0; self._every = every
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, daemon=True).start()
+    def _rss(self):
+        with open("/proc/self/statm") as f: return int(f.read().split()[1]) * self._page
+    def _run(self):
+        while True:
+            r = self._rss()
+            with self._lock: self._max = max(self._max, r)
+            time.sleep(self._every)
+    def reset(self):
+        with self._lock: self._max = self._rss()
+    def peak_mb(self) -> float:
+        with self._lock: return max(self._max, self._rss()) / 2**20
 
 
 def peak_rss_mb() -> float:

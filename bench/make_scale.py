@@ -39,8 +39,23 @@ def make(n, k=30, genes=50, seed=0):
     obs = pd.DataFrame({"clusters": pd.Categorical(clusters)}, index=[f"c{i}" for i in range(n)])
     var = pd.DataFrame({"velocity_genes": np.ones(genes, bool)}, index=[f"g{j}" for j in range(genes)])
     a = ad.AnnData(X=Ms, obs=obs, var=var, layers={"Ms": Ms, "velocity": V}, obsm={"X_pca": x})
-    sc.pp.neighbors(a, n_neighbors=k, use_rep="X_pca", random_state=seed)
+    sc.pp.neighbors(a, n_neighbors=k, use_rep="X_pca", random_state=seed, transformer=_PyNNDescent(k, seed))
     return a
+
+
+class _PyNNDescent:
+    """scanpy's default kNN search for large data (pynndescent), returning a `scipy.sparse.csr_matrix`: with scipy 1.17,
+    scanpy 1.11's own pynndescent path fails on the `csr_array` the transformer returns (no `getnnz`)."""
+    def __init__(self, k, seed):
+        from pynndescent import PyNNDescentTransformer
+        self._t = PyNNDescentTransformer(n_neighbors=k, metric="euclidean", random_state=seed, n_jobs=-1)
+    def fit_transform(self, X):
+        import scipy.sparse as sp
+        return sp.csr_matrix(self._t.fit_transform(X))
+    def get_params(self, deep=True): return self._t.get_params(deep)
+    def set_params(self, **kw): self._t.set_params(**kw); return self
+    def fit(self, X, y=None): self._t.fit(X); return self
+    def transform(self, X): import scipy.sparse as sp; return sp.csr_matrix(self._t.transform(X))
 
 
 def main():

@@ -409,3 +409,63 @@ def test_parameters_checked_at_the_door():
     with pytest.raises(ValueError, match=r"k=0 is out of range"): eigendecomposition(T, k=0)
     with pytest.raises(ValueError, match=r"solver='lu' is not valid"): stationary_distribution(T, solver="lu")
     with pytest.raises(ValueError, match=r"alpha=-1 is out of range"): eigengap([1, 0.5, 0.2], alpha=-1)
+
+
+# ---- hard spectra (issue 14): slowly mixing chains at small size -------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["long", "absorbing", "blocks"])
+def test_hard_spectra_sstep_matches_dense(kind):
+    """Three nearly closed ends (eigenvalue 1 threefold to ~1e-14), long branches (eigenvalues crowding at 1) and
+    16 weakly coupled blobs (16 eigenvalues within 1e-9 of 1): the s-step Krylov-Schur result equals the dense one."""
+    from fatebook.linalg import slow_chain
+    T, _, _ = slow_chain(1000, kind, seed=1)
+    ss = sorted_schur(T, 20, method="sstep")
+    dn = sorted_schur(T.toarray(), 22, method="brandts")
+    m = ss.n_components
+    assert ss.method == "sstep" and ss.residual < 1e-8 and ss.params["checks"] >= 1
+    np.testing.assert_allclose(ss.eigenvalues.real, dn.eigenvalues.real[:m], atol=1e-8)
+    gap = abs(dn.eigenvalues[m - 1].real - dn.eigenvalues[m].real)     # the subspace is determined up to residual / gap
+    assert sla.subspace_angles(ss.vectors, dn.vectors[:, :m]).max() < max(1e-6, 1e-8 / gap)
+
+
+def test_sstep_check_finds_a_missed_cluster_member():
+    """One start vector sees a tight cluster at 1 as fewer directions than it has: here the first convergence misses
+    a blob's eigenvalue; the check from a fresh random vector finds it (without the check the result was wrong)."""
+    import fatebook.schur as fs
+    from fatebook.linalg import slow_chain
+    T, _, _ = slow_chain(5000, "blocks", seed=0)
+    r = sorted_schur(T, 20, method="sstep")
+    assert r.params["found_by_checks"] >= 1
+    assert (1 - r.eigenvalues.real[:16]).max() < 1e-8 and 1 - r.eigenvalues.real[16] > 0.1   # all 16 blobs
+
+
+def test_sstep_budget_stops_with_a_clear_message():
+    from fatebook.linalg import slow_chain
+    import fatebook.schur as fs
+    T, _, _ = slow_chain(3000, "long", seed=0)
+    with pytest.raises(fs.SchurNotConverged, match=r"did not converge within maxiter=60 products.*Raise the budget \(`maxiter=120`\)"):
+        sorted_schur(T, 20, method="sstep", maxiter=60)
+    with pytest.raises(fs.SchurNotConverged):   # 'auto' does not fall back to the slower ARPACK after a spent budget
+        fs._SSTEP_MIN_N, old = 0, fs._SSTEP_MIN_N
+        try: sorted_schur(T, 20, maxiter=60)
+        finally: fs._SSTEP_MIN_N = old
+
+
+def test_sstep_interrupt_and_progress(capsys, caplog):
+    "Ctrl-C (KeyboardInterrupt) stops the iteration with a note of how far it got; the progress bar shows products and converged vectors."
+    import logging
+    import fatebook.schur as fs
+    from fatebook.linalg import slow_chain
+    T, _, _ = slow_chain(2000, "long", seed=0)
+    class Op:
+        shape, dtype, calls = T.shape, T.dtype, 0
+        def __matmul__(self, x):
+            Op.calls += 1
+            if Op.calls > 100: raise KeyboardInterrupt
+            return T @ x
+    with caplog.at_level(logging.WARNING, logger="fatebook"), pytest.raises(KeyboardInterrupt):
+        fs._schur_sstep_(Op(), 20, "LR", 1e-10)
+    assert "interrupted after" in caplog.text and "Schur vectors converged" in caplog.text
+    sorted_schur(T, 6, method="sstep", show_progress=True)
+    err = capsys.readouterr().err
+    assert "Schur (Krylov-Schur)" in err and "converged" in err

@@ -1,0 +1,44 @@
+"""Worker: fatebook's low-level pipeline on a scale data set (make_scale.py): velocity + connectivity kernels ->
+0.8 vk + 0.2 ck -> Schur (N_COMPONENTS) -> macrostates (N_STATES) -> terminal states (the macrostates) -> fate
+probabilities -> lineage drivers. Per stage: wall and CPU seconds and the peak resident memory during the stage.
+usage: fb_scale.py H5AD N_STATES N_COMPONENTS"""
+import sys, warnings
+from _common import Stages, emit
+warnings.simplefilter("ignore")
+h5ad, n_states, n_comp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+S = Stages(memory=True)
+with S("import"):
+    import numpy as np, anndata as ad
+    import fatebook
+    from fatebook.kernels import VelocityKernel, ConnectivityKernel
+    from fatebook.estimators import GPCCA
+with S("read"):
+    a = ad.read_h5ad(h5ad)
+keys0 = {s: set(getattr(a, s).keys()) for s in ("obs", "obsm", "obsp", "uns", "layers", "varm")}
+with S("pipeline"):
+    with S("velocity_kernel"):
+        vk = VelocityKernel(a).compute_transition_matrix()
+    with S("connectivity_kernel"):
+        ck = ConnectivityKernel(a).compute_transition_matrix()
+    with S("combination"):
+        k = (0.8 * vk + 0.2 * ck).compute_transition_matrix()
+    with S("schur"):
+        g = GPCCA(k)
+        g.compute_schur(n_components=n_comp)
+    with S("macrostates"):
+        g.compute_macrostates(n_states=n_states, cluster_key="clusters")
+    with S("terminal_states"):
+        g.set_terminal_states_from_macrostates()
+    with S("fate_probabilities"):
+        g.compute_fate_probabilities()
+    with S("drivers"):
+        d = g.compute_lineage_drivers()
+B = np.asarray(g.fate_probabilities)
+added = {s: sorted(set(getattr(a, s).keys()) - keys0[s]) for s in keys0}
+ed = g.eigendecomposition
+emit(S.result(tool=f"fatebook {fatebook.__version__}", n=int(a.n_obs), nnz=int(k.transition_matrix.nnz),
+              schur_backend=str(ed.get("method")), schur_params={k_: v for k_, v in (g.params.get("schur") or {}).items()
+                                                                 if isinstance(v, (int, float, str))},
+              macrostates=[str(x) for x in g.macrostates.cat.categories],
+              eigenvalues=[round(float(np.real(x)), 6) for x in np.asarray(ed["D"])[:8]],
+              fate_means=[round(float(x), 4) for x in np.nanmean(B, 0)], adata_added_keys=added))

@@ -74,3 +74,34 @@ def test_pancreas_local_copy(data_dir):
     a = pancreas(path=data_dir / "pancreas_2531x2000.h5ad")
     assert a.shape == (2531, 2000)
     assert a.obs["clusters"].nunique() == 7
+
+
+def test_is_preprocessed(dentate_gyrus_path, data_dir):
+    "Data that already have moments, velocity and a kNN graph are recognised (the CLI then leaves them alone)."
+    from fatebook.datasets import is_preprocessed, missing_preprocessing, read_h5ad
+    assert is_preprocessed(read_h5ad(dentate_gyrus_path(200)))
+    raw = pancreas(path=data_dir / "pancreas_2531x2000.h5ad")
+    assert not is_preprocessed(raw)
+    assert missing_preprocessing(raw) == ["layers['Ms']", "obsp['connectivities']", "layers['velocity']"]
+
+
+@pytest.mark.slow
+def test_scvelo_leaves_warning_filters_alone():
+    """scVelo switches DeprecationWarnings on globally (on import and in every call with renamed arguments); after
+    fatebook's preprocess (dynamical model included) a library's DeprecationWarning stays hidden, as Python's defaults
+    want, and the run itself prints none."""
+    import subprocess, sys, textwrap
+    code = textwrap.dedent("""
+        import warnings
+        from fatebook.core import settings; settings.progress_bar = False
+        from fatebook.datasets import preprocess, simulate
+        preprocess(simulate(n_cells=150, n_genes=30, seed=1), mode="dynamical", umap=False, velocity_graph=False)
+        exec(compile("import warnings\\nwarnings.warn('LIBRARY-DEPRECATION', DeprecationWarning)", "somelib", "exec"),
+             {"__name__": "somelib"})
+        print("FILTERS", [f for f in warnings.filters if f[0] in ("default", "always") and f[2] is DeprecationWarning and f[3] is None])
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "FILTERS []" in r.stdout, r.stdout
+    assert "LIBRARY-DEPRECATION" not in r.stderr and "DeprecationWarning" not in r.stderr, r.stderr[-2000:]
+    assert "scVelo's slow step" in r.stderr and "recover_dynamics: fitted" in r.stderr, r.stderr[-2000:]

@@ -2,7 +2,9 @@
 
 Fails on: error outputs and Python tracebacks; Python warnings on stderr (`warnings.warn` output) and
 progress bars (their timings change every run); machine paths (`/work/`, `/root/`, `/tmp/`, `/home/...`) in any
-text output; images over MAX_IMAGE_KB or MAX_IMAGE_PX on a side. fatebook's own log lines on stderr ("Adding
+text output; images over MAX_IMAGE_KB or MAX_IMAGE_PX on a side; widget state in the notebook's metadata over
+MAX_WIDGET_STATE_KB (nbdev-clean keeps it; tools/exec_nbs.py stores none) and widget views whose state is not stored
+(JupyterLab shows an error in their place). fatebook's own log lines on stderr ("Adding
 `adata.obsm[...]`", and `WARNING: ...` lines, which an example may show on purpose) are allowed; `-v` lists the
 warnings.
 Reports (does not fail on) the notebooks that store no outputs at all.
@@ -16,6 +18,8 @@ from pathlib import Path
 
 MAX_IMAGE_KB = 500
 MAX_IMAGE_PX = 2400
+MAX_WIDGET_STATE_KB = 10        # notebook metadata `widgets`: a few plain controls' state; never image blobs
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 _traceback = re.compile(r"Traceback \(most recent call last\)|^-{20,}\n\w+(Error|Exception)\b", re.M)
 _warning = re.compile(r"^(.*:\d+: )?\w*Warning: |\bwarnings\.warn\(", re.M)   # Python's warnings module
 _logwarn = re.compile(r"^WARNING: ", re.M)                                    # fatebook's (and scanpy's) log
@@ -42,6 +46,13 @@ def check_notebook(path) -> tuple[list[str], dict]:
     the library's own `WARNING:` log lines, allowed (an example may show one on purpose) but listed."""
     nb = json.loads(Path(path).read_text())
     problems, notes, n_code, n_out, n_img = [], [], 0, 0, 0
+    state = ((nb.get("metadata") or {}).get("widgets") or {}).get("application/vnd.jupyter.widget-state+json") or {}
+    kb = len(json.dumps((nb.get("metadata") or {}).get("widgets") or {})) / 1024
+    if kb > MAX_WIDGET_STATE_KB:
+        problems.append(f"notebook metadata: {kb:.0f} KB of widget state (max {MAX_WIDGET_STATE_KB} KB; nbdev-clean keeps "
+                        "it): re-execute with tools/exec_nbs.py, which stores none, or turn off JupyterLab's "
+                        "'Save Widget State Automatically' and save again")
+    models = set((state.get("state") or {}))
     for i, c in enumerate(nb.get("cells", [])):
         if c.get("cell_type") != "code": continue
         n_code += 1
@@ -64,6 +75,10 @@ def check_notebook(path) -> tuple[list[str], dict]:
                 widget = "application/vnd.jupyter.widget-view+json" in (o.get("data") or {})
                 problems.append(f"{where}: progress bar in the output{' (a tqdm widget)' if widget else ''}: its timings "
                                 "change every run; turn progress bars off in that call (e.g. show_progress=False)")
+            view = (o.get("data") or {}).get(WIDGET_VIEW)
+            if isinstance(view, dict) and view.get("model_id") and view["model_id"] not in models:
+                problems.append(f"{where}: a widget view with no stored state (JupyterLab shows 'Error displaying widget: "
+                                "model not found'): re-execute with tools/exec_nbs.py, which stores its static fallback")
             for mime, v in (o.get("data") or {}).items():
                 if mime.startswith("image/"):
                     n_img += 1

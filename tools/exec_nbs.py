@@ -11,7 +11,10 @@ The same way for everyone (owners, the lead's final pass):
 - cells marked `#| eval: false` are not run (as in nbdev and Quarto: the hidden `nbdev_export()` cell would
   otherwise export every notebook of the tree); `--skip-flags slow petsc` also skips cells with those flags, and
   `#| petsc` cells are skipped when petsc4py is not installed;
-- a cell running longer than `--timeout` seconds (default 600) stops the run.
+- a cell running longer than `--timeout` seconds (default 600) stops the run;
+- no widget state is stored (it would be every widget model of the run, image blobs included) and widget views are
+  replaced by their static fallback (text, HTML or image): that is what JupyterLab without a kernel, GitHub and the
+  documentation site can show.
 On an error the notebook file is left exactly as it was (nothing is written) and the traceback is printed.
 On success the notebook is written atomically, cleaned with nbdev-clean (outputs kept), and its stored outputs are
 checked by tools/check_outputs.py (tracebacks, stderr warnings, progress bars, machine paths, huge images).
@@ -115,8 +118,10 @@ def execute(path: Path, timeout: int, flags: set) -> tuple[bool, str]:
             cfg = Config()
             cfg.KernelManager.transport = "ipc"                 # unix sockets in the temporary folder, not TCP
             cfg.KernelManager.ip = str(Path(tmp) / "kernel")
+            # no widget state: it is every model of the run (PNG blobs of figure widgets included, > 1 MB for a
+            # widgets notebook) and nbdev-clean keeps it; the static fallback of each view is stored instead
             client = Client(nb, config=cfg, timeout=timeout, kernel_name="fatebook-exec", record_timing=False,
-                            store_widget_state=True, resources={"metadata": {"path": str(path.parent.resolve())}})
+                            store_widget_state=False, resources={"metadata": {"path": str(path.parent.resolve())}})
             try: client.execute()                                # nbclient shuts the kernel down it started ...
             finally: _stop(client)                               # ... and we make sure of it, children included
         except (CellExecutionError, CellTimeoutError) as e:
@@ -126,10 +131,28 @@ def execute(path: Path, timeout: int, flags: set) -> tuple[bool, str]:
             os.environ.clear(); os.environ.update(saved)
     if kernelspec: nb.metadata["kernelspec"] = kernelspec
     else: nb.metadata.pop("kernelspec", None)
+    nb.metadata.pop("widgets", None)        # state of an earlier run: its models are gone with that kernel
+    for c in nb.cells: c["outputs"] = static_outputs(c.get("outputs", []))
     tmpf = path.with_name(f".{path.name}.exec-tmp")
     nbformat.write(nb, tmpf)
     os.replace(tmpf, path)
     return True, ""
+
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def static_outputs(outputs: list) -> list:
+    """Outputs without their live widget views: with no widget state stored, JupyterLab would show 'Error displaying
+    widget: model not found' in their place; the static representations beside them (text, HTML, PNG) are kept, and
+    a view with nothing else to show is dropped."""
+    out = []
+    for o in outputs:
+        data = o.get("data") or {}
+        if WIDGET_VIEW not in data: out.append(o); continue
+        data = {k: v for k, v in data.items() if k != WIDGET_VIEW}
+        if data: o["data"] = data; out.append(o)
+    return out
 
 
 def clean(path: Path):

@@ -91,6 +91,19 @@ def test_simulated_run_recovers_true_fates(sim_run):
     assert [p.name for p in out.parent.iterdir()] == ["res"]          # no partial or old folder left
 
 
+def test_a_wrong_answer_is_not_a_success(sim_run, tmp_path, capsys):
+    """Where the truth is known (the simulator's `true_fate`/`true_terminal`, kept in the result file), terminal states
+    that miss a true terminal population make the run fail loudly (exit 3), not succeed: here a named state that is
+    not terminal. (scVelo's dynamical model on a small simulation gives such a result by itself.)"""
+    _, out = sim_run
+    code, _, err = cli(capsys, "run", "--adata", out / "fatebook_result.h5ad", "--terminal-states", "A,Early B",
+                       "--no-figures", "--out", tmp_path / "wrong")
+    assert code == 3, (code, err[-3000:])
+    assert "THE RESULT IS WRONG: the terminal states do not match the simulation's truth" in err, err
+    s = json.loads((tmp_path / "wrong" / "summary.json").read_text())
+    assert s["status"] == "degenerate" and s["truth"]["true_terminal_populations_found"] == ["A"], s["truth"]
+
+
 # ---- the issue's failing examples -------------------------------------------------------------------------------
 def test_preprocessed_input_is_left_alone(tmp_path, dentate_gyrus_path):
     """Issue 10: data with Ms, velocity and a kNN graph was silently re-preprocessed (530 -> 406 genes, UMAP

@@ -102,7 +102,8 @@ def test_cytotrace_parity(pipeline, ref):
 @pytest.mark.parity
 def test_gene_trends_parity(pipeline, ref):
     from fatebook.trends import compute_gene_trends
-    tr = compute_gene_trends(pipeline["g"], GENES, TREND_LINEAGES, time_key="dpt_pseudotime", layer="Ms")
+    # ties='first' is CellRank's rule (one cell per distinct time); the default keeps tied cells (one pair here)
+    tr = compute_gene_trends(pipeline["g"], GENES, TREND_LINEAGES, time_key="dpt_pseudotime", layer="Ms", ties="first")
     for lin in TREND_LINEAGES:
         f = tr.fits[lin]
         np.testing.assert_allclose(f.x, ref[f"trend_{lin}__x"][0], rtol=1e-12)        # the lineage's time range
@@ -112,7 +113,8 @@ def test_gene_trends_parity(pipeline, ref):
         for ours, theirs in [(f.mean, ref[f"trend_{lin}__y"]), (f.lower, ref[f"trend_{lin}__lo"]), (f.upper, ref[f"trend_{lin}__hi"])]:
             assert (np.abs(ours - theirs) / scale)[conv].max() < 1e-6, lin
     # pygam's own algorithm, unconverged genes included (their last iterate), with step_control='diverged'
-    tp = compute_gene_trends(pipeline["g"], GENES, TREND_LINEAGES, time_key="dpt_pseudotime", layer="Ms", step_control="diverged")
+    tp = compute_gene_trends(pipeline["g"], GENES, TREND_LINEAGES, time_key="dpt_pseudotime", layer="Ms", step_control="diverged",
+                             ties="first")
     for lin in TREND_LINEAGES:
         np.testing.assert_array_equal(tp.fits[lin].converged, ref[f"trend_{lin}__converged"])
         scale = np.abs(ref[f"trend_{lin}__y"]).max(axis=1, keepdims=True)
@@ -214,3 +216,75 @@ def test_circular_projection_writes_and_orders(dg200):
     Pn = P / P.mean(0); Pn /= Pn.sum(1, keepdims=True)
     order = optimal_lineage_order(Pn)
     np.testing.assert_allclose(dg200.obsm["X_fate_simplex_fwd"], circular_coordinates(P, True, order))
+
+
+def test_cbc_by_hand():
+    """Five cells in 3-d, clusters A = {0, 1, 2} and B = {3, 4}; the score of a boundary cell is the Pearson
+    correlation over the coordinates of its graph-weighted displacement to its B neighbours and its expected one-step
+    displacement under T. Worked by hand:
+    cell 1 (B neighbours 3 with weight 1, 4 with 0.5): empirical (1,1,1) + 0.5 (1,2,0) = (1.5, 2, 1); T sends it to
+    cell 2: (0, 1, 0); centred (0, .5, -.5) and (-1/3, 2/3, -1/3): r = 0.5 / sqrt(0.5 * 2/3) = sqrt(3)/2.
+    cell 2 (neighbours 3 with 0.5, 4 with 2): 0.5 (1,0,1) + 2 (1,1,0) = (2.5, 2, 0.5); T: 1/4 to 1, 1/2 to 3,
+    1/4 to 4: (0.75, 0, 0.5); centred (5/6, 1/3, -7/6) and (1/3, -5/12, 1/12): r = (1/24) / sqrt(13/6 * 7/24)
+    = 1 / (2 sqrt(91)). Cell 0 touches no B cell. The same with integer labels and names holding a comma."""
+    import anndata as ad
+    from fatebook.diagnostics import cbc, boundary_cells, cbc_table
+    X = np.array([[0, 0, 0], [1, 0, 0], [1, 1, 0], [2, 1, 1], [2, 2, 0]], float)
+    E = {(0, 1): 1, (1, 2): 1, (1, 3): 1, (1, 4): 0.5, (2, 3): 0.5, (2, 4): 2, (3, 4): 1}
+    G = np.zeros((5, 5))
+    for (i, j), v in E.items(): G[i, j] = G[j, i] = v
+    T = np.array([[0, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, .25, 0, .5, .25], [0, 0, 0, 0, 1], [0, 0, 0, 1, 0]], float)
+    want = [np.sqrt(3) / 2, 1 / (2 * np.sqrt(91))]
+    for labels, src, tgt in [(["A"] * 3 + ["B"] * 2, "A", "B"), ([0, 0, 0, 1, 1], 0, 1), (["x, y"] * 3 + ["B b"] * 2, "x, y", ["B b"])]:
+        a = ad.AnnData(np.zeros((5, 1))); a.obsm["X_pca"] = X; a.obsp["distances"] = sp.csr_matrix(G)
+        a.obs["cl"] = pd.Categorical(labels)
+        class K: adata = a; transition_matrix = sp.csr_matrix(T)
+        assert boundary_cells(a, src, tgt, "cl").tolist() == [1, 2]
+        np.testing.assert_allclose(cbc(K, src, tgt, "cl"), want, rtol=1e-12)
+    tab = cbc_table(K, ("x, y", "B b"), "cl")                       # one pair given as a tuple
+    assert len(tab) == 1 and tab["n_boundary"].item() == 2
+    np.testing.assert_allclose(tab["mean"].item(), np.mean(want))
+    with pytest.raises(ValueError, match="share cluster"):
+        cbc(K, "x, y", ["x, y", "B b"], "cl")
+
+
+def test_fate_uncertainty_lineage_names(dg200):
+    "Terminal states named with a comma, a space and an integer-like label, and a merged lineage: intervals computed."
+    from fatebook.kernels import ConnectivityKernel, VelocityKernel
+    from fatebook.gpcca import GPCCA
+    from fatebook.uncertainty import fate_uncertainty, plot_fate_uncertainty
+    import matplotlib.pyplot as plt
+    a = dg200
+    a.obs["clusters"] = a.obs["clusters"].astype(str).replace({"Granule mature": "Granule, mature", "Astrocytes": "Astro cytes", "OL": "7"}).astype("category")
+    g = GPCCA(0.8 * VelocityKernel(a).compute_transition_matrix() + 0.2 * ConnectivityKernel(a).compute_transition_matrix())
+    g.set_terminal_states({"clusters": ["Granule, mature", "Astro cytes", "7"]})
+    g.compute_fate_probabilities(keys=["Granule, mature", ("Astro cytes", 7)])
+    before = a.copy()
+    u = fate_uncertainty(g, n_boot=20, level=0.5, seed=1)
+    assert u.lineages == ["Granule, mature", "Astro cytes, 7"]
+    # writes nothing; the same seed gives the same intervals
+    assert a.obs.equals(before.obs) and set(a.obsm) == set(before.obsm) and set(a.uns) == set(before.uns)
+    assert all(np.array_equal(a.obsm[k], before.obsm[k]) for k in a.obsm)
+    np.testing.assert_array_equal(fate_uncertainty(g, n_boot=20, level=0.5, seed=1).lower.to_numpy(), u.lower.to_numpy())
+    term = g.terminal_states.notna().to_numpy()
+    np.testing.assert_allclose(u.width.to_numpy()[term], 0, atol=1e-9)       # terminal cells are certain
+    assert (u.width.to_numpy()[~term].max(0) > 0.01).all()
+    fig = plot_fate_uncertainty(u, g, lineages=["Astro cytes, 7"]); plt.close(fig)
+
+
+def test_lineage_plots_take_user_names(dg200):
+    "Log-odds and the circular projection with names holding commas/spaces, an integer label and a merged lineage."
+    import matplotlib.pyplot as plt
+    from fatebook.lineage_plots import plot_log_odds, circular_projection, circular_coordinates
+    P = np.random.default_rng(0).dirichlet([0.5] * 4, dg200.n_obs)
+    dg200.obsm["fb_fate_probs_fwd"] = P
+    dg200.uns["fb_fate_probs_fwd_names"] = np.array(["a, b", "7", "c d", "e"], dtype=object)
+    fig = plot_log_odds(dg200, 7, ("a, b", "c d"), time_key="latent_time")
+    y = fig.axes[0].collections[0].get_offsets()[:, 1]
+    np.testing.assert_allclose(y, np.log(P[:, 1] + 1e-12) - np.log(P[:, 0] + P[:, 2] + 1e-12))
+    assert fig.axes[0].get_ylabel() == "log(7 / a, b, c d)"; plt.close(fig)
+    with pytest.raises(ValueError, match="more than one key"):
+        plot_log_odds(dg200, "7", 7, time_key="latent_time")
+    fig = circular_projection(dg200, lineages=["a, b", 7, ("c d", "e")], lineage_order="default"); plt.close(fig)
+    Pm = np.c_[P[:, 0], P[:, 1], P[:, 2] + P[:, 3]]
+    np.testing.assert_allclose(dg200.obsm["X_fate_simplex_fwd"], circular_coordinates(Pm, True, [0, 1, 2]))

@@ -288,3 +288,17 @@ def test_lineage_plots_take_user_names(dg200):
     fig = circular_projection(dg200, lineages=["a, b", 7, ("c d", "e")], lineage_order="default"); plt.close(fig)
     Pm = np.c_[P[:, 0], P[:, 1], P[:, 2] + P[:, 3]]
     np.testing.assert_allclose(dg200.obsm["X_fate_simplex_fwd"], circular_coordinates(Pm, True, [0, 1, 2]))
+
+
+def test_tsi_integer_cluster_labels(dg_pipeline):
+    "Clusters labelled by integers (as leiden/louvain write them) give the same TSI table as their names."
+    from fatebook.diagnostics import tsi_table
+    g = dg_pipeline["g"]
+    cl = g.adata.obs["clusters"].astype("category")
+    g.adata.obs["clusters_int"] = pd.Categorical(cl.cat.codes.to_numpy())
+    codes = [int(list(cl.cat.categories).index(t)) for t in TSI_TERMINAL]
+    by_name = tsi_table(g, 4, TSI_TERMINAL, "clusters", n_cells=10)
+    by_int = tsi_table(g, 4, codes, "clusters_int", n_cells=10)
+    by_str = tsi_table(g, 4, [str(c) for c in codes], "clusters_int", n_cells=10)
+    pd.testing.assert_frame_equal(by_int, by_name); pd.testing.assert_frame_equal(by_str, by_name)
+    del g.adata.obs["clusters_int"]

@@ -274,3 +274,22 @@ def test_band_coverage_simulation():
     # binomial sd of a mean over 200 x 40 correlated hits is ~0.01-0.02
     assert 0.92 <= cov["smooth", "flexible"] <= 0.98 and 0.92 <= cov["bump", "flexible"] <= 0.98, cov
     assert cov["bump", "default"] < 0.5 and cov["smooth", "default"] < 0.93, cov
+
+
+def test_lineage_without_committed_cells_warns(dg100):
+    "A lineage no cell is headed for (fates < 0.01 everywhere) fits every cell with the same weight: said loudly."
+    from fatebook.trends import compute_gene_trends
+    a = _with_fates(dg100)
+    a.obsm["fb_fate_probs_fwd"][:, 1] = 0.001
+    with fatebook_log() as msgs:
+        tr = compute_gene_trends(a, list(a.var_names[:2]), time_key="latent_time", layer="Ms")
+    assert any("Lineage 'mid': only 0 cell(s) have a fate probability >= 0.01" in m for m in msgs)
+    assert not any("Lineage 'late'" in m for m in msgs)
+    assert len(tr.cells["mid"]) == a.n_obs - 0                                   # the whole range (CellRank's rule)
+
+
+def test_heatmap_genes_mode_refuses_huge_lists(dg50):
+    from fatebook.trends import plot_heatmap
+    a = _with_fates(dg50)
+    with pytest.raises(ValueError, match="mode='genes' draws one panel per gene, and 101 genes"):
+        plot_heatmap(a, list(a.var_names[:101]), time_key="latent_time", mode="genes")

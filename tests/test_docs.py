@@ -19,7 +19,7 @@ from browser import chrome, require_browser, static_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
-import check_site  # noqa: E402
+import check_site, docs  # noqa: E402
 
 SHOTS = REPO / "_build" / "screenshots"
 API_PAGE = "fate.html"                 # an API page: show_doc entries, examples, maths
@@ -49,6 +49,9 @@ def site(tmp_path_factory):
     changed = [p.name for p in watched if p.read_bytes() != before[p]]
     assert not changed, (f"nbdev's processing rewrote {changed}: commit what it generated (nbdev.yml comes from "
                          "pyproject.toml's [project]/[tool.nbdev] settings)")
+    # nothing written beside the site and the build folder (MyST-NB's jupyter_execute/ once landed next to the site,
+    # i.e. in the repository when the site is _site/)
+    assert sorted(p.name for p in out.iterdir()) == ["build", "site"], sorted(p.name for p in out.iterdir())
     return out / "site", log, secs
 
 
@@ -84,8 +87,8 @@ def test_internal_links_resolve(site):
     assert not problems, f"{len(problems)} broken internal link(s):\n" + "\n".join(problems[:40])
 
 
-def test_no_traceback_directive_or_hidden_cell_on_any_page(site):
-    problems = check_site.tracebacks(site[0]) + check_site.leaks(site[0])
+def test_no_traceback_machine_path_directive_or_hidden_cell_on_any_page(site):
+    problems = check_site.tracebacks(site[0]) + check_site.machine_paths(site[0]) + check_site.leaks(site[0])
     assert not problems, "\n".join(problems[:40])
 
 
@@ -94,8 +97,25 @@ def test_api_page_content(site):
     p = check_site.page(site[0] / API_PAGE)
     assert "fate_probabilities" in p.ids or "fate.fate_probabilities" in p.ids or any("fate-probabilities" in i for i in p.ids)
     assert any(u.startswith("https://github.com/") and "fatebook/fate.py" in u for _, _, u in p.refs), "no source links"
-    assert any(pre.lstrip().startswith("def fate_probabilities(") for pre in p.pres), "no signature of fate_probabilities"
+    sig = [pre for pre in p.pres if pre.lstrip().startswith("def fate_probabilities(")]
+    assert sig, "no signature of fate_probabilities"
+    # docments comments wrapped to the code column: every argument's description readable without scrolling
+    assert "terminal" in sig[0] and max(map(len, sig[0].splitlines())) <= docs.SIG_WIDTH, sig[0]
     assert "absorption" in p.text.lower()
+
+
+def test_title_cell_prose_is_shown(site):
+    "Prose written in a notebook's title cell (nbdev and Quarto drop that cell) is on its page, in order."
+    pages = json.loads((site[0] / "_pages.json").read_text())["pages"]
+    checked = 0
+    for nb, doc in pages.items():
+        lost = docs.title_cell(REPO / "nbs" / nb)["lost"]
+        if not lost: continue
+        words = re.findall(r"[A-Za-z]{4,}", re.sub(r"\]\([^)]*\)", "]", lost))[:12]
+        text = " ".join(re.findall(r"[A-Za-z]{4,}", check_site.page(site[0] / f"{doc}.html").text))
+        assert " ".join(words) in text, f"{doc}.html does not show the title cell's prose: {lost[:200]}"
+        checked += 1
+    print(f"{checked} notebook(s) with prose in the title cell")
 
 
 def browser_problems(drv, url: str, timeout: float = 30) -> list[str]:
@@ -166,26 +186,35 @@ def test_checks_catch_planted_faults(site, tmp_path):
     "Each kind of fault, planted once in a copy of the built site, is caught by the checks above."
     root = tmp_path / "site"
     shutil.copytree(site[0], root)
-    assert not check_site.broken_links(root) and not check_site.tracebacks(root) and not check_site.leaks(root)
+    # only what is planted here counts (the real site's own problems are the other tests' business)
+    base = {f: set(f(root)) for f in (check_site.broken_links, check_site.tracebacks, check_site.machine_paths, check_site.leaks)}
+    new = lambda f: set(f(root)) - base[f]
     # 1. a missing figure: delete the file of the tutorial's first image
     img = next(u for t, a, u in check_site.page(root / TUTORIAL).refs if t == "img")
     (root / "tutorials" / img).resolve().unlink()
-    assert any("no such file" in p and img in p for p in check_site.broken_links(root))
+    assert any("no such file" in p and img in p for p in new(check_site.broken_links))
     # 2. a broken internal link and a fragment that is on no page
     _plant(root, "index.html", '<p><a href="nosuch.html">x</a> <a href="fate.html#no-such-entry">y</a></p>')
-    bl = check_site.broken_links(root)
+    bl = new(check_site.broken_links)
     assert any("nosuch.html" in p for p in bl) and any("no-such-entry" in p for p in bl)
-    # 3. a link to the published site (a doclink that was not made internal)
-    _plant(root, API_PAGE, '<p><a href="https://fatebook.github.io/fatebook/fate.html#lineage">Lineage</a></p>')
-    assert any("published site" in p for p in check_site.broken_links(root))
+    # 3. links to the published site (a doclink that was not made internal; one to a page that does not exist here)
+    _plant(root, API_PAGE, '<p><a href="https://fatebook.github.io/fatebook/fate.html#lineage">Lineage</a>'
+                           '<a href="https://fatebook.github.io/fatebook/nosuch.html#run">run</a></p>')
+    bl = new(check_site.broken_links)
+    assert any("published site, not to this one" in p for p in bl) and any("nosuch.html is no page" in p for p in bl)
     # 4. a Python traceback in an output
     _plant(root, API_PAGE, '<div class="cell_output"><pre>Traceback (most recent call last):\n  File "x", line 1\nValueError: boom</pre></div>')
-    assert any(API_PAGE in p for p in check_site.tracebacks(root))
-    # 5. a directive and a `#| hide` cell of the notebook leaking into the page
+    assert any(API_PAGE in p for p in new(check_site.tracebacks))
+    # 5. a machine path in an output (not in a code cell's input, where a path can be an example)
+    _plant(root, API_PAGE, '<div class="cell_input"><pre>adata = read("/tmp/example.h5ad")</pre></div>')
+    assert not new(check_site.machine_paths)
+    _plant(root, API_PAGE, '<div class="cell_output"><pre>saved to /work/main/results/x.h5ad</pre></div>')
+    assert any(API_PAGE in p and "/work/main/results" in p for p in new(check_site.machine_paths))
+    # 6. a directive and a `#| hide` cell of the notebook leaking into the page
     hidden = sorted(check_site.hidden_lines(REPO / "nbs" / "04_fate.ipynb"))
     assert hidden, "04_fate has no #| hide cell lines to plant"
     _plant(root, API_PAGE, f'<div class="cell"><pre>#| hide\n{hidden[0]}</pre></div>')
-    lk = check_site.leaks(root)
+    lk = new(check_site.leaks)
     assert any("directive" in p for p in lk) and any("#| hide` cell" in p for p in lk)
     # the browser sees the missing image and the missing page
     require_browser()

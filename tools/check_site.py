@@ -3,7 +3,7 @@
 - every internal link, image, stylesheet and script of every page points to a file of the site, and every
   `#fragment` to an id on the target page (links to the published site's own URL count as broken: they should
   have been made internal);
-- no page shows a Python traceback;
+- no page shows a Python traceback, or a machine path (`/work/`, `/tmp/`, home folders) outside code cells' inputs;
 - no page shows an nbdev directive (`#| ...`), `default_exp` or `nbdev_export()`, or a line of a `#| hide` cell
   of its notebook (lines that also appear in a visible cell of that notebook are not counted).
 
@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlsplit
 from html.parser import HTMLParser
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 _directive = re.compile(r"^\s*#\s?\|\s*[\w-]+")
 _traceback = re.compile(r"Traceback \(most recent call last\)")
 _dir_line = re.compile(r"^\s*#\s*\|\s*([\w-]+)")
@@ -33,7 +34,9 @@ class Page(HTMLParser):
     def __init__(self, html: str):
         super().__init__(convert_charrefs=True)
         self.ids, self.refs, self.text, self.pres, self.tb_class = set(), [], [], [], []
+        self.pre_input = []            # per pre: inside a code cell's input (not an output, signature or prose block)
         self._article = self._pre = self._skip = 0
+        self._divs = []                # per open div: is it a cell_input
         self.feed(html); self.close()
         self.text = "".join(self.text)
 
@@ -45,15 +48,17 @@ class Page(HTMLParser):
             if a.get(attr) and tag in ("a", "img", "link", "script", "source", "iframe"): self.refs.append((tag, attr, a[attr]))
         if tag == "article": self._article += 1
         if tag in ("script", "style"): self._skip += 1
+        if tag == "div": self._divs.append("cell_input" in (a.get("class") or "").split())
         if tag == "pre":
             self._pre += 1
-            if self._pre == 1 and self._article: self.pres.append([])
+            if self._pre == 1 and self._article: self.pres.append([]); self.pre_input.append(any(self._divs))
         if "traceback" in (a.get("class") or "") and self._article: self.tb_class.append(tag)
 
     def handle_endtag(self, tag):
         if tag == "article": self._article = max(0, self._article - 1)
         if tag in ("script", "style"): self._skip = max(0, self._skip - 1)
         if tag == "pre": self._pre = max(0, self._pre - 1)
+        if tag == "div" and self._divs: self._divs.pop()
         if tag in ("p", "div", "li", "tr", "h1", "h2", "h3", "h4", "br", "section") and self._article: self.text.append("\n")
 
     def handle_data(self, data):
@@ -86,7 +91,11 @@ def broken_links(site, site_url: str | None = None) -> list[str]:
         for tag, attr, url in page(pg).refs:
             url = url.strip()
             if site_url and url.startswith(site_url):
-                out.append(f"{rel}: <{tag} {attr}={url!r}> points to the published site, not to this one"); continue
+                page_path = urlsplit(url[len(site_url):].lstrip("/")).path or "index.html"
+                why = ("not to this one" if (site / page_path).is_file() else
+                       f"and {page_path} is no page of this site (a doclink from fatebook/_modidx.py to a module whose "
+                       "notebook is not in nbs/? nbdev-export rewrites the index)")
+                out.append(f"{rel}: <{tag} {attr}={url!r}> points to the published site, {why}"); continue
             u = urlsplit(url)
             if u.scheme or url.startswith(("//", "mailto:", "javascript:", "data:")): continue
             target = pg if not u.path else (pg.parent / unquote(u.path)).resolve()
@@ -117,6 +126,21 @@ def tracebacks(site) -> list[str]:
         if p.tb_class or m:
             what = p.text[max(0, m.start() - 60): m.end() + 60] if m else f"<{p.tb_class[0]} class=...traceback...>"
             out.append(f"{rel}: Python traceback on the page: {what.strip()}".replace("\n", " | "))
+    return out
+
+
+def machine_paths(site) -> list[str]:
+    """Machine paths (`/work/`, `/tmp/`, home folders) shown in an output, an API signature or a code block of the
+    prose. Stored outputs are checked by tools/check_outputs.py; this also sees what the docs build itself writes
+    (nbdev's show_doc runs at build time: a default value computed from the machine would show here)."""
+    from check_outputs import _path
+    out = []
+    for pg in pages(site):
+        rel, p = pg.relative_to(site).as_posix(), page(pg)
+        for pre, is_input in zip(p.pres, p.pre_input):
+            if is_input: continue
+            for line in pre.splitlines():
+                if _path.search(line): out.append(f"{rel}: machine path shown: {line.strip()[:120]}"); break
     return out
 
 
@@ -164,7 +188,7 @@ def leaks(site, page_of: dict[str, str] | None = None, nbs: Path | None = None) 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     site = Path(argv[0] if argv else ROOT / "_site")
-    problems = broken_links(site) + tracebacks(site) + leaks(site)
+    problems = broken_links(site) + tracebacks(site) + machine_paths(site) + leaks(site)
     for p in problems: print(p)
     n = len(pages(site))
     print(f"FAIL: {len(problems)} problem(s) in {n} pages" if problems else f"site: {n} pages, links and contents ok")

@@ -2,7 +2,8 @@
 
 1. **nbdev's own processing** (`nbdev-proc-nbs`, the step `nbdev-docs` runs before Quarto) writes `_proc/`: `#| hide`,
    exported and `default_exp` cells dropped, the `show_doc` API entries added and executed, doclinks added. It is
-   run as nbdev runs it, except that nbdev's attempt to download Quarto is skipped (Quarto cannot be installed here).
+   run as nbdev runs it, except that nbdev's attempt to download Quarto is skipped (Quarto cannot be installed here)
+   and `fatebook/_modidx.py` is not rewritten (nbdev-export writes it).
 2. **Staging** turns `_proc/` into a Sphinx source tree in `_build/docs/src`: the frontmatter becomes the page title
    and subtitle, Quarto cell options (`echo`, `output`, `include`, `code-fold`) become MyST-NB tags and every other
    `#|` line is dropped, `output: asis` markdown (the API entries) becomes page markdown with one label per entry,
@@ -11,16 +12,20 @@
 3. **Sphinx** with MyST-NB (configuration in `docs/conf.py`, execution off: the stored outputs are what readers see)
    writes the static site, with search, to `_site/`. MathJax is served from the site itself (no CDN).
 
-Usage: python tools/docs.py [--out _site] [--build _build/docs] [--force] [--no-proc]
+Before step 1 every notebook is checked (`notebook_problems`: UTF-8, valid Unicode, valid Python, `export` without
+`default_exp`, cells mixing imports with code): a problem stops the build with one line naming notebook and cell.
+
+Usage: python tools/docs.py [--out _site] [--build _build/docs] [--force] [--no-proc] [--traceback]
 """
 from __future__ import annotations
-import argparse, fcntl, json, os, posixpath, re, shutil, subprocess, sys, time
+import argparse, ast, fcntl, json, os, posixpath, re, shutil, subprocess, sys, textwrap, time, tokenize, io
 from fnmatch import fnmatch
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 BUILD = ROOT / "_build" / "docs"
 CALLOUTS = {"note": "note", "tip": "tip", "warning": "warning", "important": "important", "caution": "caution"}
 _dir_line = re.compile(r"^\s*#\s*\|\s*([\w-]+)\s*:?\s*(.*?)\s*$")
@@ -29,11 +34,93 @@ _heading = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
 _progress_bar = re.compile(r"^\s*[^|\n]*\d+%\|.*\|\s*\d+/\d+")
 
 
+# ---------------------------------------------------------------- 0. preflight
+_export_dir = re.compile(r"^\s*#\s*\|\s*(export|exports|exporti)\s*(\S*)\s*$", re.M)
+_default_exp = re.compile(r"^\s*#\s*\|\s*default_exp\s+\S", re.M)
+
+
+def source_notebooks(nbs: Path | None = None) -> list[Path]:
+    "The notebooks nbdev processes: every .ipynb under nbs/ outside folders and files starting with `_` or `.`."
+    nbs = Path(nbs or ROOT / "nbs")
+    return sorted(p for p in nbs.rglob("*.ipynb") if not any(s.startswith(("_", ".")) for s in p.relative_to(nbs).parts))
+
+
+def _bad_unicode(x, where: str):
+    "(where, text) of the first string in a JSON value that is not valid Unicode (a lone surrogate), else None."
+    if isinstance(x, str):
+        try: x.encode("utf-8")
+        except UnicodeEncodeError as e: return where, x[max(0, e.start - 30): e.end + 30]
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            if (r := _bad_unicode(v, where)): return r
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            if (r := _bad_unicode(v, where)): return r
+    return None
+
+
+def notebook_problems(path: Path) -> list[str]:
+    """What makes a notebook unfit for the site, each problem as one line naming the cell and the fix: not UTF-8, not
+    JSON, text that is not valid Unicode, a code cell that is not valid Python, `#| export` cells without a
+    `#| default_exp` (their functions are in no module), a cell that mixes imports with other code (nbdev's
+    processing runs such cells alone). nbdev's processing would fail on these with a traceback that names no
+    notebook, or silently drop the cell from the page."""
+    raw = Path(path).read_bytes()
+    try: text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        return [f"not UTF-8: byte 0x{raw[e.start]:02x} on line {line} ({raw[max(0, e.start - 30): e.start + 10]!r}); "
+                "notebooks are UTF-8 JSON: re-save it from Jupyter (or re-execute it with tools/exec_nbs.py)"]
+    try: nb = json.loads(text)
+    except json.JSONDecodeError as e: return [f"not valid notebook JSON: {e}"]
+    if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list): return ["not a notebook (no list of cells)"]
+    out = []
+    from IPython.core.inputtransformer2 import TransformerManager
+    tm = TransformerManager()
+    has_default_exp = False
+    for i, c in enumerate(nb["cells"]):
+        kind = c.get("cell_type")
+        if (bad := _bad_unicode(c.get("source"), "source") or _bad_unicode(c.get("outputs"), "outputs")):
+            out.append(f"cell {i}: its {bad[0]} hold text that is not valid Unicode (a lone surrogate, e.g. from bytes "
+                       f"decoded with errors='surrogateescape'): {bad[1]!r}; decode the bytes properly and re-execute")
+            continue
+        if kind != "code": continue
+        src = _src(c)
+        if _default_exp.search(src): has_default_exp = True
+        d, _ = split_directives(src)
+        if _false(d.get("eval", "true")) and not _export_dir.search(src): continue   # not run anywhere
+        try: ast.parse(tm.transform_cell(src))
+        except SyntaxError as e:
+            out.append(f"cell {i}: not valid Python: {type(e).__name__}: {e.msg} (line {e.lineno} of the cell: "
+                       f"{(e.text or '').strip()[:80]!r})")
+    exports = [i for i, c in enumerate(nb["cells"]) if c.get("cell_type") == "code"
+               for m in [_export_dir.search(_src(c))] if m and not m.group(2)]
+    if exports and not has_default_exp:
+        out.append(f"cell{'s' if len(exports) > 1 else ''} {', '.join(map(str, exports[:5]))}{' ...' if len(exports) > 5 else ''}: "
+                   "`#| export` but the "
+                   "notebook has no `#| default_exp NAME` cell: their code goes to no module (nbdev-export skips "
+                   "it, the site would document functions fatebook does not have); add `#| default_exp NAME` as "
+                   "the first cell, or drop `export`")
+    import check_import_cells
+    out += [f"cell {i} mixes imports or show_doc() with other code (nbdev's processing runs such a cell alone): "
+            f"{' | '.join(head)}; move the imports to the notebook's import cell" for i, head in check_import_cells.bad_cells(path)]
+    return out
+
+
+def preflight(nbs: Path | None = None) -> list[str]:
+    "`notebook_problems` of every notebook nbdev processes, as `nbs/X.ipynb: problem` lines."
+    nbs = Path(nbs or ROOT / "nbs")
+    return [f"{p.relative_to(nbs.parent).as_posix()}: {pr}" for p in source_notebooks(nbs) for pr in notebook_problems(p)]
+
+
 # ---------------------------------------------------------------- 1. nbdev processing
 def nbdev_process(force: bool = False, n_workers: int = 2) -> Path:
     "Run nbdev's docs processing (as `nbdev-proc-nbs`, without the Quarto download) and return `_proc/`."
-    import nbdev.quarto as q
+    import nbdev.quarto as q, nbdev.doclinks
     q._ensure_quarto = lambda: None  # nbdev would try to download and `sudo dpkg -i` Quarto here
+    # nbdev would also rewrite fatebook/_modidx.py from the .py files: that index is nbdev-export's to write (the test
+    # command checks it is in sync); in a tree shared with people exporting, a docs build must not touch library files
+    nbdev.doclinks._build_modidx = lambda *a, **k: None
     cwd = os.getcwd()
     try:
         cache, cfg, path = q._pre_docs(str(ROOT / "nbs"), n_workers=n_workers, force=force)
@@ -42,33 +129,69 @@ def nbdev_process(force: bool = False, n_workers: int = 2) -> Path:
 
 
 # ---------------------------------------------------------------- sidebar from _quarto.yml
+NAV_ITEM_KEYS = {"href", "file", "url", "text", "icon", "aria-label", "rel", "target", "id", "menu"}   # Quarto's schema
+
+
 def sidebar_sections(nbs: Path, available: list[str]) -> list[tuple[str | None, list[str]]]:
     """Sections of `nbs/_quarto.yml`'s sidebar as [(caption or None, [notebook paths relative to nbs])].
 
-    `auto` globs are expanded over `available` (the processed notebooks) and sorted by path as Quarto does; a notebook
-    listed nowhere goes to a last section "More" so that no page is lost."""
-    conf = yaml.safe_load((nbs / "_quarto.yml").read_text())
-    contents = (((conf or {}).get("website") or {}).get("sidebar") or {}).get("contents") or []
+    Read as Quarto's schema (`sidebar-contents`) defines it: contents are a string, `{auto: ...}` or a list of paths,
+    navigation items (`href`/`file`), `{section, contents}` (nested sections are merged into their top section) and
+    `{auto: true | glob | folder | [globs]}`; `auto` is expanded over `available` (the processed notebooks) and
+    sorted by path as Quarto does. Anything else stops the build with the item named (Quarto would reject it too).
+    A notebook listed nowhere goes to a last section "More" so that no page is lost."""
+    conf = yaml.safe_load((nbs / "_quarto.yml").read_text()) or {}
+    sidebar = (conf.get("website") or {}).get("sidebar") or {}
+    if isinstance(sidebar, list): sidebar = sidebar[0] if sidebar else {}     # several sidebars: the first is the site's
     out, seen = [], set()
 
-    def expand(items):
+    def bad(it, why):
+        raise SystemExit(f"docs: nbs/_quarto.yml: sidebar item {it!r} {why} (Quarto's sidebar contents are paths, "
+                         "{href: ...}, {section: ..., contents: ...} or {auto: true | glob | folder | [globs]})")
+
+    def patterns(a) -> list[str]:
+        if a is True: return ["**"]
+        if a is False or a is None: return []
+        pats = a if isinstance(a, list) else [a]
+        if not all(isinstance(x, str) for x in pats): bad({"auto": a}, "is not a glob, a folder or a list of globs")
         res = []
-        for it in items:
-            if isinstance(it, str): pats = [it]
-            elif isinstance(it, dict) and "auto" in it:
-                a = it["auto"]; pats = a if isinstance(a, list) else [a]
-            elif isinstance(it, dict) and "href" in it: pats = [it["href"]]
-            else: continue
-            for p in pats:
-                p = p.lstrip("./")
-                hits = sorted(f for f in available if fnmatch(f, p) and ("**" in p or f.count("/") == p.count("/")))
-                res += [h for h in hits if h not in seen and not seen.add(h)]
+        for x in pats:
+            x = x.strip().removeprefix("./").rstrip("/")
+            res.append(x + "/**" if not any(c in x for c in "*?[") and (nbs / x).is_dir() else x)
         return res
 
+    def match(pats) -> list[str]:
+        res = []
+        for p in pats:
+            hits = sorted(f for f in available if fnmatch(f, p) and ("**" in p or f.count("/") == p.count("/")))
+            res += [h for h in hits if h not in seen and not seen.add(h)]
+        return res
+
+    def expand(contents) -> list[str]:
+        "Notebooks of a `sidebar-contents` value, in order (sections inside are flattened)."
+        if isinstance(contents, str): return match(patterns(contents))
+        if isinstance(contents, dict): contents = [contents]
+        if not isinstance(contents, list): bad(contents, "is not a list")
+        res = []
+        for it in contents:
+            if isinstance(it, str): res += match(patterns(it))
+            elif isinstance(it, dict) and set(it) == {"auto"}: res += match(patterns(it["auto"]))
+            elif isinstance(it, dict) and "section" in it:
+                if set(it) - {"section", "contents"}: bad(it, f"has keys {sorted(set(it) - {'section', 'contents'})} a section cannot have")
+                res += expand(it.get("contents") or [])
+            elif isinstance(it, dict) and set(it) <= NAV_ITEM_KEYS:
+                target = it.get("href") or it.get("file") or it.get("url")
+                if target and not re.match(r"^[a-z][a-z0-9+.-]*:", target): res += match([target.removeprefix("./")])
+            else: bad(it, "is not one Quarto accepts")
+        return res
+
+    contents = sidebar.get("contents") if isinstance(sidebar, dict) else None
+    if contents is None: contents = []
+    items = contents if isinstance(contents, list) else [contents]
     top = []
-    for it in contents:
+    for it in items:
         if isinstance(it, dict) and "section" in it:
-            files = expand(it.get("contents") or [])
+            files = expand([it])
             if files: out.append((str(it["section"]), files))
         else: top += expand([it])
     if top: out.insert(0, (None, top))
@@ -196,6 +319,30 @@ def quarto_md(md: str) -> str:
     return "\n".join(out)
 
 
+SIG_WIDTH = 84     # characters of code that fit the page's code column without scrolling (furo, 1400 px window)
+
+
+def wrap_signature(code: str, width: int = SIG_WIDTH) -> str:
+    """A `show_doc` signature with its long docments comments wrapped under themselves, so that a reader sees every
+    argument's description without scrolling sideways; code is never changed, lines that fit stay as they are."""
+    try: comments = {t.start[0]: t for t in tokenize.generate_tokens(io.StringIO(code + "\n").readline)
+                     if t.type == tokenize.COMMENT}
+    except (tokenize.TokenError, SyntaxError, IndentationError): return code
+    out = []
+    for n, line in enumerate(code.splitlines(), 1):
+        t = comments.get(n)
+        if len(line) <= width or t is None: out.append(line); continue
+        col = t.start[1]
+        text = t.string.lstrip("#").strip()
+        room = width - col - 2
+        if room < 24: col, room = 8, width - 10          # the code is long: wrap the comment on lines of its own
+        chunks = textwrap.wrap(text, room, break_on_hyphens=False) or [""]
+        if col == t.start[1]: out.append(line[:col] + "# " + chunks[0]); chunks = chunks[1:]
+        else: out.append(line[:t.start[1]].rstrip())
+        out += [" " * col + "# " + c for c in chunks]
+    return "\n".join(out)
+
+
 def api_markdown(md: str, doc: str, site: Site, used: set) -> str:
     "A `show_doc` entry (nbdev's `output: asis` markdown) as page markdown: a label on its heading, source link kept."
     lines = md.strip("\n").splitlines()
@@ -216,22 +363,34 @@ def api_markdown(md: str, doc: str, site: Site, used: set) -> str:
             continue
         out.append(line)
     if source: out.insert(0, source)
-    return "\n".join(out)
+    md = "\n".join(out)
+    return re.sub(r"^```python\n(.*?)^```", lambda m: "```python\n" + wrap_signature(m.group(1).rstrip("\n")) + "\n```",
+                  md, flags=re.M | re.S)
 
 
-def source_subtitle(nb_path: Path) -> tuple[str | None, int]:
-    "The `> subtitle` under a notebook's `# Title` (all its lines joined) and its number of lines."
+def title_cell(nb_path: Path) -> dict:
+    """What nbdev's frontmatter processor does with a notebook's title cell, read from the source notebook.
+
+    nbdev (fastcore's `md_frontmatter`) takes the first markdown cell with a `# Title` line (unless a raw
+    frontmatter cell gives the title), keeps the title, the first `> ` line as description and `- key: value` lines,
+    and drops the whole cell. Returns {"subtitle": the `>` block under the title, all its lines joined, "lines": its
+    number of lines, "lost": the rest of the cell (prose that nbdev and Quarto do not show), "attachments": ...}."""
     nb = json.loads(Path(nb_path).read_text())
+    none = {"subtitle": None, "lines": 0, "lost": "", "attachments": None}
     for c in nb["cells"]:
+        if c["cell_type"] == "raw" and "title" in frontmatter({"cells": [c]}): return none
         if c["cell_type"] != "markdown": continue
-        lines = _src(c).strip().splitlines()
-        if not lines or not lines[0].startswith("# "): continue
-        quote = []
-        for l in (l for l in lines[1:] if l.strip()):
-            if not l.lstrip().startswith(">"): break
-            quote.append(l.lstrip()[1:].strip())
-        return (" ".join(quote) or None), len(quote)
-    return None, 0
+        lines = _src(c).splitlines()
+        t = next((i for i, l in enumerate(lines) if re.match(r"^#\s+\S", l)), None)
+        if t is None: continue
+        quote, kept, i = [], {t}, t + 1
+        while i < len(lines) and not lines[i].strip(): i += 1
+        while i < len(lines) and lines[i].lstrip().startswith(">"):
+            quote.append(lines[i].lstrip()[1:].strip()); kept.add(i); i += 1
+        kept |= {j for j, l in enumerate(lines) if re.match(r"^-\s+(\S.*:.*\S)\s*$", l)}   # nbdev's frontmatter lines
+        lost = "\n".join(l for j, l in enumerate(lines) if j not in kept).strip()
+        return {"subtitle": " ".join(quote) or None, "lines": len(quote), "lost": lost, "attachments": c.get("attachments")}
+    return none
 
 
 def _md_cell(text: str) -> dict: return {"cell_type": "markdown", "metadata": {}, "source": text}
@@ -244,12 +403,19 @@ def stage_notebook(nb: dict, nbpath: str, site: Site, used: set) -> dict:
     title = fm.get("title") or Path(nbpath).stem
     head = f"# {title}"
     desc = str(fm.get("description") or "").strip()
-    full, n = source_subtitle(ROOT / "nbs" / nbpath) if (ROOT / "nbs" / nbpath).exists() else (None, 0)
+    tc = title_cell(ROOT / "nbs" / nbpath) if (ROOT / "nbs" / nbpath).exists() else {"lines": 0, "lost": ""}
+    full, n = tc.get("subtitle"), tc["lines"]
     if n > 1 and full and full.startswith(desc):   # nbdev keeps the first line of a subtitle only: show all of it
         site.notes.append(f"{nbpath}: the `>` subtitle spans {n} lines; nbdev (and Quarto) keep only the first: "
                           "write it on one line"); desc = full
     if desc: head += f"\n\n> {desc}"
     cells.append(_md_cell(head))
+    if tc["lost"]:    # nbdev drops the whole title cell: show its prose, as the notebook does
+        site.notes.append(f"{nbpath}: the title cell holds more than `# title` and `> subtitle`; nbdev (and Quarto) "
+                          "drop the rest: move that text to a markdown cell of its own")
+        cell = _md_cell(quarto_md(tc["lost"]))
+        if tc.get("attachments"): cell["attachments"] = tc["attachments"]
+        cells.append(cell)
     for c in nb["cells"]:
         s = _src(c)
         if c["cell_type"] == "raw":
@@ -347,16 +513,37 @@ def mathjax(dest: Path):
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns("*.md", "unpacked", "test*", "docs"))
 
 
-def sphinx(src: Path, out: Path, static: Path, doctrees: Path) -> list[str]:
-    "Run Sphinx (HTML builder); returns its warnings."
-    if out.exists(): shutil.rmtree(out)
+def sphinx(src: Path, html: Path, static: Path, doctrees: Path) -> list[str]:
+    """Run Sphinx (HTML builder) into `html`, a folder of the build tree (MyST-NB writes `jupyter_execute/` beside
+    it, so it must not be the repository's `_site/`); returns its warnings."""
+    if html.exists(): shutil.rmtree(html)
     env = dict(os.environ, FATEBOOK_DOCS_STATIC=str(static))
     cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-q", "-E", "-j", "1", "-c", str(ROOT / "docs"),
-           "-d", str(doctrees), str(src), str(out)]
+           "-d", str(doctrees), str(src), str(html)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     warnings = [l for l in r.stderr.splitlines() if l.strip()]
     if r.returncode: raise SystemExit("docs: sphinx-build failed:\n" + r.stderr[-5000:])
     return warnings
+
+
+def check_out(out: Path, build: Path):
+    "Refuse output and build folders whose replacement would delete something else than an earlier build."
+    for what, d in (("--out", out), ("--build", build)):
+        if d == ROOT or d in ROOT.parents or d == ROOT / "nbs" or (ROOT / "nbs") in d.parents:
+            raise SystemExit(f"docs: {what} {d} would replace the repository or its notebooks: choose a folder of its own")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / ".buildinfo").exists())):
+        raise SystemExit(f"docs: --out {out} exists and is not a site built by this tool (no .buildinfo in it); it "
+                         "would be replaced: choose another folder or remove it yourself")
+
+
+def publish(html: Path, out: Path):
+    "Replace `out` with the new site only once it is complete (a failed build leaves the previous site in place)."
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.new")
+    if tmp.exists(): shutil.rmtree(tmp)
+    shutil.move(str(html), str(tmp))
+    if out.exists(): shutil.rmtree(out)
+    os.replace(tmp, out)
 
 
 def main(argv=None):
@@ -365,27 +552,39 @@ def main(argv=None):
     ap.add_argument("--build", default=str(BUILD), help="staging folder (default: _build/docs/)")
     ap.add_argument("--force", action="store_true", help="reprocess every notebook (ignore nbdev's _proc cache)")
     ap.add_argument("--no-proc", action="store_true", help="reuse _proc/ as it is (no nbdev processing)")
+    ap.add_argument("--traceback", action="store_true", help="show the full traceback when nbdev's processing fails")
     a = ap.parse_args(argv)
     out, build = Path(a.out).resolve(), Path(a.build).resolve()
+    check_out(out, build)
     (ROOT / "_build").mkdir(exist_ok=True)
     with open(ROOT / "_build" / "docs.lock", "w") as lock:   # two builds in one tree (nbdev's _proc/) wait in turn
         fcntl.flock(lock, fcntl.LOCK_EX)
         t0 = time.time()
+        problems = preflight()
+        if problems:
+            for pr in problems: print("docs:", pr)
+            raise SystemExit(f"docs: {len(problems)} problem(s) in the notebooks (above): fix them and build again")
         if a.no_proc: proc = ROOT / "_proc"
         else:
             print("docs: nbdev processing (nbdev-proc-nbs) -> _proc/", flush=True)
-            proc = nbdev_process(force=a.force)
+            try: proc = nbdev_process(force=a.force)
+            except Exception as e:
+                if a.traceback: raise
+                raise SystemExit(f"docs: nbdev's processing (nbdev-proc-nbs) failed:\n{type(e).__name__}: {e}\n"
+                                 "(the full traceback: add --traceback)") from None
         t1 = time.time()
         site_url = yaml.safe_load((ROOT / "nbs" / "nbdev.yml").read_text())["website"]["site-url"]
         summary = stage(proc, build / "src", site_url)
         mathjax(build / "static" / "mathjax")
         print(f"docs: {len(summary['pages'])} pages staged; sidebar: "
               + "; ".join(f"{c or '(top)'}: {len(f)}" for c, f in summary["sections"]), flush=True)
-        warnings = sphinx(build / "src", out, build / "static", build / "doctrees")
-    if (out / "_sources").is_dir() and not any((out / "_sources").iterdir()): (out / "_sources").rmdir()
+        html = build / "html"
+        warnings = sphinx(build / "src", html, build / "static", build / "doctrees")
+        if (html / "_sources").is_dir() and not any((html / "_sources").iterdir()): (html / "_sources").rmdir()
+        summary["warnings"] = warnings
+        (html / "_pages.json").write_text(json.dumps(summary, indent=1))
+        publish(html, out)
     for w in warnings: print("  sphinx:", w.replace(str(build / "src") + "/", ""))
-    summary["warnings"] = warnings
-    (out / "_pages.json").write_text(json.dumps(summary, indent=1))
     print(f"docs: site written to {os.path.relpath(out)}/ ({len(warnings)} Sphinx warnings; "
           f"processing {t1 - t0:.0f} s, site {time.time() - t1:.0f} s)")
     return 0

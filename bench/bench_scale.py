@@ -57,10 +57,10 @@ def main():
     env = thread_env(a.threads)
     path = data_file(a)
     stages = HARD_STAGES if a.hard else STAGES
-    if a.hard: fb, cr, args = ("fb_large.py", [path, a.n_states, a.n_components, "default"],
-                               ("cr_large.py", [path, a.n_states, a.n_components, "default", "krylov"]))
-    else: fb, cr, args = ("fb_scale.py", [path, a.n_states, a.n_components],
-                          ("cr_scale.py", [path, a.n_states, a.n_components, "krylov"]))
+    if a.hard: (fb, fargs), (cr, cargs) = (("fb_large.py", [path, a.n_states, a.n_components, "default"]),
+                                            ("cr_large.py", [path, a.n_states, a.n_components, "default", "krylov"]))
+    else: (fb, fargs), (cr, cargs) = (("fb_scale.py", [path, a.n_states, a.n_components]),
+                                       ("cr_scale.py", [path, a.n_states, a.n_components, "krylov"]))
     cols = {}
     def runs(label, py, script, wargs):
         out = []
@@ -70,10 +70,10 @@ def main():
             if "error" in r: print(f"  {label} FAILED: {r['error']}", flush=True)
             out.append(r)
         cols[label] = out
-    runs("fatebook", FATEBOOK_PY, fb, args)
+    runs("fatebook", FATEBOOK_PY, fb, fargs)
     if not a.no_cellrank:
         ok = subprocess.run(["bash", str(REPO / "tools" / "cellrank_env.sh"), "--check"], capture_output=True).returncode == 0
-        if ok and has_petsc(CELLRANK_PY): runs("CellRank+SLEPc", CELLRANK_PY, cr[0], cr[1])
+        if ok and has_petsc(CELLRANK_PY): runs("CellRank+SLEPc", CELLRANK_PY, cr, cargs)
         else: print("  no CellRank env with petsc4py/slepc4py: run `bash tools/cellrank_env.sh --petsc`", flush=True)
     names = list(cols)
     good = {n: [r for r in cols[n] if "error" not in r] for n in names}
@@ -100,6 +100,11 @@ def main():
             text += (f"\n{n}: Schur {r.get('schur_backend')} {r.get('schur_params', '')}, leading eigenvalues "
                      f"{r.get('eigenvalues')}, macrostates {r.get('macrostates')}, mean fates {r.get('fate_means')}")
             if r.get("adata_added_keys"): text += f"\n  AnnData keys added: { {k: v for k, v in r['adata_added_keys'].items() if v} }"
+            pm, prods = r.get("product_ms"), (r.get("schur_params") or {}).get("products")
+            if pm and prods:
+                text += (f"\n  memory-traffic bound: one product with T ({r.get('nnz', 0):,} non-zeros) takes {pm:.1f} ms, so the "
+                         f"Schur step's {prods} products need >= {prods * pm / 1e3:.2f} s (it took {r['seconds'].get('schur', 0):.2f} s); "
+                         f"a single pass over the edges (kernels) costs about one product")
     print("\n" + text)
     tag = f"hard_{a.hard}_{a.n}" if a.hard else f"scale_{a.n}"
     print(f"\nwritten: {save(tag, dict(machine=m, args=vars(a), runs=cols), text)}")

@@ -5,12 +5,12 @@ from _common import Stages, emit
 warnings.simplefilter("ignore")
 h5ad, n_states, n_comp, method = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[5]
 fate_kw = dict(tol=float(sys.argv[4])) if sys.argv[4] != "default" else {}
-S = Stages()
+S = Stages(memory=True)
 with S("import"):
     import numpy as np, anndata as ad, cellrank as cr
 with S("read"):
     a = ad.read_h5ad(h5ad)
-tips = {c: list(a.obs_names[(a.obs["clusters"] == c).to_numpy()]) for c in ("A_4", "B_4", "C_4")}
+tips = {c: list(a.obs_names[(a.obs["clusters"] == c).to_numpy()]) for c in a.uns.get("tip_clusters", ("A_4", "B_4", "C_4"))}
 with S("pipeline"):
     k = cr.kernels.PrecomputedKernel(a, obsp_key="T_fwd")
     g = cr.estimators.GPCCA(k)

@@ -5,6 +5,12 @@ usage: fb_scale.py H5AD N_STATES N_COMPONENTS"""
 import sys, warnings
 from _common import Stages, emit
 warnings.simplefilter("ignore")
+SCHUR = {}
+def _capture(orig):
+    "Keep the backend's own numbers (products with T, restarts) of the estimator's sorted_schur call."
+    def f(*a, **k):
+        r = orig(*a, **k); SCHUR.update({k_: v for k_, v in r.params.items() if isinstance(v, (int, float, str))}); return r
+    return f
 h5ad, n_states, n_comp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 S = Stages(memory=True)
 with S("import"):
@@ -12,6 +18,8 @@ with S("import"):
     import fatebook
     from fatebook.kernels import VelocityKernel, ConnectivityKernel
     from fatebook.estimators import GPCCA
+    import fatebook.schur as _fs
+_fs.sorted_schur = _capture(_fs.sorted_schur)
 with S("read"):
     a = ad.read_h5ad(h5ad)
 keys0 = {s: set(getattr(a, s).keys()) for s in ("obs", "obsm", "obsp", "uns", "layers", "varm")}
@@ -36,9 +44,17 @@ with S("pipeline"):
 B = np.asarray(g.fate_probabilities)
 added = {s: sorted(set(getattr(a, s).keys()) - keys0[s]) for s in keys0}
 ed = g.eigendecomposition
+def _product_ms(T, reps=10):
+    "Milliseconds per product T @ x on fatebook's threads (RowSplit): the unit of the memory-traffic bound."
+    import time
+    from fatebook.linalg import RowSplit
+    A, x = RowSplit(T), np.ones(T.shape[0]); A @ x
+    t = time.perf_counter()
+    for _ in range(reps): A @ x
+    return round((time.perf_counter() - t) / reps * 1e3, 3)
+
 emit(S.result(tool=f"fatebook {fatebook.__version__}", n=int(a.n_obs), nnz=int(k.transition_matrix.nnz),
-              schur_backend=str(ed.get("method")), schur_params={k_: v for k_, v in (g.params.get("schur") or {}).items()
-                                                                 if isinstance(v, (int, float, str))},
+              schur_backend=str(ed.get("method")), schur_params=SCHUR, product_ms=_product_ms(k.transition_matrix),
               macrostates=[str(x) for x in g.macrostates.cat.categories],
               eigenvalues=[round(float(np.real(x)), 6) for x in np.asarray(ed["D"])[:8]],
               fate_means=[round(float(x), 4) for x in np.nanmean(B, 0)], adata_added_keys=added))

@@ -187,3 +187,13 @@ def test_sidebar_sections_refuse_what_quarto_rejects(tmp_path, item):
     import yaml
     (tmp_path / "_quarto.yml").write_text(yaml.safe_dump({"website": {"sidebar": {"contents": [item]}}}))
     with pytest.raises(SystemExit, match="nbs/_quarto.yml: sidebar item"): docs.sidebar_sections(tmp_path, ["00_a.ipynb"])
+
+
+def test_processing_error_names_the_notebook(tmp_path, monkeypatch):
+    "nbdev names a failing notebook by its title only: the build names the file."
+    (tmp_path / "nbs").mkdir()
+    (tmp_path / "nbs" / "13_boom.ipynb").write_text(json.dumps(_nb_json([("code", "#| default_exp boom"), ("markdown", "# Boom\n\n> x")])))
+    (tmp_path / "nbs" / "14_other.ipynb").write_text(json.dumps(_nb_json([("markdown", "# Other")])))
+    monkeypatch.setattr(docs, "ROOT", tmp_path)
+    assert docs._which_notebook("Error in notebook: Boom in cell 3 :\nimport x") == " in nbs/13_boom.ipynb"
+    assert docs._which_notebook("something else") == ""

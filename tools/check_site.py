@@ -68,14 +68,15 @@ class Page(HTMLParser):
 
 
 @lru_cache(maxsize=512)
-def _page(path: str, mtime: float) -> Page:
+def _page(path: str, stamp: tuple) -> Page:
     p = Page(Path(path).read_text(errors="replace"))
     p.pres = ["".join(x) for x in p.pres]
     return p
 
 
 def page(path) -> Page:
-    path = Path(path); return _page(str(path), path.stat().st_mtime)
+    "The parsed page, cached until the file changes (modification time in ns and size)."
+    st = Path(path).stat(); return _page(str(path), (st.st_mtime_ns, st.st_size))
 
 
 def ids(path: Path) -> set[str]: return page(path).ids

@@ -546,6 +546,20 @@ def publish(html: Path, out: Path):
     os.replace(tmp, out)
 
 
+def _which_notebook(msg: str) -> str:
+    "nbdev names a failing notebook by its title ('Error in notebook: TITLE in cell N'): the file(s) with that title."
+    m = re.search(r"Error in notebook: (.*?) in cell \d+", msg)
+    if not m: return ""
+    hits = []
+    for p in source_notebooks():
+        try: cells = json.loads(p.read_text())["cells"]
+        except Exception: continue
+        for c in cells:
+            t = re.search(r"^#\s+(\S.*?)\s*$", _src(c), re.M) if c.get("cell_type") == "markdown" else None
+            if t: hits += [p.relative_to(ROOT).as_posix()] if t.group(1) == m.group(1) else []; break
+    return f" in {', '.join(hits)}" if hits else ""
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "_site"), help="output folder (default: _site/)")
@@ -570,8 +584,8 @@ def main(argv=None):
             try: proc = nbdev_process(force=a.force)
             except Exception as e:
                 if a.traceback: raise
-                raise SystemExit(f"docs: nbdev's processing (nbdev-proc-nbs) failed:\n{type(e).__name__}: {e}\n"
-                                 "(the full traceback: add --traceback)") from None
+                raise SystemExit(f"docs: nbdev's processing (nbdev-proc-nbs) failed{_which_notebook(str(e))}:\n"
+                                 f"{type(e).__name__}: {e}\n(the full traceback: add --traceback)") from None
         t1 = time.time()
         site_url = yaml.safe_load((ROOT / "nbs" / "nbdev.yml").read_text())["website"]["site-url"]
         summary = stage(proc, build / "src", site_url)

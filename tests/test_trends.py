@@ -293,3 +293,16 @@ def test_heatmap_genes_mode_refuses_huge_lists(dg50):
     a = _with_fates(dg50)
     with pytest.raises(ValueError, match="mode='genes' draws one panel per gene, and 101 genes"):
         plot_heatmap(a, list(a.var_names[:101]), time_key="latent_time", mode="genes")
+
+
+def test_trends_accessors_take_names(dg50):
+    from fatebook.trends import compute_gene_trends, plot_cluster_trends
+    a = _named(dg50); genes = list(a.var_names[:3])
+    tr = compute_gene_trends(a, genes, 7, time_key="latent_time", layer="Ms")
+    assert tr.frame(7).shape == (3, 200) and tr.peak_time(7).name == "7_peak" and len(tr.x("7")) == 200
+    with pytest.raises(ValueError, match="what='band' is not valid"):
+        tr.frame(7, "band")
+    with pytest.raises(KeyError, match="Unknown lineage 'late'"):
+        tr.frame("late")
+    with pytest.raises(ValueError, match="DataFrame `cluster_trends` returns"):
+        plot_cluster_trends(pd.DataFrame({"cluster": [0, 1]}))

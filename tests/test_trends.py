@@ -232,6 +232,7 @@ def test_zero_genes_are_not_called_unconverged(dg100):
     (dict(lineages=[]), ValueError, "No lineage selected"),
     (dict(genes=[]), ValueError, "No genes given"),
     (dict(time_range=(5, 6)), ValueError, r"the given time_range \(5, 6\) holds too few"),
+    (dict(nknots=8), TypeError, "did you mean 'n_knots' for 'nknots'"),
 ])
 def test_parameter_errors_name_value_and_fix(dg50, kw, exc, msg):
     from fatebook.trends import compute_gene_trends

@@ -19,7 +19,7 @@ Stages (seconds; each includes the fits):
 
 usage: .venv/bin/python bench/bench_trends.py [--n-genes 2000] [--repeat 1] [--cr-jobs 1] [--cr-genes N]
                                                 [--threads T] [--no-cellrank] [--skip-cr-heatmap]
-Prints a table (ratio = CellRank / fatebook) with the machine load, writes bench/results/trends_*.json|txt.
+Prints a table (ratio = CellRank / fatebook; wall seconds per stage, then CPU seconds, steadier on a shared machine) with the machine load, writes bench/results/trends_*.json|txt.
 No assertions: timings on a shared machine are noisy.
 """
 from __future__ import annotations
@@ -151,8 +151,8 @@ def main():
     for n, rs in cols.items():
         for r in rs:
             if "error" in r: print(f"{n} FAILED: {r['error']}", flush=True)
-    def agg(rs, key):
-        v = [r["seconds"][key] for r in rs if "error" not in r and key in r.get("seconds", {})]
+    def agg(rs, key, what="seconds"):
+        v = [r[what][key] for r in rs if "error" not in r and key in r.get(what, {})]
         return statistics.median(v) if v else None
     names = list(cols); rows = []
     for s in ["import", "read", "trends", "heatmap", "gene_trends"]:
@@ -164,6 +164,12 @@ def main():
                 vals[1] *= ok[0]["n_genes"] / ok[0]["trends_genes"]; mark = "*"
         ratio = f"{vals[1] / vals[0]:.0f}x" if len(vals) > 1 and vals[0] and vals[1] else "-"
         rows.append([s, *[fmt_s(v) + (mark if i == 1 else "") for i, v in enumerate(vals)], ratio])
+        # CPU seconds of the same stage: steadier than wall time on a shared machine
+        cpu = [agg(cols[n], s, "cpu_seconds") for n in names]
+        if mark and len(cpu) > 1 and cpu[1] is not None: cpu[1] *= vals[1] / agg(cols[names[1]], s) if agg(cols[names[1]], s) else 1
+        if all(c is not None for c in cpu):
+            rows.append([f"  {s} (CPU)", *[fmt_s(c) + (mark if i == 1 else "") for i, c in enumerate(cpu)],
+                         f"{cpu[1] / cpu[0]:.0f}x" if len(cpu) > 1 and cpu[0] else "-"])
     rss = [statistics.median([r["peak_rss_mb"] for r in cols[n] if "error" not in r] or [float("nan")]) for n in names]
     rows.append(["peak RSS (MB)", *[f"{x:.0f}" for x in rss], "-"])
     m = machine()

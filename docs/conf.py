@@ -3,7 +3,6 @@
 The sources are the notebooks after nbdev's processing, staged by tools/docs.py into `_build/docs/src`; MyST-NB renders
 them with execution off, so readers see the outputs stored in the notebooks.
 """
-import os
 import re
 from pathlib import Path
 
@@ -27,14 +26,15 @@ suppress_warnings = ["myst.header"]         # show_doc entries are level-3 headi
 
 html_theme = "furo"
 html_title = f"fatebook {version}"
-html_static_path = ["_static"] + ([os.environ["FATEBOOK_DOCS_STATIC"]] if os.environ.get("FATEBOOK_DOCS_STATIC") else [])
+html_static_path = ["_static"]
 html_css_files = ["fatebook.css"]
 html_favicon = "_static/favicon.svg"
 html_copy_source = False
 html_show_sourcelink = False
 html_last_updated_fmt = None
 html_theme_options = {"navigation_with_keys": True}
-# MathJax 2 from the site's own static files (copied from the jupyter-server-mathjax package by tools/docs.py)
+# MathJax 2 from the site's own static files (put into _static/mathjax from the jupyter-server-mathjax package by
+# tools/docs.py after Sphinx has run)
 mathjax_path = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full"
 # That package ships the STIX-Web fonts only (as Jupyter's classic notebook configures MathJax)
 mathjax2_config = {"tex2jax": {"inlineMath": [["\\(", "\\)"]], "displayMath": [["\\[", "\\]"]],

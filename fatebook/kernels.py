@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from .core import (Key, MissingKeyError, require_key, check_adata, check_row_stochastic, cells_str,
-                           progress, as_rng, fmt_params, info, warn, check_int, check_range, check_bool, as_name,
+                           progress, as_rng, fmt_params, info, warn, debug, check_int, check_range, check_bool, as_name,
                            find_name)
 
 # %% auto #0
@@ -157,7 +157,7 @@ class KernelExpression:
         self.adata.obsp[key] = T.copy()
         self.adata.uns[pkey] = {"class": record["class"], "repr": repr(self), "params": _h5_safe(record["params"]),
                                 "json": json.dumps(record, default=_json_default)}
-        info(f"Adding `adata.obsp['{key}']`\n       `adata.uns['{pkey}']`")
+        debug(f"Adding `adata.obsp['{key}']`\n       `adata.uns['{pkey}']`")
 
     def _record(self) -> dict:
         return {"class": "expression", "repr": repr(self), "params": self.params, "init": {}, "backward": self.backward}

@@ -1,5 +1,4 @@
-"""Shared sparse linear algebra: threads for large sparse products, block GMRES with deflation, the I − Q operator
-and the solver choice, strongly connected components and recurrent classes, and synthetic test chains.
+"""Shared sparse linear algebra: threads for large sparse products, block GMRES with deflation, the I − Q operator and the solver choice, strongly connected components and recurrent classes, and synthetic test chains.
 
 Docs: https://fatebook.github.io/fatebook/linalg.html.md"""
 
@@ -169,8 +168,9 @@ def block_gmres(A, # sparse (or any object with `@`) n x n matrix
                ) -> tuple:
     "GMRES on all columns of B at once (independent Krylov spaces, one sparse mat-mat per step); returns (X, converged[, info])."
     if sp.issparse(A): A = RowSplit(A)
-    CU = _deflation(A, np.asarray(deflate, dtype=float)) if deflate is not None else (None, None)
-    with _blas_single(): X, conv, inf = _block_gmres(A, B, tol, restart, maxiter, M, x0, show, CU)
+    with _blas_single():   # the deflation basis too: its Gram matrix and products are tall-skinny BLAS work
+        CU = _deflation(A, np.asarray(deflate, dtype=float)) if deflate is not None else (None, None)
+        X, conv, inf = _block_gmres(A, B, tol, restart, maxiter, M, x0, show, CU)
     return (X, conv, inf) if return_info else (X, conv)
 
 def _block_gmres(A, B, tol, restart, maxiter, M, x0, show, CU=(None, None)):
@@ -279,9 +279,10 @@ class _Factor:
     def _operator(self):   # A as used by GMRES, and the deflation basis: built once, shared by every solve
         if self._op is None:
             self._op = RowSplit(self.A) if sp.issparse(self.A) else self.A
-            if isinstance(self.deflate, tuple):   # (Z, A Z) known, e.g. from a Schur relation (`schur_deflation`)
-                self._CU = _deflation(self._op, np.asarray(self.deflate[0], dtype=float), self.deflate[1])
-            elif self.deflate is not None: self._CU = _deflation(self._op, np.asarray(self.deflate, dtype=float))
+            with _blas_single():   # one BLAS thread (2 threads made pancreas fates 10x slower under load)
+                if isinstance(self.deflate, tuple):   # (Z, A Z) known, e.g. from a Schur relation (`schur_deflation`)
+                    self._CU = _deflation(self._op, np.asarray(self.deflate[0], dtype=float), self.deflate[1])
+                elif self.deflate is not None: self._CU = _deflation(self._op, np.asarray(self.deflate, dtype=float))
         return self._op
 
     def _mat(self): return self.A.matrix() if isinstance(self.A, _IMinus) else self.A

@@ -1,5 +1,4 @@
-"""Sorted real Schur decompositions (dense, ARPACK, SLEPc), forbidden numbers of states, the eigengap, the
-eigendecomposition used by CFLARE and stationary distributions of (possibly reducible) chains.
+"""Sorted real Schur decompositions (dense, ARPACK, SLEPc), forbidden numbers of states, the eigengap, the eigendecomposition used by CFLARE and stationary distributions of (possibly reducible) chains.
 
 Docs: https://fatebook.github.io/fatebook/schur.html.md"""
 
@@ -568,9 +567,9 @@ def sorted_schur(T, # row-stochastic transition matrix (n x n), scipy sparse or 
         method, extra = "arpack", {**extra, "sstep_error": str(e)}
     lam = schur_eigenvalues(R)
     if mp > m:
-        info(f"n_components={m} would split a complex conjugate pair; using n_components={mp}.")
+        debug(f"n_components={m} would split a complex conjugate pair; using n_components={mp}.")
     forb = forbidden_n_states(R)
-    if forb: info(f"When computing macrostates, choose a number of states NOT in {forb}.")
+    if forb: debug(f"When computing macrostates, choose a number of states NOT in {forb}.")
     gap = eigengap(lam) if len(lam) > 1 else 0
     params = dict(n_components=m, method=method, which=which, tol=tol, eta="uniform" if uniform else "custom",
                   seconds=round(time.perf_counter() - t0, 3), **extra)

@@ -160,6 +160,13 @@ def test_pages_in_chromium(site):
             assert "fatebook" in title, f"{name}: title {title!r}"
         n_img = drv.execute_script("return document.images.length")   # still on the tutorial
         assert n_img >= 5, f"the tutorial shows {n_img} images"
+        # the site's styles reach the outputs: long outputs scroll in their box, DataFrames without a cell grid
+        style = drv.execute_script("""
+            const pre = document.querySelector('div.cell_output .output pre'), td = document.querySelector('table.dataframe td');
+            return {pre: pre && [getComputedStyle(pre).maxHeight, getComputedStyle(pre).overflowY],
+                    td: td && getComputedStyle(td).borderTopStyle};""")
+        assert style["pre"] and style["pre"][0] != "none" and style["pre"][1] == "auto", style
+        assert style["td"] == "none", style
         for name in all_pages:
             if name not in problems: problems[name] = browser_problems(drv, f"{url}/{name}")
         # search (Sphinx's client-side index) finds an API entry

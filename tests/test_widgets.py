@@ -279,7 +279,7 @@ def test_state_with_no_cells_from_clusters(_dg_cache):
     labels = dict((v, l) for l, v in f.w["terminal_states"].options)
     assert labels["Ductal"] == "Ductal (0 cells!)"
     g0 = f.estimator
-    assert f.set(terminal_states=["Astrocytes", "Ductal"]) is False
+    assert f.set(terminal_states=["Astrocytes", "Ductal"], initial_states=[]) is False
     assert "['Ductal'] have no cells" in f.message and "remove_unused_categories()" in f.message
     assert f.estimator is g0
 
@@ -334,3 +334,379 @@ def test_a_step_failing_half_way_leaves_the_anndata_as_it_was(_dg_cache, monkeyp
         assert set(getattr(a, s).keys()) == set(d) and all(getattr(a, s)[key] is v for key, v in d.items()), s
     pd.testing.assert_frame_equal(a.obs, obs)
     assert a.obsm[Key.obsm.fate_probs()] is fates0
+
+
+# ---- E2: the claims counted on the real calls, the background optimisation, hostile data, the code round trips ------
+def _count(monkeypatch, owner, name, counter, key):
+    "Wrap `owner.name` so that every real call adds one to `counter[key]`."
+    orig = getattr(owner, name)
+    def wrapped(*a, **k):
+        counter[key] += 1
+        return orig(*a, **k)
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+@pytest.fixture
+def real_calls(monkeypatch):
+    "Counts of the real computations: each kernel's transition matrix and the Schur decompositions (GPCCA memberships:"
+    " counted at the widget's boundary, `memo._orig`, the library's `gpcca_memberships`)."
+    import collections, fatebook.schur
+    n = collections.Counter()
+    for cls in (VelocityKernel, ConnectivityKernel, PseudotimeKernel):
+        _count(monkeypatch, cls, "compute_transition_matrix", n, cls.__name__)
+    _count(monkeypatch, fatebook.schur, "sorted_schur", n, "schur")
+    return n
+
+
+def _working_n_states(m, candidates, k: int = 1) -> list[int]:
+    "The first `k` of `candidates` that the library can turn into macrostates with the pane's n_cells (tried on a fork)."
+    out = []
+    forb = m.estimator.eigendecomposition["forbidden"]
+    for n in candidates:
+        if n in forb or n == m.params["n_states"]: continue
+        g, snap = fw.fork(m.estimator), fw._snapshot(m.estimator.adata)
+        try:
+            with fw.quiet([]): g.compute_macrostates(n_states=n, n_cells=m.params["n_cells"], cluster_key=m.params["cluster_key"])
+        except Exception: continue
+        finally: fw._restore(m.estimator.adata, snap)   # the pane's AnnData as it was
+        out.append(n)
+        if len(out) == k: break
+    assert len(out) == k, f"fewer than {k} usable n_states among {candidates}"
+    return out
+
+
+def test_caches_counted_on_the_real_calls(_dg_cache, real_calls):
+    "New weights never recompute a kernel; a new n_states never recomputes the Schur vectors; each n_states is optimised"
+    " once; n_components and kernels seen before take their Schur vectors from the cache."
+    ex = fw.explore(_dg_cache(200).copy(), time_key="dpt_pseudotime", n_states=4, n_cells=20)
+    t, m = ex.tuner, ex.macro
+    built = dict(real_calls)
+    assert built["VelocityKernel"] == 1 and built["ConnectivityKernel"] == 1
+    for w in (0.5, 0.3, 0.0, 1.0, 0.2):
+        t.w["connectivity_weight"].value = w
+    t.w["velocity_weight"].value = 0.6; t.w["velocity_weight"].value = 0.8
+    t.w["pseudotime_weight"].value = 0.3; t.w["pseudotime_weight"].value = 0.5; t.w["pseudotime_weight"].value = 0.0
+    assert real_calls["VelocityKernel"] == 1 and real_calls["ConnectivityKernel"] == 1   # weights only re-add them
+    assert real_calls["PseudotimeKernel"] == 1                                            # once, then cached
+    assert ex.show("macrostates")
+    assert real_calls["schur"] == 1
+    orig, runs = m.memo._orig, []
+    m.memo._orig = lambda X, k, *a, **kw: runs.append(k) or orig(X, k, *a, **kw)   # every call into the library
+    ok = []
+    for k in range(2, 9):                                            # new numbers (some may be forbidden or fail)
+        if m.set(n_states=k): ok.append(k)
+    assert len(ok) >= 3, m.message
+    assert sorted(runs) == sorted(set(runs)) and 4 not in runs      # once per new number; 4 (shown first) not again
+    n_runs = len(runs)
+    for k in ok + ok:
+        m.w["n_states"].value = k
+        assert m.params["n_states"] == k
+    assert len(runs) == n_runs                                       # numbers seen before: from the cache
+    assert real_calls["schur"] == 1                                  # n_states never recomputes the Schur vectors
+    m.memo._orig = orig
+    m.set(n_states=4)
+    m.w["n_components"].value = 12; m.w["n_components"].value = 20
+    assert real_calls["schur"] == 2                                  # 12 is new; 20 comes back from the cache
+    assert m.estimator.schur_vectors.shape[1] in (20, 21) and m.estimator.macrostates is not None
+    t.w["connectivity_weight"].value = 0.5; assert ex.show("macrostates")
+    t.w["connectivity_weight"].value = 0.2; assert ex.show("macrostates")
+    assert real_calls["schur"] == 3                                  # the 0.5 kernel is new; 0.2 is the first one again
+    assert real_calls["VelocityKernel"] == 1 and real_calls["ConnectivityKernel"] == 1
+    # the cached Schur vectors are written back: the AnnData holds those of the kernel in use
+    np.testing.assert_array_equal(ex.work.obsm[Key.obsm.schur_vectors()], m.estimator.schur_vectors)
+    ref = GPCCA(ex.kernel).compute_schur(n_components=20)
+    np.testing.assert_allclose(np.abs(m.estimator.schur_vectors), np.abs(ref.schur_vectors), atol=1e-8)
+
+
+def test_initial_states_alone_keep_the_fates(dg_explorer_fresh):
+    ex = dg_explorer_fresh
+    f = ex.fates
+    n = f.calls["fates"]
+    other = [x for x in f.names() if x not in f.params["terminal_states"]]
+    for ini in ((), other[:1], ()):
+        assert f.set(initial_states=ini), f.message
+        assert f.calls["fates"] == n and f.estimator.fate_probabilities is not None
+        assert (f.estimator.initial_states is None) == (not ini)
+    assert Key.obs.init_states() not in ex.work.obs          # cleared with its AnnData keys
+    assert "set_initial_states" not in ex.code()
+
+
+@pytest.fixture
+def dg_explorer_fresh(_dg_cache):
+    ex = fw.explore(_dg_cache(200).copy(), time_key="dpt_pseudotime", n_states=4, n_cells=20)
+    assert ex.show("fates"), ex.fates.message
+    return ex
+
+
+def test_a_failed_first_visit_removes_its_preview(dg_explorer_fresh, monkeypatch):
+    "The preview of a first-visited n_states is replaced by the optimised result; if the optimisation fails, by the"
+    " previous macrostates again (never a preview left standing beside an error)."
+    import fatebook.gpcca
+    m = dg_explorer_fresh.macro
+    m.views.show("macrostates")
+    shown = []
+    m.views.out["macrostates"].observe(lambda ch: shown.append(bytes(ch["new"])), "value")
+    png0, g0 = bytes(m.views.out["macrostates"].value), m.estimator
+    k, = _working_n_states(m, (5, 6, 8, 9, 2, 11, 12))
+    m.memo.forget()                                                # k is a first visit for the widget
+    def boom(*a, **kw): raise np.linalg.LinAlgError("the optimisation broke down")
+    orig, m.memo._orig = m.memo._orig, boom
+    assert m.set(n_states=k) is False
+    assert m.message.startswith("LinAlgError: the optimisation broke down") and m.estimator is g0
+    assert len(shown) == 2 and shown[0] != png0 and shown[-1] == png0     # preview, then the previous figure again
+    m.memo._orig = orig
+    shown.clear()
+    assert m.set(n_states=k)
+    assert len(shown) == 2 and m.calls["preview"] >= 2                     # preview, then the result
+    m.views.invalidate(["macrostates"], render=False); m.views.render("macrostates")
+    assert bytes(m.views.out["macrostates"].value) == shown[-1]           # the last image is the result's own figure
+
+
+def test_background_optimisation_in_a_running_kernel(dg_explorer_fresh, monkeypatch):
+    "In a live kernel (a running event loop) an n_states chosen in the browser returns at once with its preview; the"
+    " controls stay live; a newer choice cancels the running optimisation; only the newest result is drawn."
+    import asyncio, time as _time
+    m = dg_explorer_fresh.macro
+    ex = dg_explorer_fresh
+    ex.show("macrostates"); m.views.show("macrostates")
+    orig, started = m.memo._orig, []
+    def slow(X, k, *a, **kw):                      # a slow optimisation (Python code, so it can be cancelled)
+        started.append(k)
+        for _ in range(150): _time.sleep(0.01)
+        return orig(X, k, *a, **kw)
+    m.memo._orig = slow
+    forb = m.estimator.eigendecomposition["forbidden"]
+    a, b, c = _working_n_states(m, (5, 6, 8, 9, 2, 11, 12, 13), 3)
+    m.memo.forget()                                # first visits for the widget
+    drawn = []                                     # what each macrostates figure shows
+    prev_fig, states_fig = m._preview_figure, fw.states_figure
+    monkeypatch.setattr(m, "_preview_figure", lambda g, k, p: drawn.append(("preview", k)) or prev_fig(g, k, p))
+    monkeypatch.setattr(fw, "states_figure", lambda g, *a, **kw: drawn.append(("result", g.macrostates.cat.categories.size))
+                        or states_fig(g, *a, **kw))
+    def pick(k):                                   # what a browser message does: set_state under a property lock
+        m.w["n_states"].set_state({"index": [v for _, v in m.w["n_states"].options].index(k)})
+
+    async def scenario():
+        t0 = _time.perf_counter()
+        pick(a)
+        assert _time.perf_counter() - t0 < 1.0 and m.pending[0]["n_states"] == a and m.params["n_states"] == 4
+        assert "optimising the memberships of n_states=" in m.message
+        await asyncio.sleep(0.3)
+        assert started == [a]
+        pick(b)                                    # the user moves on: a's optimisation is cancelled
+        m.views.show("spectrum"); m.views.show("macrostates")   # other views are served meanwhile; the preview stays
+        for _ in range(600):
+            if m.pending is None and not m._bg.running: break
+            await asyncio.sleep(0.02)
+
+    asyncio.run(scenario())
+    assert m.params["n_states"] == b and m.estimator.macrostates.cat.categories.size == b, m.message
+    assert started == [a, b]                                     # b started at once after a was stopped
+    assert m.memo.get(m.estimator.schur_vectors, a) is None      # a was cancelled, never finished
+    # no stale figure: a's result is never drawn, and after b's preview only b's preview (the view switch) and result
+    assert drawn[0] == ("preview", a) and ("result", a) not in drawn, drawn
+    after_b = drawn[drawn.index(("preview", b)):]
+    assert set(after_b[:-1]) == {("preview", b)} and after_b[-1] == ("result", b), drawn
+    assert m.calls["background"] >= 2 and "n_states=%d" % b in m.message
+    # a value set from code in the same running loop is computed at once (the plain-methods contract), and a change
+    # made while a choice is being optimised builds on that choice
+    async def from_code():
+        m.w["n_states"].value = a
+        assert m.params["n_states"] == a and m.pending is None
+        pick(c)
+        assert m.set(n_cells=15) and m.params["n_states"] == c and m.params["n_cells"] == 15
+        await asyncio.sleep(0.05)
+        assert not m._bg.running and m.pending is None
+    asyncio.run(from_code())
+    m.memo._orig = orig
+
+
+def _renamed(a, fn):
+    "A copy of `a` with the clusters renamed by `fn` (and their colours kept)."
+    b = a.copy()
+    b.obs["clusters"] = b.obs["clusters"].cat.rename_categories({c: fn(c) for c in b.obs["clusters"].cat.categories})
+    return b
+
+
+def test_cluster_names_with_commas(_dg_cache):
+    "Names are data: a cluster called 'Granule, mature' is one state (not a merge of 'Granule' and 'mature'), in the"
+    " lists, in merge text, in the printed code and in apply()."
+    a = _renamed(_dg_cache(200), lambda c: c.replace(" ", ", "))
+    ex = fw.explore(a, time_key="dpt_pseudotime", n_states=4, n_cells=20)
+    assert ex.show("fates"), ex.fates.message                     # the default states (macrostates 'Granule, immature_1', ...)
+    f = ex.fates
+    assert all("," in str(n) for n in f.params["terminal_states"] if "Granule" in str(n))
+    assert f.set(source="clusters", terminal_states=["Granule, mature", "Astrocytes", "Radial, Glia-like"],
+                 initial_states=["nIPC"]), f.message
+    assert list(f.estimator.fate_probabilities.names) == ["Astrocytes", "Granule, mature", "Radial, Glia-like"]
+    assert f.set(merge="Astrocytes, Radial, Glia-like"), f.message     # read against the names: a merge of two states
+    assert list(f.estimator.fate_probabilities.names) == ["Astrocytes, Radial, Glia-like", "Granule, mature"]
+    assert f.set(merge="Granule, Astrocytes") is False and "Unknown state(s) ['Granule']" in f.message
+    code = ex.code()
+    assert "'Granule, mature'" in code and ".astype(str).isin(['Astrocytes', 'Radial, Glia-like'])" in code
+    b = a.copy()
+    _, g = ex.apply(b)
+    assert list(g.fate_probabilities.names) == list(f.estimator.fate_probabilities.names)
+    np.testing.assert_allclose(np.asarray(g.fate_probabilities), np.asarray(f.estimator.fate_probabilities), atol=1e-12)
+    # macrostates named after such clusters, merged by tuple in the code
+    assert f.set(source="macrostates")
+    names = f.names()
+    gran = next(n for n in names if "," in n)
+    other = next(n for n in names if n != gran)
+    pair = (gran, other)                                       # merged lineages keep the order typed
+    assert f.set(terminal_states=[], merge=f"{gran}, {other}", initial_states=[]), f.message
+    assert list(f.estimator.fate_probabilities.names) == [", ".join(pair)] and repr(pair) in ex.code()
+    _, g = ex.apply(a.copy())
+    np.testing.assert_allclose(np.asarray(g.fate_probabilities), np.asarray(f.estimator.fate_probabilities), atol=1e-12)
+
+
+def test_state_keys_read_merges_against_the_names():
+    names = ["A", "B", "A, B", "C, D", "C", "D"]
+    assert fw.parse_groups("A, B; C", ["A", "B", "C"]) == [("A", "B"), ("C",)]
+    assert fw.parse_groups("A, B", names) == [("A, B",)]              # the name itself wins over a merge of A and B
+    assert fw.parse_groups("A, B, C", names) == [("A, B", "C")]
+    assert fw.parse_groups("A, B, C, D", ["A, B", "C, D", "A", "B, C", "D"]) == [("A, B", "C, D")]   # fewest names
+    with pytest.raises(ValueError, match="more than one way"):
+        fw.parse_groups("A, B, C", ["A, B", "C", "A", "B, C"])
+    with pytest.raises(KeyError, match=r"Unknown state\(s\) \['E'\]"):
+        fw.parse_groups("A, E", names)
+    assert fw.state_keys(["C", "A"], "", names) == [("A",), ("C",)]
+    with pytest.raises(KeyError, match="Unknown state"): fw.state_keys(["Nope"], "", names)
+    with pytest.raises(ValueError, match="more than one merge group"): fw.state_keys([], "A, C; C, D", ["A", "C", "D"])
+
+
+def test_integer_cluster_names(_dg_cache):
+    a = _dg_cache(200).copy()
+    a.obs["clusters"] = pd.Categorical(a.obs["clusters"].cat.codes.to_numpy())   # 0, 1, 2, ... as integers
+    assert a.obs["clusters"].cat.categories.dtype.kind == "i"
+    ex = fw.explore(a, time_key="dpt_pseudotime", n_states=4, n_cells=20)
+    assert ex.show("fates"), ex.fates.message
+    f = ex.fates
+    assert f.set(source="clusters", terminal_states=[0, 3, 4], merge="3, 4", initial_states=[9]), f.message
+    assert list(f.estimator.fate_probabilities.names) == ["0", "3, 4"]
+    _, g = ex.apply(a.copy())
+    np.testing.assert_allclose(np.asarray(g.fate_probabilities), np.asarray(f.estimator.fate_probabilities), atol=1e-12)
+
+
+def test_code_in_a_fresh_process_and_the_h5ad_round_trip(dg_explorer_fresh, _dg_cache, tmp_path):
+    "code() run by a fresh Python on the file gives the widget's result; apply() writes the usual keys, twice is a no-op,"
+    " and GPCCA.from_adata reads everything back after write/read_h5ad."
+    import subprocess, sys, anndata as ad
+    ex = dg_explorer_fresh
+    f = ex.fates
+    names = f.names()
+    assert f.set(terminal_states=names[1:], merge=", ".join(names[2:4]), initial_states=[]), f.message
+    ex.tuner.set(softmax_scale=3.0, connectivity_weight=0.3)
+    assert ex.show("fates"), ex.fates.message
+    src = tmp_path / "in.h5ad"
+    _dg_cache(200).write_h5ad(src)
+    script = (f"import warnings; warnings.simplefilter('ignore')\nimport anndata, numpy as np\n"
+              f"adata = anndata.read_h5ad({str(src)!r})\n{ex.code()}\n"
+              f"np.save({str(tmp_path / 'fates.npy')!r}, np.asarray(g.fate_probabilities))\n"
+              f"print(list(g.fate_probabilities.names))\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == repr(list(map(str, ex.estimator.fate_probabilities.names)))
+    np.testing.assert_allclose(np.load(tmp_path / "fates.npy"), np.asarray(ex.estimator.fate_probabilities), atol=1e-12)
+    a = _dg_cache(200).copy()
+    _, g = ex.apply(a)
+    assert ex.written and f"adata.obsm['{Key.obsm.fate_probs()}']" in ex.written
+    _, g2 = ex.apply(a)                                         # again: the same results, nothing new or changed
+    assert ex.written == [], ex.written
+    a.write_h5ad(tmp_path / "out.h5ad")
+    b = ad.read_h5ad(tmp_path / "out.h5ad")
+    r = GPCCA.from_adata(b)
+    for attr in ("macrostates", "terminal_states"):
+        assert list(getattr(r, attr).cat.categories) == list(getattr(g, attr).cat.categories)
+        assert (getattr(r, attr).astype(str) == getattr(g, attr).astype(str)).all()
+    assert r.initial_states is None
+    assert list(r.fate_probabilities.names) == list(g.fate_probabilities.names)
+    np.testing.assert_allclose(np.asarray(r.fate_probabilities), np.asarray(g.fate_probabilities), atol=0)
+    np.testing.assert_allclose(r.absorption_times.to_numpy(), g.absorption_times.to_numpy(), atol=0)
+    pd.testing.assert_frame_equal(r.lineage_drivers, g.lineage_drivers, check_names=False)
+    np.testing.assert_allclose(r.coarse_T.to_numpy(), g.coarse_T.to_numpy(), atol=0)
+
+
+def test_one_lineage_code_still_applies(dg_explorer_fresh, _dg_cache):
+    "With one lineage drivers cannot be computed: the widget says so, and code() leaves that step out (commented)."
+    ex = dg_explorer_fresh
+    f = ex.fates
+    assert f.set(terminal_states=f.names()[:1], initial_states=[]), f.message
+    f.views.show("drivers")                                    # the view and the status line say why
+    assert f.status.kind == "error" and "fate probabilities of the only lineage" in f.message
+    assert "not drawn. The fate probabilities of the only lineage" in f.views.out["drivers"].value
+    code = ex.code()
+    assert "# g.compute_lineage_drivers()  # not run: The fate probabilities of the only lineage" in code
+    _, g = ex.apply(_dg_cache(200).copy())
+    assert g.fate_probabilities.shape[1] == 1 and g.lineage_drivers is None and g.absorption_times is not None
+
+
+def test_data_without_an_embedding_clusters_or_velocity(_dg_cache):
+    base = _dg_cache(200)
+    a = base.copy(); del a.obsm["X_umap"]                      # no UMAP: the first other embedding, named in the figures
+    ex = fw.explore(a, time_key="dpt_pseudotime", n_states=4, n_cells=20)
+    assert ex.tuner.basis == "pca" and ex.show("fates"), ex.fates.message
+    a.obsm.clear()
+    with pytest.raises(Exception, match=r"No 2-D embedding.*scanpy.tl.umap"):
+        fw.explore(a)
+    with pytest.raises(Exception, match=r"X_tsne.*pass basis= one of \['diffmap', 'pca', 'umap'\]"):
+        fw.explore(base.copy(), basis="tsne")
+    b = base.copy(); del b.obs["clusters"]                     # no clusters: macrostates numbered, the cluster views say why
+    ex = fw.explore(b, time_key="dpt_pseudotime", n_states=4, n_cells=20)
+    assert ex.show("fates"), ex.fates.message
+    assert list(ex.macro.estimator.macrostates.cat.categories) == ["0", "1", "2", "3"]
+    assert ex.fates.views.render("by cluster") is False and "needs a categorical `cluster_key`" in ex.fates.message
+    assert ex.fates.set(source="clusters") is False and "needs a categorical `cluster_key`" in ex.fates.message
+    assert "cluster_key" not in ex.code()
+    c = base.copy()                                            # a pseudotime only, tuned backward
+    for layer in ("velocity", "Ms"): del c.layers[layer]
+    ex = fw.explore(c, time_key="dpt_pseudotime", backward=True, n_states=3, n_cells=20)
+    assert ex.tuner.params["pseudotime_weight"] == 0.8 and ex.kernel.backward is True
+    assert ex.show("fates"), ex.fates.message
+    code = ex.code()
+    assert "PseudotimeKernel(adata, backward=True, time_key='dpt_pseudotime')" in code and "VelocityKernel" not in code
+    _, g = ex.apply(c.copy())
+    np.testing.assert_allclose(np.asarray(g.fate_probabilities), np.asarray(ex.estimator.fate_probabilities), atol=1e-12)
+    assert Key.obsm.fate_probs(True) in ex.work.obsm
+
+
+def test_controls_are_labelled_with_the_parameter_names(dg_explorer_fresh):
+    ex = dg_explorer_fresh
+    for pane in (ex.tuner, ex.macro, ex.fates):
+        named = [k for k in pane.w if k in pane.params and k != "source"]   # 'source' (fatebook's own) reads "states from"
+        assert named, pane
+        for k in named: assert pane.w[k].description == k, (k, pane.w[k].description)
+    assert {"velocity_weight", "softmax_scale", "backward"} <= set(ex.tuner.w) and "n_states" in ex.macro.w
+    assert ex.macro.w["cluster_key"].options == (None, "clusters", "age(days)", "clusters_enlarged")  # not fatebook's own
+
+
+def test_every_control_at_its_extremes(dg_explorer_fresh):
+    "Each slider at its minimum and maximum and each list entry: a result or a message (never an exception), and after a"
+    " message the previous result is still there and the control shows it."
+    import ipywidgets as W
+    ex = dg_explorer_fresh
+    for pane in (ex.tuner, ex.macro, ex.fates):
+        for name, w in pane.w.items():
+            if isinstance(w, W.Button) or w.disabled: continue
+            if isinstance(w, (W.FloatSlider, W.IntSlider, W.FloatLogSlider)):
+                values = [w.min, w.max] if not isinstance(w, W.FloatLogSlider) else [w.base ** w.min, w.base ** w.max]
+            elif isinstance(w, (W.Dropdown, W.ToggleButtons)):
+                values = [v for _, v in w.options] if w.options and isinstance(w.options[0], tuple) else list(w.options)
+                values = values if len(values) <= 4 else [values[0], values[-1]]     # the first and the last entry
+            elif isinstance(w, W.SelectMultiple): values = [tuple(v for _, v in w.options), ()]
+            elif isinstance(w, W.Checkbox): values = [not w.value]
+            elif isinstance(w, W.Text): values = ["; ;"]
+            else: continue
+            start = w.value
+            for v in values + [start]:                # each extreme, then back to where it was
+                w.value = v
+                assert "Traceback" not in pane.message, (name, v, pane.message)
+                if pane.status.kind == "error" and name in pane.params:
+                    assert "previous result is kept" in pane.message, (name, v, pane.message)
+                    assert w.value == pane.params[name] or name.endswith("_states"), (name, v, w.value)   # shows the kept value
+        if pane is ex.tuner: ex.tuner.set(velocity_weight=0.8, connectivity_weight=0.2, pseudotime_weight=0.0)
+        if pane is ex.macro:
+            assert ex.show("macrostates"); ex.macro.set(n_components=20, n_states=4, n_cells=20)
+        if pane is ex.tuner: assert ex.show("macrostates")
+    assert ex.show("fates"), ex.fates.message
+    assert ex.show("result") and "compute_fate_probabilities" in ex.code_html.value

@@ -22,8 +22,8 @@ from .estimators import (BaseEstimator, name_states, check_cluster_key, _lineage
 # %% auto #0
 __all__ = ['block_chain', 'check_schur_vectors', 'inner_simplex_vertices', 'initial_rotation', 'fill_matrix',
            'crispness_objective', 'crispness_objective_grad', 'smooth_crispness_objective_grad', 'GPCCAResult',
-           'optimize_rotation', 'canonical_basis', 'gpcca_memberships', 'min_chi', 'coarse_grain', 'coarse_stationary',
-           'top_cells_groups', 'top_cells', 'GPCCA']
+           'optimize_rotation', 'canonical_basis', 'gpcca_memberships', 'vertex_optimize', 'min_chi', 'coarse_grain',
+           'coarse_stationary', 'top_cells_groups', 'top_cells', 'GPCCA']
 
 # %% ../nbs/07_gpcca.ipynb #d277366c
 def block_chain(sizes, leak=0.01, k: int = 10, seed: int = 0) -> sp.csr_matrix:
@@ -219,8 +219,11 @@ class GPCCAResult:
         return (f"GPCCAResult[n={self.chi.shape[0]}, m={self.chi.shape[1]}, crispness={self.crispness:.4f}, "
                 f"optimizer={self.optimizer!r}, n_fev={self.n_fev}, converged={self.converged}]")
 
-def optimize_rotation(X, A0, optimizer: str = "nelder-mead", xtol: float = 1e-4, ftol: float = 1e-4, maxiter: int|None = None):
-    "Minimise the crispness objective over the (m-1)^2 free entries of the rotation, starting from `A0`; returns (A, f, info)."
+_OPTIMIZERS = ("vertex", "nelder-mead", "nm", "lbfgs", "l-bfgs", "gradient")
+
+def optimize_rotation(X, A0, optimizer: str = "vertex", xtol: float = 1e-4, ftol: float = 1e-4, maxiter: int|None = None):
+    """Minimise the crispness objective starting from rotation `A0`; returns (A, f, info). 'vertex': successive linear
+    programs to a vertex of the feasible set (`vertex_optimize`); 'nelder-mead' / 'lbfgs': over the (m-1)^2 free entries."""
     with _blas_single():   # tiny dense problems: BLAS thread start-up dominates (L-BFGS-B was 10x slower on 2 busy cores)
         return _optimize_rotation(X, A0, optimizer, xtol, ftol, maxiter)
 
@@ -240,6 +243,9 @@ def _extreme_rows(X) -> np.ndarray:
 def _optimize_rotation(X, A0, optimizer, xtol, ftol, maxiter):
     m = X.shape[1]; N = (m - 1) ** 2
     alpha0 = np.asarray(A0, float)[1:, 1:].ravel()
+    if optimizer == "vertex":
+        A, inf = vertex_optimize(X, fill_matrix(A0, X), maxiter=maxiter)
+        return A, float(m - _trace(A)), inf
     if optimizer in ("nelder-mead", "nm"):
         maxiter = 200 * N if maxiter is None else maxiter
         res = minimize(_crispness_t, alpha0, args=(np.ascontiguousarray(X[_extreme_rows(X)][:, 1:].T),), method="Nelder-Mead",
@@ -258,7 +264,8 @@ def _optimize_rotation(X, A0, optimizer, xtol, ftol, maxiter):
         res.nfev = nfev + sum(r.nfev for r in cands); res.nit = nit + sum(r.nit for r in cands)
         res.success = all(r.success for r in cands)
     else:
-        raise ValueError(f"Unknown optimizer {optimizer!r}; use 'nelder-mead' (the reference) or 'lbfgs' (gradient-based).")
+        raise ValueError(f"Unknown optimizer {optimizer!r}; use 'vertex' (converged, the default), 'nelder-mead' (CellRank's) "
+                         "or 'lbfgs' (gradient-based).")
     A = fill_matrix(_rotation(res.x, m), X)
     return A, float(res.fun), dict(n_iter=int(res.get("nit", 0)), n_fev=int(res.get("nfev", 0)), converged=bool(res.success))
 
@@ -273,15 +280,43 @@ def canonical_basis(X, idx=None) -> np.ndarray:
     sgn = np.sign(np.diag(R)); sgn[sgn == 0] = 1
     return Q * sgn * np.sqrt(n)
 
-def gpcca_memberships(X, m: int|None = None, optimizer: str = "nelder-mead", xtol: float = 1e-4, ftol: float = 1e-4,
+def gpcca_memberships(X, m: int|None = None, optimizer: str = "vertex", xtol: float = 1e-4, ftol: float = 1e-4,
                       maxiter: int|None = None, basis: str = "given") -> GPCCAResult:
     """GPCCA memberships from Schur vectors `X` (n x >=m, first column constant): ISA start, crispness optimisation, chi = X A.
 
-    `basis='given'` optimises in the coordinates of `X`, as the reference implementation does (CellRank parity); the
-    result does not change when Schur vectors flip sign or swap (Nelder–Mead is equivariant under signed permutations),
-    which covers every fatebook Schur backend. `basis='canonical'` first maps X to `canonical_basis(X)`, so any basis
-    of the same subspace — also one mixed by an arbitrary rotation — gives the same memberships to rounding."""
+    `optimizer='vertex'` (default) climbs from the ISA start to a vertex of the feasible set that no linear program can
+    improve (`vertex_optimize`): converged, so any basis of the same subspace (any Schur backend) gives the same
+    memberships to the accuracy of the subspace. `optimizer='nelder-mead'` is CellRank's path (pyGPCCA's `fmin` with
+    `xtol`, `ftol`, `maxiter`; parity with CellRank on the same Schur vectors), stopped far from the optimum for m >= 5.
+    `basis` matters for Nelder–Mead and L-BFGS only: 'given' optimises in the coordinates of `X` (CellRank's); its
+    result does not change when Schur vectors flip sign or swap (Nelder–Mead is equivariant under signed permutations);
+    'canonical' first maps X to `canonical_basis(X)`. Results are memoised for the same X, m and options (`_MEMO`)."""
     check_choice("basis", basis, ("given", "canonical"))
+    check_choice("optimizer", optimizer, _OPTIMIZERS)
+    try: key = _memo_key(X, m, optimizer, xtol, ftol, maxiter, basis)
+    except Exception: key = None                    # not an array: check_schur_vectors says what is wrong
+    if key is None: return _gpcca_memberships(X, m, optimizer, xtol, ftol, maxiter, basis)
+    if key in _MEMO:
+        _MEMO.move_to_end(key); return _copy_result(_MEMO[key])
+    res = _gpcca_memberships(X, m, optimizer, xtol, ftol, maxiter, basis)
+    _MEMO[key] = _copy_result(res)
+    while len(_MEMO) > _MEMO_SIZE: _MEMO.popitem(last=False)
+    return res
+
+_MEMO, _MEMO_SIZE = __import__("collections").OrderedDict(), 32
+
+def _memo_key(X, m, *opts):
+    "Content key of a call: a digest of the m Schur vectors used (not the array's identity), m and the options."
+    import hashlib
+    Xa = np.asarray(X)
+    Xm = np.ascontiguousarray(Xa if m is None else Xa[:, :m])
+    return (hashlib.blake2b(Xm.tobytes(), digest_size=16).hexdigest(), Xm.shape, str(Xm.dtype), m, *opts)
+
+def _copy_result(r: GPCCAResult) -> GPCCAResult:
+    from dataclasses import replace
+    return replace(r, chi=r.chi.copy(), rotation=r.rotation.copy(), vertices=r.vertices.copy())
+
+def _gpcca_memberships(X, m, optimizer, xtol, ftol, maxiter, basis) -> GPCCAResult:
     X = check_schur_vectors(X, m)
     m = X.shape[1]
     idx = inner_simplex_vertices(X, _checked=True)
@@ -293,12 +328,100 @@ def gpcca_memberships(X, m: int|None = None, optimizer: str = "nelder-mead", xto
     chi = X @ A
     if basis == "canonical": A = np.linalg.lstsq(X0, X, rcond=None)[0] @ A     # the rotation of the given X
     lo = chi.min()
-    if lo < -1e4 * _EPS:
+    if lo < (-1e-8 if optimizer == "vertex" else -1e4 * _EPS):   # 'vertex': the LP's feasibility tolerance (1e-10) x |X|
         raise ValueError(f"Some elements of chi are significantly negative (min {lo:.3g}); the Schur vectors may be "
                          "inaccurate: recompute them with a tighter tolerance or choose another number of states.")
     chi = np.clip(chi, 0, None); chi /= chi.sum(axis=1, keepdims=True)
+    name = optimizer if optimizer == "vertex" else "nelder-mead" if optimizer in ("nelder-mead", "nm") else "lbfgs"
     return GPCCAResult(chi=chi, rotation=A, crispness=(m - f) / m, objective=f, vertices=idx, min_chi=min_chi,
-                       optimizer="nelder-mead" if optimizer in ("nelder-mead", "nm") else "lbfgs", **inf)
+                       optimizer=name, **inf)
+
+# %% ../nbs/07_gpcca.ipynb #9c9e54b7
+_LP_TOL = 1e-10     # HiGHS' primal and dual feasibility tolerance (the smallest it accepts)
+
+def _trace(A) -> float:
+    "m - f = sum_j ||A[:, j]||^2 / A[0, j] (= m x crispness)."
+    return float(((A ** 2).sum(axis=0) / A[0]).sum())
+
+def _trace_grad(A) -> np.ndarray:
+    "Gradient of `_trace` with respect to every entry of A (m x m)."
+    G = 2 * A / A[0]
+    G[0] = 2 - (A ** 2).sum(axis=0) / A[0] ** 2
+    return G
+
+def _anchor_rows(X, idx) -> np.ndarray:
+    "Rows a with a . vec(B) = chi[v_j, j] - chi[v_j, k] (B column by column): vertex cell v_j stays most likely in state j."
+    m = X.shape[1]; R = []
+    for j in range(m):
+        for k in range(m):
+            if k == j: continue
+            r = np.zeros(m * m); r[j * m:(j + 1) * m] = X[idx[j]]; r[k * m:(k + 1) * m] = -X[idx[j]]; R.append(r)
+    return np.array(R)
+
+def _lp_vertex(X, G, rows, anchors):
+    """argmax <G, B> over {B : X B >= 0, B 1 = e_0, anchors . vec(B) >= 0}, a vertex, by constraint generation: the LP
+    over the cells `rows` only, then cells it makes negative are added until none is. Returns (B, rows, number of LPs)."""
+    from scipy.optimize import linprog
+    n, m = X.shape
+    A_eq = sp.csr_matrix(np.kron(np.ones((1, m)), np.eye(m)))           # variables: B column by column
+    for k in range(1, 201):
+        A_ub = sp.vstack([-sp.block_diag([sp.csr_matrix(X[rows])] * m), -sp.csr_matrix(anchors)], format="csr")
+        r = linprog(-G.T.ravel(), A_ub=A_ub, b_ub=np.zeros(A_ub.shape[0]), A_eq=A_eq, b_eq=np.eye(m)[0], bounds=(None, None),
+                    method="highs", options=dict(primal_feasibility_tolerance=_LP_TOL, dual_feasibility_tolerance=_LP_TOL))
+        if r.status != 0: raise RuntimeError(f"The vertex optimiser's linear program failed ({r.message}); use optimizer='nelder-mead'.")
+        B = r.x.reshape(m, m).T
+        C = X @ B
+        bad = C < -1e-9; bad[rows] = False
+        if not bad.any(): return B, rows, k
+        new = np.concatenate([np.argsort(C[:, j], kind="stable")[:20] for j in np.flatnonzero(bad.any(axis=0))])
+        rows = np.union1d(rows, new[bad[new].any(axis=1)])
+    raise RuntimeError("The vertex optimiser's constraint generation did not finish; use optimizer='nelder-mead'.")
+
+def _polish_vertex(X, B, anchors, tol: float = 1e-9):
+    """The vertex B exactly: solve its active constraints (memberships |chi_ij| < tol, anchor constraints within tol,
+    B 1 = e_0) by least squares. Returns B unchanged where they do not determine a unique point."""
+    n, m = X.shape; C = X @ B; b = B.T.ravel()
+    rows = []
+    for j in range(m):
+        act = np.flatnonzero(np.abs(C[:, j]) < tol)
+        M = np.zeros((len(act), m * m)); M[:, j * m:(j + 1) * m] = X[act]; rows.append(M)
+    rows.append(anchors[np.abs(anchors @ b) < tol])
+    M = np.vstack(rows + [np.kron(np.ones((1, m)), np.eye(m))])
+    rhs = np.r_[np.zeros(len(M) - m), np.eye(m)[0]]
+    x, _, rank, _ = np.linalg.lstsq(M, rhs, rcond=None)
+    if rank < m * m: return B
+    P = x.reshape(m, m).T
+    ok = (X @ P).min() >= -1e-9 and (anchors @ x).min() >= -1e-9 and np.abs(X @ (P - B)).max() < 1e-6
+    return P if ok else B
+
+def vertex_optimize(X, A0, idx=None, maxiter: int|None = None):
+    """Maximise the crispness m - f over the rotations feasible for X from the feasible `A0`, to convergence; returns
+    (A, info). `idx`: the inner-simplex vertices (computed if None).
+
+    The crispness is convex in A — a sum of ||A[:, j]||^2 / A[0, j], quadratic over linear — and the feasible set is a
+    polytope: memberships X A >= 0 with rows summing to 1 (A 1 = e_0), and every inner-simplex vertex cell v_j stays
+    most likely in its own state j (chi[v_j, j] >= chi[v_j, k]; without this, the crispest memberships of m states can
+    let a state fade to nothing). So a maximum lies at a vertex. Each step maximises the linearisation at A over the
+    polytope (one LP, HiGHS), which can only increase the crispness (convexity), until the vertex no longer changes:
+    successive linear programming (Mangasarian 1996). Every step is defined by the subspace alone, so the result does
+    not depend on the basis X is given in."""
+    n, m = X.shape
+    maxiter = 100 if maxiter is None else maxiter
+    idx = inner_simplex_vertices(X, _checked=True) if idx is None else idx
+    anchors = _anchor_rows(X, idx)
+    A = np.asarray(A0, float)
+    anchors = anchors[anchors @ A.T.ravel() >= -1e-9]   # (an anchor the feasible start breaks is left out)
+    F = _trace(A)
+    rows = np.unique(np.r_[idx, np.argsort(X @ A, axis=0, kind="stable")[:10].ravel()])
+    n_lp, converged = 0, False
+    with _blas_single():
+        for it in range(1, maxiter + 1):
+            B, rows, k = _lp_vertex(X, _trace_grad(A), rows, anchors); n_lp += k
+            FB = _trace(B)
+            if not FB > F * (1 + 1e-13): converged = True; break
+            A, F = B, FB
+        A = _polish_vertex(X, A, anchors)
+    return A, dict(n_iter=it, n_fev=n_lp, converged=converged)
 
 # %% ../nbs/07_gpcca.ipynb #1f0a8103
 def min_chi(X, m_min: int, m_max: int) -> dict:
@@ -485,7 +608,7 @@ class GPCCA(BaseEstimator):
             raise ValueError(f"n_cells={n_cells} is out of range: {m} states x {n_cells} cells > {self.n_obs} cells; "
                              f"use n_cells <= {self.n_obs // m} or n_cells=None.")
 
-    def _choose_n_states(self, lo: int, hi: int, criterion: str, optimizer: str, basis: str = "given"):
+    def _choose_n_states(self, lo: int, hi: int, criterion: str, optimizer: str = "vertex", basis: str = "given"):
         forb = list((self.eigendecomposition or {}).get("forbidden", []))
         skipped = {k: "it would split a complex-conjugate pair of eigenvalues" for k in range(lo, hi + 1) if k in forb}
         if lo == 2 and criterion == "minchi":
@@ -507,11 +630,11 @@ class GPCCA(BaseEstimator):
         res = {}
         for k in progress(cand, desc="GPCCA per n_states"):
             r = gpcca_memberships(self.schur_vectors, k, optimizer=optimizer, basis=basis)
-            empty = int((r.chi.sum(0) <= 1e-12).sum())
+            empty = int((np.bincount(r.chi.argmax(axis=1), minlength=k) == 0).sum())   # empty, or wins no cell
             res[k] = (r.crispness if empty == 0 else -r.crispness, r)
         best = max(res, key=lambda k: res[k][0])
-        info(f"n_states from {cand}: crispness = {{{', '.join(f'{k}: {v[0]:.3f}' for k, v in res.items())}}}; "
-             f"choosing {best}, the crispest memberships.")
+        info(f"n_states from {cand}: crispness = {{{', '.join(f'{k}: {v[0]:.3f}' for k, v in res.items())}}} (negative: a "
+             f"macrostate wins no cell); choosing {best}, the crispest memberships.")
         return best, res[best][1]
 
     @_atomic
@@ -521,8 +644,8 @@ class GPCCA(BaseEstimator):
                             cluster_key: str|None = None,    # obs column to name states by majority vote
                             on_forbidden: str = "raise",     # n_states splitting a complex pair: 'raise' or 'next'
                             criterion: str = "minchi",       # choosing from a range: 'minchi' (CellRank) or 'crispness'
-                            optimizer: str = "nelder-mead",  # 'nelder-mead' (reference) or 'lbfgs'
-                            basis: str = "given"):           # 'given' (the Schur vectors as computed; CellRank's path) or 'canonical' (any basis of the subspace)
+                            optimizer: str = "vertex",       # 'vertex' (converged, backend-independent), 'nelder-mead' (CellRank's) or 'lbfgs'
+                            basis: str = "given"):           # for 'nelder-mead'/'lbfgs': 'given' (CellRank's path) or 'canonical' (any basis of the subspace)
         """Fuzzy macrostates by GPCCA, their top cells, names and colours, and the coarse-grained chain.
 
         Every parameter is checked before any work; a failure leaves the estimator and the AnnData as they were.
@@ -533,7 +656,7 @@ class GPCCA(BaseEstimator):
         check_cluster_key(self._adata, cluster_key)
         check_choice("on_forbidden", on_forbidden, ("raise", "next"))
         check_choice("criterion", criterion, ("minchi", "crispness"))
-        check_choice("optimizer", optimizer, ("nelder-mead", "nm", "lbfgs", "l-bfgs", "gradient"))
+        check_choice("optimizer", optimizer, ("vertex", "nelder-mead", "nm", "lbfgs", "l-bfgs", "gradient"))
         check_choice("basis", basis, ("given", "canonical"))
         check_int("n_cells", n_cells, 1, none_ok=True, hint="Or None to assign every cell to its most likely macrostate.")
         X = self.schur_vectors
@@ -558,11 +681,23 @@ class GPCCA(BaseEstimator):
         chi = res.chi
         nonempty = int((chi.sum(0) > 1e-12).sum())
         if nonempty < m: warn(f"Only {nonempty} of {m} membership columns are non-empty: the chain has fewer macrostates.")
+        wins = np.bincount(chi.argmax(axis=1), minlength=m)
+        ghost = np.flatnonzero(wins == 0).tolist()
+        if n_cells is not None and ghost:
+            warn(f"n_states={m}: {len(ghost)} macrostate(s) are no cell's most likely state (largest membership "
+                 f"{', '.join(f'{chi[:, j].max():.2f}' for j in ghost)}), so the data hardly support {m} macrostates; "
+                 "consider fewer states (see the eigengap in plot_spectrum()).")
         n_closed = len(self._recurrent_classes()[0])
         if m < n_closed:
             warn(f"The chain has {n_closed} closed classes but only {m} macrostates were asked for, so some closed "
                  f"classes share a macrostate; consider n_states >= {n_closed}.")
-        labels = top_cells(chi, n_cells)
+        try: labels = top_cells(chi, n_cells)
+        except ValueError as e:
+            few = ", ".join(f"state {j}: {w}" for j, w in enumerate(wins) if n_cells and w < n_cells)
+            raise ValueError(f"{e} n_states={m}: cells whose most likely state it is — {few}; the data hardly support "
+                             f"{m} macrostates" + ("" if res.optimizer != "vertex" else " at the crispest memberships "
+                             "(optimizer='nelder-mead' gives CellRank's less crisp ones, which stop before the optimum)")
+                             + ".") from None
         names, colors = name_states(labels, m, self._adata, cluster_key, memberships=chi)
         counts = np.bincount(labels[labels >= 0], minlength=m)
         if (counts == 0).any():

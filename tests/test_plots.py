@@ -41,7 +41,7 @@ def dg_gpcca(dg200):
     from fatebook.estimators import GPCCA
     g = GPCCA(_kernel(dg200))
     g.compute_schur(n_components=10)
-    g.compute_macrostates(n_states=6, n_cells=10, cluster_key="clusters")
+    g.compute_macrostates(n_states=6, n_cells=10, cluster_key="clusters", optimizer="nelder-mead")  # CellRank's names (OL)
     g.set_terminal_states_from_macrostates(["Granule mature", "Astrocytes", "OL"])
     g.compute_fate_probabilities()
     g.compute_lineage_drivers(show_progress=False)

@@ -1,0 +1,215 @@
+"""fatebook.distributed: T read by row blocks, SLEPc Krylov–Schur and PETSc GMRES under `mpiexec -n 2`, against the
+single-process results (Schur subspace angle < 1e-6, fates to 1e-6) and hand-solvable truth (gambler's ruin)."""
+import functools, os, shutil, subprocess, sys
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from scipy.linalg import subspace_angles
+from fatebook.core import has_module, Key
+from fatebook.linalg import knn_chain
+from fatebook.schur import sorted_schur
+from fatebook.fate import fate_probabilities, gamblers_ruin
+from fatebook import distributed as D
+
+HAVE = all(has_module(m) for m in ("petsc4py", "slepc4py", "mpi4py"))
+
+
+def _mpi_ok():
+    if not HAVE: return False, "petsc4py/slepc4py/mpi4py not installed (bash tools/install_petsc.sh)"
+    try: exe = D.mpiexec()
+    except RuntimeError as e: return False, str(e)
+    return True, exe
+
+
+MPI_OK, MPI_WHY = _mpi_ok()
+
+
+def _require(ok, why):
+    "Skip with the reason where PETSc/MPI is absent; under CI (env `CI` set) that is an error: CI installs them."
+    def deco(f):
+        @functools.wraps(f)
+        def wrapper(*a, **k):
+            if not ok:
+                if os.environ.get("CI"): pytest.fail(f"CI must run the distributed tests, but: {why}")
+                pytest.skip(why)
+            return f(*a, **k)
+        return wrapper
+    return deco
+
+
+needs_petsc = _require(HAVE, "petsc4py/slepc4py/mpi4py not installed (bash tools/install_petsc.sh)")
+needs_mpi = _require(MPI_OK, f"no MPI launcher: {MPI_WHY}")
+pytestmark = pytest.mark.petsc
+
+
+def angle(X, Y): return float(subspace_angles(np.asarray(X), np.asarray(Y)).max())
+
+
+@pytest.fixture(scope="module")
+def chain():
+    "A 3-branch kNN chain (n = 3,000) with its tips as terminal states: labels 0..2, -1 transient."
+    T, t, b = knn_chain(3000, n_branches=3, seed=1)
+    lab = np.full(T.shape[0], -1, np.int64)
+    for k in range(3):
+        idx = np.flatnonzero(b == k); lab[idx[np.argsort(t[idx])[-15:]]] = k
+    return T, lab
+
+
+@pytest.fixture(scope="module")
+def small():
+    "A 1,000-cell chain for comparisons with the dense reference (method='brandts')."
+    T, t, b = knn_chain(1000, n_branches=3, seed=2)
+    lab = np.full(T.shape[0], -1, np.int64)
+    for k in range(3):
+        idx = np.flatnonzero(b == k); lab[idx[np.argsort(t[idx])[-10:]]] = k
+    return T, lab
+
+
+def test_row_blocks_cover_rows_in_order():
+    for n, size in [(10, 3), (7, 7), (5, 2), (1_000_001, 2)]:
+        blocks = [D.row_block(n, size, r) for r in range(size)]
+        assert blocks[0][0] == 0 and blocks[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+        assert max(b - a for a, b in blocks) - min(b - a for a, b in blocks) <= 1
+    assert D.row_block(10, 3, 0) == (0, 4) and D.row_block(10, 3, 2) == (7, 10)   # PETSc's layout: extra rows first
+
+
+def test_read_rows_every_format(tmp_path, chain):
+    import anndata as ad
+    T = chain[0]
+    D.write_csr(T, str(tmp_path / "T.h5"))
+    sp.save_npz(tmp_path / "T.npz", T)
+    a = ad.AnnData(X=np.zeros((T.shape[0], 0))); a.obsp[Key.obsp.T()] = T; a.write_h5ad(tmp_path / "a.h5ad")
+    for f in ("T.h5", "T.npz", "a.h5ad"):
+        p = str(tmp_path / f)
+        assert D.matrix_shape(p) == T.shape
+        for r0, r1 in [(0, 1), (17, 1200), (2999, 3000), (5, 5)]:
+            blk = D.read_rows(p, r0, r1)
+            assert blk.shape == (r1 - r0, T.shape[1]) and (blk != T[r0:r1]).nnz == 0
+    with pytest.raises(KeyError, match="obsp\\['nope'\\]"): D.read_rows(str(tmp_path / "a.h5ad"), 0, 3, key="nope")
+    with pytest.raises(ValueError, match="outside"): D.read_rows(str(tmp_path / "T.h5"), 10, 3001)
+
+
+@needs_petsc
+def test_single_rank_schur_and_fates_equal_fatebook(small):
+    T, lab = small
+    ref = sorted_schur(T, 10, method="brandts")                    # dense reference
+    res = D.distributed_schur(T, 10, show_progress=False)
+    assert res.vectors.shape == (T.shape[0], 10) and np.allclose(res.vectors[:, 0], 1)
+    assert angle(res.vectors, ref.vectors) < 1e-6
+    np.testing.assert_allclose(np.sort_complex(res.eigenvalues), np.sort_complex(ref.eigenvalues), atol=1e-9)
+    assert res.residual < 1e-9 and res.forbidden == ref.forbidden
+    B, inf = D.distributed_fates(T, lab, show_progress=False)
+    B0, _ = fate_probabilities(T, lab, solver="direct")
+    assert np.abs(B - np.asarray(B0)).max() < 1e-6 and np.allclose(B.sum(1), 1)
+    assert inf["solver"] == "petsc-mpi" and inf["n_transient"] == int((lab < 0).sum())
+
+
+@needs_petsc
+def test_petsc_matrix_input_and_a_given_eta(small):
+    "run()'s path: one PETSc copy of T for both stages. The caller's Mat is left unchanged unless overwrite=True."
+    T, lab = small
+    eta = np.random.default_rng(0).random(T.shape[0]) + 0.5; eta /= eta.sum()
+    A = D.petsc_matrix(T)
+    res = D.distributed_schur(A, 8, eta_rows=eta, show_progress=False)
+    ref = sorted_schur(T, 8, eta=eta, method="brandts")
+    assert angle(res.vectors, ref.vectors) < 1e-6 and np.allclose(res.vectors[:, 0], 1)
+    np.testing.assert_allclose(res.vectors.T @ (eta[:, None] * res.vectors), np.eye(8), atol=1e-8)   # XᵀDX = I
+    B, _ = D.distributed_fates(A, lab, show_progress=False)
+    indptr, indices, data = A.getValuesCSR()
+    assert (sp.csr_matrix((data, indices, indptr), shape=T.shape) != T).nnz == 0   # neither stage changed A
+    B0, _ = fate_probabilities(T, lab, solver="direct")
+    assert np.abs(B - np.asarray(B0)).max() < 1e-6
+    B2, _ = D.distributed_fates(A, lab, show_progress=False, overwrite=True)   # A becomes I - T and is freed
+    assert np.abs(B2 - B).max() < 1e-12
+
+
+@needs_petsc
+def test_errors_name_the_problem(chain):
+    T, lab = chain
+    bad = T.tolil(); bad[0, 0] += 0.5
+    with pytest.raises(ValueError, match="not row-stochastic: rows 0..2999: 1 rows do not sum to 1.*row 0"):
+        D.distributed_schur(bad.tocsr(), 5, show_progress=False)
+    with pytest.raises(ValueError, match="not row-stochastic: rows 0..2999: 1 rows do not sum to 1.*row 0, is off by 0.5"):
+        D.distributed_fates(D.petsc_matrix(bad.tocsr()), lab, show_progress=False)   # a PETSc Mat: its row sums
+    with pytest.raises(ValueError, match="without gaps"): D.distributed_fates(T, np.where(lab == 1, 2, lab), show_progress=False)
+    with pytest.raises(ValueError, match="no terminal cell"): D.distributed_fates(T, np.full(T.shape[0], -1), show_progress=False)
+
+
+@needs_mpi
+def test_two_ranks_cli_equals_single_process(tmp_path, chain):
+    "The README's entry point on an .h5ad (T in obsp, terminal states in obs): 2 ranks, results equal one process."
+    import anndata as ad
+    from fatebook.gpcca import gpcca_memberships
+    T, lab = chain
+    names = ["tipA", "tipB", "tipC"]
+    obs = pd.DataFrame({Key.obs.term_states(): pd.Categorical.from_codes(lab, categories=names)},
+                       index=[f"c{i}" for i in range(T.shape[0])])
+    a = ad.AnnData(X=np.zeros((T.shape[0], 0)), obs=obs); a.obsp[Key.obsp.T()] = T
+    a.write_h5ad(tmp_path / "in.h5ad")
+    out = tmp_path / "out.h5"
+    r = subprocess.run([D.mpiexec(), "-n", "2", sys.executable, "-m", "fatebook.distributed", str(tmp_path / "in.h5ad"),
+                        "--n-components", "10", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr
+    assert "read T (3,000 x 3,000" in r.stderr and "fates: 3 terminal states" in r.stderr   # progress lines on rank 0
+    res = D.read_results(str(out))
+    s, B = res["schur"], res["fates"]
+    assert res["run"]["ranks"] == 2 and len(res["run"]["peak_rss_mb"]) == 2
+    ref = sorted_schur(T, 10)
+    assert s.params["ranks"] == 2 and angle(s.vectors, ref.vectors) < 1e-6
+    np.testing.assert_allclose(np.sort_complex(s.eigenvalues), np.sort_complex(ref.eigenvalues), atol=1e-9)
+    B0, _ = fate_probabilities(T, lab, solver="direct", names=names)
+    assert B.names == names and np.abs(np.asarray(B) - np.asarray(B0)).max() < 1e-6
+    # GPCCA takes the distributed Schur vectors as they are: same memberships as from the single-process ones
+    C1, C0 = gpcca_memberships(s.vectors, 3).chi, gpcca_memberships(ref.vectors, 3).chi
+    perm = [int(np.argmax([np.corrcoef(C0[:, i], C1[:, j])[0, 1] for j in range(3)])) for i in range(3)]
+    assert sorted(perm) == [0, 1, 2] and np.abs(C0 - C1[:, perm]).max() < 1e-4
+
+
+@needs_mpi
+def test_two_ranks_gamblers_ruin_is_linear():
+    "Hand-solvable truth: a fair gambler's ruin on 0..N has P(reach N first | i) = i / N."
+    N = 200
+    T = gamblers_ruin(N, 0.5)
+    lab = np.full(N + 1, -1); lab[0], lab[N] = 0, 1
+    B, inf = D.mpi_fate_probabilities(T, lab, n_ranks=2, names=["ruin", "win"], timeout=300)
+    np.testing.assert_allclose(np.asarray(B)[:, 1], np.arange(N + 1) / N, atol=1e-8)
+    assert B.names == ["ruin", "win"] and inf["ranks"] == 2
+
+
+@needs_mpi
+def test_two_ranks_helpers_match_and_ranks_do_not_matter(chain):
+    T, lab = chain
+    s2 = D.mpi_schur(T, 6, n_ranks=2, timeout=300)
+    s1 = D.distributed_schur(T, 6, show_progress=False)
+    assert s2.vectors.shape == (T.shape[0], 6) and angle(s1.vectors, s2.vectors) < 1e-8
+
+
+@needs_mpi
+def test_unreachable_cells_stop_every_rank_with_a_clear_message(tmp_path):
+    "A closed, non-terminal pair of cells: no fate exists; both ranks stop (no hang) and the message says why."
+    T = gamblers_ruin(40, 0.5).tolil()
+    T[20, :] = 0; T[20, 21] = 1; T[21, :] = 0; T[21, 20] = 1          # 20 <-> 21 is closed
+    lab = np.full(41, -1); lab[0], lab[40] = 0, 1
+    with pytest.raises(RuntimeError, match="cannot reach a terminal state|did not converge"):
+        D.mpi_fate_probabilities(T.tocsr(), lab, n_ranks=2, timeout=120)
+
+
+@needs_mpi
+def test_failed_run_leaves_no_results_file(tmp_path, chain):
+    D.write_csr(chain[0], str(tmp_path / "T.h5"))
+    out = tmp_path / "out.h5"
+    r = subprocess.run([D.mpiexec(), "-n", "2", sys.executable, "-m", "fatebook.distributed", str(tmp_path / "T.h5"),
+                        "--key", "missing", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "no group 'missing'" in r.stderr
+    assert not out.exists() and not list(tmp_path.glob("out.h5.tmp*"))
+
+
+@needs_petsc
+def test_installed_petsc_is_built_with_mpi():
+    "tools/install_petsc.sh builds PETSc with MPICH, not the single-process stub `mpiuni` (pip's cache trap)."
+    import petsc
+    conf = open(os.path.join(petsc.get_petsc_dir(), "lib", "petsc", "conf", "petscvariables")).read()
+    assert "MPI_IS_MPIUNI = 1" not in conf

@@ -710,3 +710,41 @@ def test_every_control_at_its_extremes(dg_explorer_fresh):
         if pane is ex.tuner: assert ex.show("macrostates")
     assert ex.show("fates"), ex.fates.message
     assert ex.show("result") and "compute_fate_probabilities" in ex.code_html.value
+
+
+def test_a_bug_in_a_callback_is_a_message_not_a_traceback(dg_explorer_fresh, monkeypatch):
+    "Whatever escapes the steps' own error handling (here: a planted bug) is shown in the status line; the control"
+    " and the result stay usable."
+    ex = dg_explorer_fresh
+    m = ex.macro
+    def bug(self, *a, **k): raise AttributeError("'NoneType' object has no attribute 'schur_vectors'")
+    monkeypatch.setattr(fw.MacrostateExplorer, "_update", bug)
+    m.w["n_cells"].value = 15                                      # no exception reaches the caller (the browser)
+    assert m.status.kind == "error" and m.message.startswith("Unexpected error: AttributeError: 'NoneType'")
+    assert "last_error" in m.message and isinstance(m.last_error, AttributeError)
+    monkeypatch.setattr(fw.Views, "render_visible", bug)
+    ex.fates.views.tab.selected_index = 1
+    assert ex.fates.message.startswith("Unexpected error: AttributeError")
+    monkeypatch.undo()
+    assert m.set(n_cells=20) and ex.show("fates")
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    import io, matplotlib.image as mpimg
+    return mpimg.imread(io.BytesIO(bytes(png)), format="png")
+
+
+def test_figures_updated_in_place_equal_fresh_ones(dg_explorer_fresh):
+    "The projection and the fate maps are redrawn by updating the pane's own figure: the pixels equal a new figure's."
+    ex = dg_explorer_fresh
+    t, f = ex.tuner, ex.fates
+    for w in (0.5, 0.3):
+        t.set(connectivity_weight=w)
+        fresh = fw.fig_to_png(fw.projection_figure(t.kernel, basis=t.basis, color=t.cluster_key, dpi=t.dpi))
+        np.testing.assert_array_equal(_pixels(t.views.out["projection"].value), _pixels(fresh))
+    names = f.names()
+    for sel in (names[:2], names[1:3], names[:2], names[:3]):
+        assert f.set(terminal_states=sel, initial_states=[]), f.message
+        fresh = fw.fig_to_png(fw.fates_figure(f.estimator, dpi=f.dpi))
+        np.testing.assert_array_equal(_pixels(f.views.out["fate maps"].value), _pixels(fresh))
+    assert len(f._maps) == 2                                 # one figure per layout (two and three lineages)

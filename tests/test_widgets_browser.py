@@ -120,6 +120,35 @@ fetch(img.src).then(r => r.arrayBuffer()).then(b => {
 """
 
 
+_KERNEL_EXEC = """
+const [code, done] = arguments;
+const k = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
+const f = k.requestExecute({code: code, silent: false, store_history: false});
+let out = '';
+f.onIOPub = m => { if (m.header.msg_type === 'stream') out += m.content.text;
+                   if (m.header.msg_type === 'error') out += 'ERROR ' + m.content.ename + ': ' + m.content.evalue; };
+f.done.then(() => done(out)).catch(e => done('FAILED ' + e));
+"""
+
+
+def _kernel(drv, code: str) -> str:
+    "Run `code` in the notebook's kernel (after the widget messages queued before it) and return what it printed."
+    return drv.execute_async_script(_KERNEL_EXEC, code).strip()
+
+
+def _control(drv, kind: str, label: str):
+    "The visible control of class `widget-{kind}` whose label is `label`."
+    return drv.execute_script("""
+return [...document.querySelectorAll('.jp-OutputArea .widget-' + arguments[0])].find(
+    s => s.offsetParent !== null && s.querySelector('.widget-label') && s.querySelector('.widget-label').textContent.trim() === arguments[1]);""",
+                              kind, label)
+
+
+def _status(drv) -> str:
+    return drv.execute_script("""return [...document.querySelectorAll('.jp-OutputArea .widget-html-content')]
+                                 .filter(e => e.offsetParent !== null).map(e => e.textContent).join(' | ');""")
+
+
 def _image_hash(drv, img) -> tuple[str, int]:
     "SHA-256 of the PNG bytes the browser shows in `img` (read back from its blob URL), and their length."
     b64 = drv.execute_async_script(_IMG_BYTES, img)
@@ -209,6 +238,19 @@ return [...document.querySelectorAll('.widget-slider')].find(
             assert "T: 200 cells" in status and "Traceback" not in status, status
             print(f"\nslider {before} -> {after}; image {n0} -> {n1} bytes; redrawn {redraw:.2f} s after the readout")
 
+            # rapid moves: four drags without waiting; the kernel ends at the value the slider shows (no stale value wins)
+            drv.set_script_timeout(120)
+            for dx in (-30, 25, -20, 35):
+                ActionChains(drv).click_and_hold(handle).move_by_offset(dx, 0).release().perform()
+            shown = readout.text
+            t0, k_val = time.time(), None
+            while time.time() - t0 < 90:
+                k_val = _kernel(drv, "print(f\"{ex.tuner.params['connectivity_weight']:.2f} {ex.tuner.w['connectivity_weight'].value:.2f}\")")
+                if k_val == f"{shown} {shown}": break
+                time.sleep(0.5)
+            assert k_val == f"{shown} {shown}", (shown, k_val)
+            assert readout.text == shown and "Traceback" not in _status(drv)
+
             # the other tabs compute when opened
             for i, tab in enumerate(("macrostates", "fates", "result"), start=3):
                 _click_tab(drv, tab)
@@ -222,6 +264,36 @@ return [...document.querySelectorAll('.widget-slider')].find(
                 drv.save_screenshot(str(SHOTS / f"{i}_{tab}.png"))
             text = drv.execute_script("return document.querySelector('.jp-OutputArea').textContent")
             assert "Traceback" not in text and "Error displaying widget" not in text
+
+            # a new n_states chosen in the list: the preview, then the result, computed in the background in this kernel
+            _click_tab(drv, "macrostates")
+            from selenium.webdriver.support.ui import Select
+            sel = Select(_wait(drv, "const c = arguments[0]; return c && c.querySelector('select');", 60, "the n_states list",
+                               _control(drv, "dropdown", "n_states")))
+            current = sel.first_selected_option.text.split()[0]
+            new = next(o.text.split()[0] for o in sel.options if "✗" not in o.text and o.text.split()[0] not in (current, "2"))
+            sel.select_by_visible_text(next(o.text for o in sel.options if o.text.split()[0] == new))
+            _wait(drv, "return arguments[0]().includes('n_states=' + arguments[1] + ' (crispness');".replace(
+                  "arguments[0]()", "[...document.querySelectorAll('.jp-OutputArea .widget-html-content')].filter(e => e.offsetParent !== null).map(e => e.textContent).join(' | ')"),
+                  120, f"the macrostates of n_states={new}", None, new)
+            calls = _kernel(drv, "print(ex.macro.params['n_states'], ex.macro.calls['background'], ex.macro.pending)")
+            assert calls.split() == [new, "1", "None"], calls
+            _scroll_to_widget(drv)
+            drv.save_screenshot(str(SHOTS / "6_macrostates_new_n_states.png"))
+
+            # the fates tab, opened after the change: its figure and states follow the new macrostates
+            _click_tab(drv, "fates")
+            t0, state = time.time(), None
+            while time.time() - t0 < 120:
+                state = _kernel(drv, "print(ex.fates.stale, ex.fates.base is ex.macro.estimator, ex.tabs.selected_index, "
+                                     "ex.fates.status.kind)")
+                if state.startswith("False True 2") and not state.endswith("busy"): break
+                time.sleep(0.5)
+            time.sleep(0.5)
+            _scroll_to_widget(drv)
+            drv.save_screenshot(str(SHOTS / "7_fates_after_new_n_states.png"))
+            assert state in ("False True 2 ok", "False True 2 warning"), (state, _status(drv))
+            assert "Traceback" not in drv.execute_script("return document.querySelector('.jp-OutputArea').textContent")
 
             # offline: every resource the page loaded came from this server (or blob:/data: URLs it made)
             urls = drv.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")

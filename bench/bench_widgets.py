@@ -8,9 +8,10 @@ message to the browser is sent then; the browser's decoding is not included: tes
 end-to-end redraw of one slider move in JupyterLab). `cpu` is the process's CPU time for the same change: on a
 loaded machine it estimates the wall time on idle cores (the widgets' work runs on one thread: BLAS is limited to
 one thread inside them). `first image` is when the figure first changed: for an `n_states`
-visited for the first time the unoptimised preview is drawn at once, `figure` is the final one. `compute` is the
-widget's own timing of the step without drawing. Values that were seen before come from the caches and are listed as
-'(cached)'.
+visited for the first time the unoptimised preview is drawn at once, `figure` is the final one (here the change is made
+from code, so the optimisation runs in the foreground; made in the browser, it runs on the widget's worker thread and
+the controls answer meanwhile: `first image` is then what the user waits for). `compute` is the widget's own timing of
+the step without drawing. Values that were seen before come from the caches and are listed as '(cached)'.
 
 CellRank 2.3.3 (optional, its env `.venv-cellrank`): what a CellRank user re-runs for the same change, compute only
 (no figure): the kernel combination, a velocity kernel with the new `softmax_scale`, `compute_macrostates`,

@@ -1,5 +1,4 @@
-"""Beyond one machine: the Schur step (SLEPc Krylov–Schur) and the fate probabilities (PETSc GMRES) with the
-transition matrix distributed by rows over MPI ranks — `mpiexec -n N python -m fatebook.distributed`.
+"""Beyond one machine: the Schur step (SLEPc Krylov–Schur) and the fate probabilities (PETSc GMRES) with the transition matrix distributed by rows over MPI ranks — `mpiexec -n N python -m fatebook.distributed`.
 
 Docs: https://fatebook.github.io/fatebook/distributed.html.md"""
 

@@ -1,5 +1,4 @@
-"""The `Lineage` array, fate (absorption) probabilities, absorption times and unreachable-cell detection — pure
-functions on a transition matrix and a set of terminal cells.
+"""The `Lineage` array, fate (absorption) probabilities, absorption times and unreachable-cell detection — pure functions on a transition matrix and a set of terminal cells.
 
 Docs: https://fatebook.github.io/fatebook/fate.html.md"""
 

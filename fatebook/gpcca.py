@@ -782,8 +782,11 @@ class GPCCA(BaseEstimator):
         return labels, probs, colors, _lineage(sel, gnames, colors), dict(source="macrostates", states=gnames,
                                                                           groups=groups, n_cells=n_cells)
 
+    _SOURCE_RATIO = 0.25   # in-flow / out-flow below which the most upstream macrostate is a net source
+
     def _upstream_macrostate(self):
-        "(name, received/lost ratio) of the macrostate that loses the most mass relative to what it receives, if it plainly does (ratio < 0.1)."
+        """(name, received/lost ratio, lost, received) of the macrostate that loses the most mass per step relative to what
+        it receives, if it is a net source (ratio < `_SOURCE_RATIO`: at least 80 % of the mass crossing its boundary leaves)."""
         if self.coarse_T is None or self.coarse_initial_distribution is None or len(self.coarse_T) < 2: return None
         P = self.coarse_T.to_numpy(); w = self.coarse_initial_distribution.to_numpy()
         d = np.diag(P)
@@ -791,7 +794,7 @@ class GPCCA(BaseEstimator):
         got = w @ P - w * d                            # mass per step flowing in from the others
         ratio = np.where(lost > 0, got / np.where(lost > 0, lost, 1), np.inf)
         j = int(np.argmin(ratio))
-        return (self.coarse_T.index[j], float(ratio[j]), float(lost[j]), float(got[j])) if ratio[j] < 0.1 else None
+        return (self.coarse_T.index[j], float(ratio[j]), float(lost[j]), float(got[j])) if ratio[j] < self._SOURCE_RATIO else None
 
     def _check_terminal(self, labels, params=None):
         groups = (params or {}).get("groups") if (params or {}).get("source") == "macrostates" else None
@@ -800,8 +803,8 @@ class GPCCA(BaseEstimator):
         name, ratio, lost, got = up
         if any(name in g for g in groups):
             warn(f"Macrostate {name!r} is set as a terminal state, but it is the most upstream macrostate: per step it "
-                 f"sends {lost:.3g} of the mass to the other macrostates and receives {got:.3g} back ({ratio:.1%}), so "
-                 "cells leave it rather than end there — it looks like an initial state. Choose the terminal states by "
+                 f"sends {lost:.3g} of the mass to the other macrostates and receives {got:.3g} back ({ratio:.1%}; under "
+                 f"{self._SOURCE_RATIO:.0%} makes it a net source), so cells leave it rather than end there — it looks like an initial state. Choose the terminal states by "
                  "name (set_terminal_states_from_macrostates([...])), use predict_terminal_states(), or compute more "
                  "macrostates (see the eigengap in plot_spectrum()).")
 
@@ -809,7 +812,8 @@ class GPCCA(BaseEstimator):
     def set_terminal_states_from_macrostates(self, names=None, n_cells: int|None = None, allow_overlap: bool = False):
         """Terminal states from macrostates: `names` selects (None = all); a tuple of names (or 'A, B') merges them into
         one state made of top cells of every member, in proportion to their membership. Cells are the top `n_cells`.
-        Warns if the most upstream macrostate (one that plainly loses cells to the others) is among them.
+        Warns if the most upstream macrostate is among them and is a net source (it receives less than a quarter of
+        the mass it sends to the other macrostates per step).
 
         Writes: `obs[Key.obs.term_states]`, `..._probs`, colours, `obsm[Key.obsm.term_memberships]` + names."""
         if names is not None and not _is_keys(names):
@@ -908,6 +912,18 @@ class GPCCA(BaseEstimator):
         sel = list(cand.index[:n_states])
         self._set_states("initial", sel, allow_overlap=allow_overlap, n_cells=n_cells)
         return self
+
+    # ------------------------------------------------------------------ diagnostics (fatebook.diagnostics)
+    def tsi(self, n_macrostates: int, terminal_states=None, cluster_key: str|None = None, **kw) -> float:
+        """Terminal-state identification score (CellRank's `GPCCA.tsi`): `fatebook.diagnostics.tsi(self, n_macrostates,
+        terminal_states, cluster_key, **kw)` (`n_cells`, `optimizer`, `show_progress`)."""
+        from fatebook.diagnostics import tsi
+        return tsi(self, n_macrostates, terminal_states, cluster_key, **kw)
+
+    def plot_tsi(self, **kw):
+        "Plot of the identified terminal states against the number of macrostates: `fatebook.diagnostics.plot_tsi(self, **kw)`."
+        from fatebook.diagnostics import plot_tsi
+        return plot_tsi(self, **kw)
 
     # ------------------------------------------------------------------ reading back
     def _load(self):

@@ -169,9 +169,15 @@ def _eta_postprocess(P, Q, eta, which, PQ=None):
     c = Q.T @ se
     cap = float(c @ c)
     if cap < 1 - 1e-6:
-        raise ValueError(f"The constant vector is not in the span of the leading {m} Schur vectors "
-                         f"(captured {cap:.3g} of it). With which={which!r} the eigenvalue 1 is not among the "
-                         "leading eigenvalues; use which='LR' or a larger n_components.")
+        if which == "LM":
+            raise ValueError(f"The constant vector is not in the span of the leading {m} Schur vectors "
+                             f"(captured {cap:.6f} of it). With which='LM' the eigenvalue 1 is not among the "
+                             "leading eigenvalues; use which='LR' or a larger n_components.")
+        raise ValueError(f"The constant vector (eigenvector of the eigenvalue 1) is not in the span of the leading {m} "
+                         f"Schur vectors (captured {cap:.6f} of it): the eigenvalue 1 is in a cluster of nearly equal "
+                         "eigenvalues (nearly closed sets of cells) of which the solver found only a part. Use more "
+                         "Schur vectors than the cluster has members (n_components), or another method ('krylov' "
+                         "with SLEPc; 'brandts' on a dense matrix).")
     v = c / np.sqrt(cap); e = np.zeros(m); e[0] = 1.0; w = v - e
     V = Q - 2 * np.outer(Q @ w, w) / (w @ w) if np.linalg.norm(w) > 1e-15 else Q.copy()  # V = Q H, H e1 = v
     V[:, 0] = se
@@ -349,14 +355,16 @@ _SSTEP_CHECKS = 1        # random restarts after convergence that must find noth
 class SchurNotConverged(RuntimeError):
     "The iterative Schur method used its budget of products with T without converging; the message says how far it got."
 
-def _schur_sstep(P, m, which, tol, ncv=None, maxiter=None, seed=0, show=False, desc="Schur (Krylov-Schur)"):
-    with _blas_single(): return _schur_sstep_(P, m, which, tol, ncv, maxiter, seed, show=show, desc=desc)
+def _schur_sstep(P, m, which, tol, ncv=None, maxiter=None, seed=0, show=False, desc="Schur (Krylov-Schur)", known=None):
+    with _blas_single(): return _schur_sstep_(P, m, which, tol, ncv, maxiter, seed, show=show, desc=desc, known=known)
 
-def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, show=False, desc="Schur (Krylov-Schur)"):
+def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, show=False, desc="Schur (Krylov-Schur)",
+                  known=None):
     """Thick-restart Krylov–Schur whose basis grows by blocks of s products (block Gram–Schmidt + Cholesky QR, BLAS-3).
     Converged when the RMS residual of the wanted Schur vectors is <= tol; then `_SSTEP_CHECKS` restarts from a fresh
     random vector (the converged vectors locked) must find no further wanted eigenvalue. Stops with
-    `SchurNotConverged` after `maxiter` products."""
+    `SchurNotConverged` after `maxiter` products. `known`: an exact eigenvector of a wanted eigenvalue (for T, the
+    constant vector): a check starts from its part outside the converged span when there is one."""
     n = P.shape[0]
     k = m + 2                                  # as for ARPACK: the partner of the m-th eigenvalue, and one more
     if k + s >= n - 1:
@@ -414,7 +422,7 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
                 p += se
             it += 1
             if checking is not None:   # a check cycle: did the fresh random vector find a wanted eigenvalue we missed?
-                lam_new = schur_eigenvalues(H[checking:mb, checking:mb])
+                lam_new = np.linalg.eigvals(H[checking:mb, checking:mb])   # (Hessenberg, not yet triangular)
                 if max(_sort_key(x, which)[0] for x in lam_new) <= lam_cut + 1e-9:   # (1e-9: Ritz values may overshoot)
                     result[3].update(products=nmv, checks=checks)           # nothing new: the converged set stands
                     return result
@@ -443,7 +451,11 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
                 checks += 1
                 lam_cut = _sort_key(schur_eigenvalues(S[:mp, :mp])[-1], which)[0]
                 V[:, :kk] = X; H[:] = 0; H[:kk, :kk] = S[:kk, :kk]
-                z = rng.standard_normal(n)
+                z = rng.standard_normal(n); z /= np.linalg.norm(z)
+                if known is not None:   # a part of a known eigenvector outside the span: a missed member of its cluster
+                    r_ = known - V[:, :kk] @ (V[:, :kk].T @ known)   # (plus the random part: a start that is itself
+                    nr = np.linalg.norm(r_)                          # an eigenvector would make the s-step block singular)
+                    if nr > 1e-5 * np.linalg.norm(known): z += r_ / nr
                 for _ in range(2): z -= V[:, :kk] @ (V[:, :kk].T @ z)
                 V[:, kk] = z / np.linalg.norm(z)
                 p = checking = kk
@@ -535,7 +547,7 @@ def sorted_schur(T, # row-stochastic transition matrix (n x n), scipy sparse or 
     show = (None if n >= 100_000 else False) if show_progress is None else check_bool("show_progress", show_progress)
 
     def _run(meth):
-        Q, R, mp, extra = runners[meth](P, m, which, tol, **kw, **(dict(show=show) if meth == "sstep" else {}))
+        Q, R, mp, extra = runners[meth](P, m, which, tol, **kw, **(dict(show=show, known=np.sqrt(eta)) if meth == "sstep" else {}))
         PQ = extra.pop("_PQ", None)
         with _blas_single():
             try: X, R = _eta_postprocess(P, Q, eta, which, PQ)

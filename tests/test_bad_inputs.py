@@ -566,6 +566,28 @@ def test_upstream_warning_on_pancreas(pancreas_pp):
         g.set_terminal_states_from_macrostates()
     assert any("Macrostate 'Ngn3 low EP' is set as a terminal state" in m for m in log), log
     assert sum("is set as a terminal state" in m for m in log) == 1, log     # only the progenitors
+    name, ratio, lost, got = g._upstream_macrostate()
+    assert name == "Ngn3 low EP" and ratio < 0.05, ratio                       # measured 0.02
+    with capture_log(logging.WARNING) as log:
+        g.set_terminal_states_from_macrostates(["Alpha", "Beta"])             # Alpha: ratio 0.13, not the most upstream
+    assert not any("is set as a terminal state" in m for m in log), log
+
+
+@pytest.mark.slow
+def test_upstream_warning_on_pancreas_dynamical():
+    """The tutorial's input (scVelo's dynamical model): at 3 states the progenitors receive 13 % of the mass they send
+    (0.1 was the old threshold, which missed it); the warning names them, and only them."""
+    from helpers import build_pancreas_dynamical
+    import anndata as ad
+    a = ad.read_h5ad(build_pancreas_dynamical())
+    g = GPCCA(_kernel(a)); g.compute_schur(n_components=20)
+    g.compute_macrostates(n_states=3, cluster_key="clusters")
+    name, ratio, lost, got = g._upstream_macrostate()
+    assert name == "Ngn3 low EP" and 0.05 < ratio < GPCCA._SOURCE_RATIO, ratio   # measured 0.134
+    with capture_log(logging.WARNING) as log:
+        g.set_terminal_states_from_macrostates()
+    assert [m for m in log if "is set as a terminal state" in m][0].startswith("WARNING: Macrostate 'Ngn3 low EP'"), log
+    assert sum("is set as a terminal state" in m for m in log) == 1, log
 
 
 def test_inner_simplex_repeated_row_is_an_error():

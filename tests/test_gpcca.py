@@ -323,3 +323,22 @@ def test_too_many_states_is_reported(dg200, monkeypatch):
         g.compute_macrostates(n_states=5, cluster_key="clusters", n_cells=20)
     assert list(g.macrostates.cat.categories) == before               # the failed call changed nothing
     g.compute_macrostates(n_states=5, cluster_key="clusters", n_cells=20, optimizer="nelder-mead")
+
+
+def test_tsi_methods_delegate_to_diagnostics(monkeypatch):
+    "GPCCA.tsi / plot_tsi call fatebook.diagnostics.tsi / plot_tsi with the estimator first (lazy import), and agree with it."
+    import fatebook.diagnostics as D
+    sizes = [40, 60, 50, 70]
+    L = np.zeros((4, 4)); L[0, 1] = L[0, 2] = L[0, 3] = 0.02
+    T = block_chain(sizes, leak=L, k=8, seed=5)
+    lab = np.repeat(["p", "x", "y", "z"], sizes)
+    g = GPCCA(PrecomputedKernel(_adata(lab), matrix=T)).compute_schur(n_components=8)
+    score = g.tsi(4, ["x", "y", "z"], "clusters", n_cells=10)
+    assert 0 <= score <= 1
+    g2 = GPCCA(PrecomputedKernel(_adata(lab), matrix=T)).compute_schur(n_components=8)
+    assert D.tsi(g2, 4, ["x", "y", "z"], "clusters", n_cells=10) == score
+    calls = []
+    monkeypatch.setattr(D, "plot_tsi", lambda est, **kw: calls.append((est, kw)) or "fig")
+    monkeypatch.setattr(D, "tsi", lambda est, *a, **kw: calls.append((est, a, kw)) or 0.5)
+    assert g.plot_tsi(dpi=50) == "fig" and calls[-1] == (g, dict(dpi=50))
+    assert g.tsi(3, ["x"], "clusters", optimizer="vertex") == 0.5 and calls[-1] == (g, (3, ["x"], "clusters"), dict(optimizer="vertex"))

@@ -435,8 +435,11 @@ def has_module(module: str) -> bool:
 
 # %% ../nbs/00_core.ipynb #97b95bf2
 def progress(iterable: Iterable|None = None, total: int|None = None, desc: str|None = None, show: bool|None = None):
-    "A tqdm progress bar (notebook-aware) unless `show` is False or `settings.progress_bar` is off."
+    """A tqdm progress bar (notebook-aware) unless `show` is False or `settings.progress_bar` is off. `show=None` with
+    `settings.progress_bar` on leaves the choice to tqdm's defaults, so the environment variable `TQDM_DISABLE=1`
+    turns such bars off (batch jobs, stored notebook outputs); `show=True` shows the bar regardless."""
     from tqdm.auto import tqdm
+    if show is None and settings.progress_bar: return tqdm(iterable, total=total, desc=desc, leave=False)
     show = settings.progress_bar if show is None else show
     return tqdm(iterable, total=total, desc=desc, disable=not show, leave=False)
 

@@ -64,7 +64,7 @@ def _params_epilog(skip=()) -> str:
 def _wrap(text: str) -> str: return textwrap.fill(text, width=108)
 
 def build_parser() -> argparse.ArgumentParser:
-    "The `fatebook` argument parser (`run` and `report` subcommands)."
+    "The `fatebook` argument parser (sub-commands `fatebook run` and `fatebook report`)."
     p = argparse.ArgumentParser(prog="fatebook", description="Directed single-cell fate mapping (RNA velocity, GPCCA, fate probabilities, drivers).",
                                 formatter_class=_Fmt)
     p.add_argument("--version", action="version", version=f"fatebook {_version()}")

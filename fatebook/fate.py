@@ -20,7 +20,10 @@ __all__ = ['Lineage', 'unreachable_cells', 'fate_probabilities', 'gamblers_ruin'
 
 # %% ../nbs/04_fate.ipynb #a184e27c
 class Lineage(np.ndarray):
-    "An n x K array of per-lineage values (fate probabilities, memberships) with column `names` and hex `colors`."
+    """An n x K array of per-lineage values (fate probabilities, memberships) with column `names` and hex `colors`.
+
+    A subclass of `np.ndarray` (CellRank's `Lineage` is the model). Raises `ValueError` if `X` is not 1-D or 2-D, or if
+    `names` (unique) or `colors` do not have K entries."""
     def __new__(cls, X, names=None, colors=None):
         obj = np.asarray(X, dtype=float)
         if obj.ndim == 1: obj = obj[:, None]
@@ -34,6 +37,12 @@ class Lineage(np.ndarray):
         if len(colors) != k: raise ValueError(f"Got {len(colors)} colors for {k} lineages.")
         obj._names, obj._colors, obj._transposed = names, [to_hex(c) for c in colors], False
         return obj
+
+    def __init__(self,
+                 X: np.ndarray,                    # n x K values, one column per lineage (1-D: one lineage); copied as float64
+                 names: list[str] | None = None,   # K unique lineage names; default 'lineage_0', 'lineage_1', ...
+                 colors: list | None = None):      # K colours (any matplotlib colour, stored as hex); default scanpy's palette
+        "The array is built in `__new__` (numpy's rule for subclasses); this signature documents the arguments."
 
     def __array_finalize__(self, obj):
         if obj is None: return
@@ -126,13 +135,21 @@ class Lineage(np.ndarray):
         return f"Lineage{'.T' if self._transposed else ''}(shape={self.shape}, names={self._names})\n{np.asarray(self)!r}"
     __str__ = __repr__
 
-    def to_df(self, index=None) -> pd.DataFrame:
-        "A DataFrame with one column per lineage (cells x lineages)."
+    def to_df(self,
+              index: pd.Index | None = None,  # row labels (e.g. `adata.obs_names`); default 0..n-1
+             ) -> pd.DataFrame:
+        "A DataFrame with one column per lineage (cells x lineages), named by `names`."
         arr = np.asarray(self if not self._transposed else self.T)
         return pd.DataFrame(arr, columns=self._names, index=index)
 
-    def priming_degree(self, method: str = "kl_divergence", early_cells=None) -> np.ndarray:
-        "Per-cell commitment in [0, 1] (SPEC §6.4): KL divergence to the mean fate of `early_cells`, or entropy drop."
+    def priming_degree(self,
+                       method: str = "kl_divergence",  # 'kl_divergence' or 'entropy'; anything else raises `ValueError`
+                       early_cells: np.ndarray | None = None,  # indices or boolean mask of reference cells for 'kl_divergence'; default all
+                      ) -> np.ndarray:  # length n, min-max scaled to [0, 1]; NaN where a fate is NaN
+        """Per-cell commitment to a lineage (CellRank's `priming_degree`).
+
+        'kl_divergence': the KL divergence (bits) of a cell's fates from the mean fate of `early_cells`; 'entropy': how
+        far the entropy of a cell's fates lies below the largest one. Both are min-max scaled to [0, 1]."""
         P = np.asarray(self if not self._transposed else self.T, dtype=float)
         with np.errstate(divide="ignore", invalid="ignore"):
             if method == "kl_divergence":

@@ -197,3 +197,20 @@ def test_processing_error_names_the_notebook(tmp_path, monkeypatch):
     monkeypatch.setattr(docs, "ROOT", tmp_path)
     assert docs._which_notebook("Error in notebook: Boom in cell 3 :\nimport x") == " in nbs/13_boom.ipynb"
     assert docs._which_notebook("something else") == ""
+
+
+def test_source_links_get_the_line():
+    "nbdev 3.3 writes `#LNone` on every source link: the page links the line where the symbol is defined."
+    gh = "https://github.com/fatebook/fatebook/blob/main/fatebook/fate.py"
+    lines = (REPO / "fatebook/fate.py").read_text().splitlines()
+    for name, start in [("Lineage", "class Lineage("), ("Lineage.priming_degree", "    def priming_degree("),
+                        ("fate_probabilities", "def fate_probabilities(")]:
+        link = docs.source_link(gh + "#LNone", name)
+        n = int(link.rsplit("#L", 1)[1])
+        assert lines[n - 1].startswith(start), (name, n, lines[n - 1])
+    assert docs.source_link(gh + "#LNone", "no_such_symbol") == gh            # no line: link the file
+    assert docs.source_link(gh + "#L12", "Lineage") == gh + "#L12"              # a real line is kept
+    md = f'---\n\n[source]({gh}#LNone){{target="_blank" style="float:right"}}\n\n### Lineage\n\n```python\ndef Lineage(X)\n```\n'
+    site = type("S", (), {"labels": {}})()
+    out = docs.api_markdown(md, "fate", site, set())
+    assert f'href="{gh}#L{lines.index("class Lineage(np.ndarray):") + 1}">source</a>' in out and "LNone" not in out

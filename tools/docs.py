@@ -343,14 +343,45 @@ def wrap_signature(code: str, width: int = SIG_WIDTH) -> str:
     return "\n".join(out)
 
 
+_def_lines_cache: dict = {}
+
+def _def_lines(py: str) -> dict:
+    "Line of every top-level function/class and class member of the repository file `py` ('Cls', 'Cls.meth', 'f')."
+    if py not in _def_lines_cache:
+        d = {}
+        try: tree = ast.parse((ROOT / py).read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, ValueError): tree = ast.Module(body=[], type_ignores=[])
+        kinds = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+        for t in tree.body:
+            if not isinstance(t, kinds): continue
+            d.setdefault(t.name, t.lineno)
+            if isinstance(t, ast.ClassDef):
+                for m in t.body:
+                    if isinstance(m, kinds): d.setdefault(f"{t.name}.{m.name}", m.lineno)
+        _def_lines_cache[py] = d
+    return _def_lines_cache[py]
+
+def source_link(url: str, name: str) -> str:
+    """nbdev 3.3 writes `#LNone` for every symbol (it looks the line up by the qualified name in a table keyed by the
+    short one): give the link the line where `name` is defined in the file, or no fragment where it is not found."""
+    if not url.endswith("#LNone"): return url
+    url = url[:-len("#LNone")]
+    m = re.search(r"/blob/[^/]+/(.+)$", url)
+    line = _def_lines(m.group(1)).get(name.strip("` ")) if m else None
+    return f"{url}#L{line}" if line else url
+
+
 def api_markdown(md: str, doc: str, site: Site, used: set) -> str:
     "A `show_doc` entry (nbdev's `output: asis` markdown) as page markdown: a label on its heading, source link kept."
     lines = md.strip("\n").splitlines()
     while lines and lines[0].strip() in ("---", ""): lines.pop(0)
+    heads = [h.group(2) for h in map(_heading.match, lines) if h]
     out, source = [], None
     for line in lines:
         m = re.match(r"^\[source\]\((\S+?)\)(\{[^}]*\})?\s*$", line.strip())
-        if m: source = f'<a class="fb-source reference external" href="{m.group(1)}">source</a>'; continue
+        if m:
+            href = source_link(m.group(1), heads[0] if heads else "")
+            source = f'<a class="fb-source reference external" href="{href}">source</a>'; continue
         h = _heading.match(line)
         if h:
             anchor = h.group(2).strip("` ").lower()

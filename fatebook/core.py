@@ -6,7 +6,7 @@ Docs: https://fatebook.github.io/fatebook/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #6cafe56a
 from __future__ import annotations
-import importlib, logging, numbers, sys, time, warnings
+import importlib, logging, numbers, os, sys, time, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -19,7 +19,7 @@ __all__ = ['settings', 'logger', 'Settings', 'info', 'debug', 'warn', 'timed', '
            'require_key', 'check_adata', 'row_stochastic_tol', 'check_row_stochastic', 'cells_str', 'check_int',
            'check_range', 'check_choice', 'check_bool', 'as_name', 'find_name', 'split_keys', 'unique_names',
            'group_name', 'to_hex', 'palette', 'mean_color', 'category_colors', 'scvelo_quiet', 'import_scvelo',
-           'optional_import', 'has_module', 'progress', 'as_rng', 'fmt_value', 'fmt_params']
+           'optional_import', 'has_module', 'progress_shown', 'progress', 'as_rng', 'fmt_value', 'fmt_params']
 
 # %% ../nbs/00_core.ipynb #effddcc0
 @dataclass
@@ -434,13 +434,19 @@ def has_module(module: str) -> bool:
     except ImportError: return False
 
 # %% ../nbs/00_core.ipynb #97b95bf2
+def progress_shown(show: bool|None = None) -> bool:
+    """Whether a progress bar is shown: `show` if given, else `settings.progress_bar` unless the environment variable
+    `TQDM_DISABLE` is set to 1/true/yes/on (tqdm's own switch, honoured here also for tqdm's notebook bar, which
+    ignores it). Every bar of fatebook, and those of scVelo that fatebook drives, decide through this."""
+    if show is not None: return bool(show)
+    return settings.progress_bar and os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("1", "true", "yes", "on")
+
 def progress(iterable: Iterable|None = None, total: int|None = None, desc: str|None = None, show: bool|None = None):
-    """A tqdm progress bar (notebook-aware) unless `show` is False or `settings.progress_bar` is off. `show=None` with
-    `settings.progress_bar` on leaves the choice to tqdm's defaults, so the environment variable `TQDM_DISABLE=1`
-    turns such bars off (batch jobs, stored notebook outputs); `show=True` shows the bar regardless."""
+    """A tqdm progress bar (notebook-aware) unless `show` is False or `settings.progress_bar` is off. With `show=None`
+    tqdm's environment variable `TQDM_DISABLE=1` also turns the bar off (batch jobs, stored notebook outputs; read here
+    because tqdm's notebook bar ignores it); `show=True` shows the bar regardless."""
     from tqdm.auto import tqdm
-    if show is None and settings.progress_bar: return tqdm(iterable, total=total, desc=desc, leave=False)
-    show = settings.progress_bar if show is None else show
+    show = progress_shown(show)
     return tqdm(iterable, total=total, desc=desc, disable=not show, leave=False)
 
 def as_rng(seed=None) -> np.random.Generator:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import anndata as ad
-from .core import (info, warn, debug, progress, as_rng, check_adata, check_int, check_choice,
+from .core import (info, warn, debug, progress, progress_shown, as_rng, check_adata, check_int, check_choice,
                            MissingKeyError, scvelo_quiet, timed, settings)
 
 # %% auto #0
@@ -406,7 +406,7 @@ def preprocess(adata: ad.AnnData,
     check_int("n_neighbors", n_neighbors, 2, adata.n_obs - 1, hint="Use fewer neighbours than cells.")
     check_int("n_jobs", n_jobs, 1, hint="Use the number of CPU cores you can spare (e.g. 2).")
     import scanpy as sc
-    show = settings.progress_bar if show_progress is None else bool(show_progress)
+    show = progress_shown(show_progress)
     with timed() as t_all, scvelo_quiet():
         import scvelo as scv
         a = adata.copy() if copy else adata

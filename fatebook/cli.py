@@ -17,7 +17,8 @@ from .reports import (PARAMS, DEFAULTS, ParameterError, ReportError, FateAnalysi
 __all__ = ['parse_value', 'parse_param', 'build_parser', 'run_command', 'supervised_run', 'report_command', 'main']
 
 # %% ../nbs/12_cli.ipynb #3ffca974
-def parse_value(s: str):
+def parse_value(s: str,  # a value as given on the command line (a non-string is returned unchanged)
+               ):
     "A command-line value: JSON (`4`, `0.5`, `true`, `null`, `[\"A\", \"B\"]`), a Python literal (`None`, `True`, `['A']`), else the string."
     if not isinstance(s, str): return s
     t = s.strip()
@@ -31,7 +32,9 @@ def parse_value(s: str):
 # %% ../nbs/12_cli.ipynb #d73d158d
 _KIND = {prm.name: prm.kind for prm in PARAMS}
 
-def parse_param(name: str, s):
+def parse_param(name: str,  # a parameter of `fatebook.reports.PARAMS`
+                s,          # its value as given on the command line (a non-string is returned unchanged)
+               ):
     """The value of parameter `name` given as text on the command line, read according to its kind (`Param.kind`):
     text as written (`None` means None), state names as written — a JSON/Python list, or one name, or names separated
     by commas, resolved against the clusters later (`fatebook.reports.resolve_names`) — and anything else by `parse_value`."""
@@ -153,7 +156,8 @@ def _degenerate_block(problems, hint) -> str:
     return "\n".join([bar, "THE RESULT IS DEGENERATE (exit code 3): the automatic choices found no sound answer.",
                       *[f"  - {x}" for x in problems], f"  {hint}", bar])
 
-def run_command(a) -> int:
+def run_command(a: argparse.Namespace,  # the parsed `fatebook run` options (`build_parser().parse_args(...)`)
+                ) -> int:
     """`fatebook run` in this process: the analysis into `--out` (all or nothing; into the folder `--into` when a
     supervising process owns the output folder); prints the summary unless quiet; returns the exit code."""
     params = {prm.name: parse_param(prm.name, getattr(a, prm.name)) for prm in PARAMS}
@@ -184,7 +188,9 @@ def _worker(argv) -> int:
 class _WorkerFailed(Exception):
     def __init__(self, code): super().__init__(code); self.code = code
 
-def supervised_run(a, argv) -> int:
+def supervised_run(a: argparse.Namespace,  # the parsed `fatebook run` options
+                   argv: list[str],       # the command line it was parsed from (`run` and its options), handed to the child
+                   ) -> int:
     """`fatebook run` as the command runs it: this process owns the output folder (`atomic_folder`) and waits while a
     child process runs the analysis into it (`run_supervised`). Exit 0 or 3: the folder is moved into place; any
     other exit, or Ctrl-C: the child and everything it started are stopped and the folder is removed."""
@@ -201,7 +207,8 @@ def supervised_run(a, argv) -> int:
               + (" (out of memory?)" if e.code == -signal.SIGKILL else "") + "; nothing was written.", file=sys.stderr)
         return 1
 
-def report_command(a) -> int:
+def report_command(a: argparse.Namespace,  # the parsed `fatebook report` options (`-p NAME VALUE` pairs in `a.parameter`)
+                   ) -> int:
     "`fatebook report`: the papermill report into `--out` (all or nothing); returns the exit code."
     params = {}
     for name, value in a.parameter:
@@ -216,7 +223,7 @@ def report_command(a) -> int:
         return 3
     return 0
 
-def main(argv=None,                  # the arguments (default: the command line's)
+def main(argv: list[str] | None = None,  # the arguments (default: the command line's)
          supervise: bool|None = None,  # run `fatebook run`'s analysis in a child process (default: when `argv` is None, i.e. as the command, on POSIX)
         ) -> int:
     "Entry point of the `fatebook` command; returns the exit code (see the table above)."

@@ -22,7 +22,7 @@ __all__ = ['Lineage', 'unreachable_cells', 'fate_probabilities', 'gamblers_ruin'
 class Lineage(np.ndarray):
     """An n x K array of per-lineage values (fate probabilities, memberships) with column `names` and hex `colors`.
 
-    A subclass of `np.ndarray` (CellRank's `Lineage` is the model). Raises `ValueError` if `X` is not 1-D or 2-D, or if
+    A subclass of `np.ndarray` (CellRank's Lineage class is the model). Raises `ValueError` if `X` is not 1-D or 2-D, or if
     `names` (unique) or `colors` do not have K entries."""
     def __new__(cls, X, names=None, colors=None):
         obj = np.asarray(X, dtype=float)

@@ -214,3 +214,12 @@ def test_source_links_get_the_line():
     site = type("S", (), {"labels": {}})()
     out = docs.api_markdown(md, "fate", site, set())
     assert f'href="{gh}#L{lines.index("class Lineage(np.ndarray):") + 1}">source</a>' in out and "LNone" not in out
+
+
+def test_unannotated_none_default_is_shown_as_written():
+    "fastcore shows `x=None` (no annotation) as `x:NoneType=None`; the site shows `x=None`, real annotations kept."
+    md = ("---\n\n### f\n\n```python\ndef f(\n    x:NoneType=None, # a thing\n    y:int | None=None, # kept\n"
+          "    z:str='NoneType=None', # a string default\n)->NoneType:\n```\n")
+    out = docs.api_markdown(md, "core", type("S", (), {"labels": {}})(), set())
+    assert "    x=None, # a thing" in out and "y:int | None=None" in out and "->NoneType" in out
+    assert "NoneType" not in out.split("x=None")[0]

@@ -395,8 +395,14 @@ def api_markdown(md: str, doc: str, site: Site, used: set) -> str:
         out.append(line)
     if source: out.insert(0, source)
     md = "\n".join(out)
-    return re.sub(r"^```python\n(.*?)^```", lambda m: "```python\n" + wrap_signature(m.group(1).rstrip("\n")) + "\n```",
-                  md, flags=re.M | re.S)
+    return re.sub(r"^```python\n(.*?)^```", lambda m: "```python\n" + wrap_signature(_untyped_none(m.group(1).rstrip("\n")))
+                  + "\n```", md, flags=re.M | re.S)
+
+
+def _untyped_none(sig: str) -> str:
+    """fastcore's docments annotate an argument without annotation by its default's type: `x=None` is shown as
+    `x:NoneType=None`, which reads as "x must be None". Show it as written, `x=None`."""
+    return re.sub(r"(\w):NoneType=None\b", r"\1=None", sig)
 
 
 def title_cell(nb_path: Path) -> dict:

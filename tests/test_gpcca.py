@@ -239,12 +239,12 @@ def test_core_properties():
 
 def test_lbfgs_vs_nelder_mead():
     """The gradient option (smoothed L-BFGS + exact polish) is not less crisp than the reference Nelder-Mead here; the
-    converged default is at least as crisp as both."""
+    converged optimiser ('vertex') is at least as crisp as both."""
     T, Q, lab = _sym_schur([40, 50, 30, 60, 45], seed=2)
     for m in (3, 4, 5):
         r1, r2 = gpcca_memberships(Q, m, optimizer="nelder-mead"), gpcca_memberships(Q, m, optimizer="lbfgs")
         assert r2.crispness >= r1.crispness - 1e-6, (m, r1.crispness, r2.crispness)
-        assert gpcca_memberships(Q, m).crispness >= max(r1.crispness, r2.crispness) - 1e-12
+        assert gpcca_memberships(Q, m, optimizer="vertex").crispness >= max(r1.crispness, r2.crispness) - 1e-12
         assert 0 < r2.crispness <= 1 and r2.optimizer == "lbfgs"
         assert r2.chi.min() >= 0 and np.allclose(r2.chi.sum(1), 1)
     r1, r2 = gpcca_memberships(Q, 3, optimizer="nelder-mead"), gpcca_memberships(Q, 3, optimizer="lbfgs")
@@ -283,8 +283,8 @@ def test_pancreas_pipeline(pancreas_pp, tmp_path):
 
 @pytest.mark.slow
 def test_pancreas_optimizers(pancreas_pp):
-    """Measured: NM (CellRank's) vs L-BFGS (gradient) vs the converged default on pancreas Schur vectors: L-BFGS within
-    1 % or crisper, the default at least as crisp as both (6 states: 0.529 vs 0.436 and 0.486); same optimum for m <= 4.
+    """Measured: NM (CellRank's, the default) vs L-BFGS (gradient) vs the converged 'vertex' on pancreas Schur vectors: L-BFGS within
+    1 % or crisper, 'vertex' at least as crisp as both (6 states: 0.529 vs 0.436 and 0.486); same optimum for m <= 4.
     Every state stays the most likely one of its inner-simplex vertex cell."""
     from fatebook.velocity import VelocityKernel
     from fatebook.kernels import ConnectivityKernel
@@ -295,7 +295,7 @@ def test_pancreas_optimizers(pancreas_pp):
         if m in s.forbidden: continue
         t = time.perf_counter(); r1 = gpcca_memberships(s.vectors, m, optimizer="nelder-mead"); t1 = time.perf_counter() - t
         t = time.perf_counter(); r2 = gpcca_memberships(s.vectors, m, optimizer="lbfgs"); t2 = time.perf_counter() - t
-        t = time.perf_counter(); r3 = gpcca_memberships(s.vectors, m); t3 = time.perf_counter() - t
+        t = time.perf_counter(); r3 = gpcca_memberships(s.vectors, m, optimizer="vertex"); t3 = time.perf_counter() - t
         wins = np.bincount(r3.chi.argmax(1), minlength=m)
         print(f"m={m}: NM crispness {r1.crispness:.5f} ({t1:.2f}s, {r1.n_fev} evals)  L-BFGS {r2.crispness:.5f} ({t2:.2f}s, "
               f"{r2.n_fev} evals)  vertex {r3.crispness:.5f} ({t3:.2f}s, {r3.n_fev} LPs, fewest cells won {wins.min()})")
@@ -309,9 +309,9 @@ def test_pancreas_optimizers(pancreas_pp):
 
 
 def test_too_many_states_is_reported(dg200, monkeypatch):
-    """Dentate gyrus, 200 cells, 5 states: the crispest memberships leave a state that fewer than 4 cells prefer, so its
-    20 top cells cannot be taken (CellRank's rule); the error names how many cells prefer each state and changes nothing.
-    CellRank's less crisp Nelder-Mead memberships still give 5 states."""
+    """Dentate gyrus, 200 cells, 5 states: the crispest memberships (optimizer='vertex') leave a state that fewer than 4
+    cells prefer, so its 20 top cells cannot be taken (CellRank's rule); the error names how many cells prefer each
+    state and changes nothing. CellRank's less crisp Nelder-Mead memberships (the default) still give 5 states."""
     from fatebook.velocity import VelocityKernel
     from fatebook.kernels import ConnectivityKernel
     k = (0.8 * VelocityKernel(dg200).compute_transition_matrix() + 0.2 * ConnectivityKernel(dg200).compute_transition_matrix()).compute_transition_matrix()
@@ -320,9 +320,9 @@ def test_too_many_states_is_reported(dg200, monkeypatch):
     before = list(g.macrostates.cat.categories)
     with pytest.raises(ValueError, match=r"Discretizing leaves state .* n_states=5: cells whose most likely state it is — .*"
                                          r"hardly support 5 macrostates .*optimizer='nelder-mead'"):
-        g.compute_macrostates(n_states=5, cluster_key="clusters", n_cells=20)
+        g.compute_macrostates(n_states=5, cluster_key="clusters", n_cells=20, optimizer="vertex")
     assert list(g.macrostates.cat.categories) == before               # the failed call changed nothing
-    g.compute_macrostates(n_states=5, cluster_key="clusters", n_cells=20, optimizer="nelder-mead")
+    g.compute_macrostates(n_states=5, cluster_key="clusters", n_cells=20)
 
 
 def test_tsi_methods_delegate_to_diagnostics(monkeypatch):

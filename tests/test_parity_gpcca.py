@@ -12,9 +12,9 @@ probabilities (direct solver) and lineage drivers. Then:
   1e-11 with GMRES at tol=1e-12 (measured 1.8e-13); through fatebook's own pipeline (its kernels, estimator, default
   GMRES tol=1e-8, same terminal cells) to 1e-8 (measured 1.2e-9; the kernels' T agrees with CellRank's to 4e-15);
 - fatebook's sparse Schur (no PETSc) spans CellRank's subspaces with the same eigenvalues; the pipeline's macrostates
-  with `optimizer='nelder-mead'` (CellRank's path) match CellRank's names and memberships to 1e-7 (measured 8e-10);
-  with the default `optimizer='vertex'` (converged) the same names and a higher crispness (0.529 vs 0.436);
-- the default optimiser depends on the invariant subspace only: one subspace in a rotated basis gives the same
+  with the default `optimizer='nelder-mead'` (CellRank's path) match CellRank's names and memberships to 1e-7
+  (measured 8e-10); with `optimizer='vertex'` (converged) the same names and a higher crispness (0.529 vs 0.436);
+- the converged optimiser ('vertex') depends on the invariant subspace only: one subspace in a rotated basis gives the same
   memberships to 1e-11 for every valid n_states <= 12 (measured <= 1e-12), and the subspaces of different backends
   (CellRank's dense Brandts, fatebook's ARPACK and s-step) give memberships and coarse T that differ by at most 1e-10
   plus 100x the largest principal angle between the subspaces (measured: <= 2.2e-9 for n_states <= 10, where the
@@ -202,11 +202,13 @@ def test_macrostates_fatebook_pipeline(ref, adata):
     assert ours == ref[f"macrostate_names_{N_STATES}"], f"names {ours} vs CellRank {ref[f'macrostate_names_{N_STATES}']}"
 
 
-def test_macrostates_default_converged(ref, adata):
-    "The default optimiser (converged): CellRank's macrostate names, crisper memberships, crisp terminal states."
+def test_macrostates_converged(ref, adata):
+    "The converged optimiser ('vertex'; the default is CellRank's): CellRank's macrostate names, crisper memberships."
     g, a = _fatebook_gpcca(adata)
     g.compute_schur(n_components=20)
     g.compute_macrostates(n_states=N_STATES, cluster_key="clusters")
+    assert g.params["macrostates"]["optimizer"] == "nelder-mead"      # the default: CellRank's path
+    g.compute_macrostates(n_states=N_STATES, cluster_key="clusters", optimizer="vertex")
     assert g.params["macrostates"]["optimizer"] == "vertex"
     ours = sorted(str(x) for x in g.macrostates_memberships.names)
     assert ours == sorted(ref[f"macrostate_names_{N_STATES}"]), f"names {ours} vs CellRank {ref[f'macrostate_names_{N_STATES}']}"
@@ -250,7 +252,7 @@ def test_drivers_same_fates(ref, adata):
 
 
 def test_same_subspace_same_memberships_across_backends(ref):
-    """Issue 13: the memberships depend on the invariant subspace only. One subspace in two bases (CellRank's Brandts
+    """Issue 13: with optimizer='vertex' the memberships depend on the invariant subspace only. One subspace in two bases (CellRank's Brandts
     vectors and the same vectors rotated): equal to 1e-11. Different backends (CellRank's Brandts, fatebook's ARPACK and
     s-step): memberships and coarse T differ by at most 1e-10 + 100 x the largest principal angle between the subspaces,
     for every valid n_states <= 12."""
@@ -261,17 +263,17 @@ def test_same_subspace_same_memberships_across_backends(ref):
     forbidden = set(schur.sorted_schur(T, 20, method="arpack").forbidden)
     rng = np.random.default_rng(0)
     for m in [m for m in range(2, 13) if m not in forbidden]:
-        base = g.gpcca_memberships(Xb[:, :m]).chi
+        base = g.gpcca_memberships(Xb[:, :m], optimizer="vertex").chi
         Q = np.linalg.qr(rng.standard_normal((m - 1, m - 1)))[0]
         Xr = Xb[:, :m].copy(); Xr[:, 1:] = Xr[:, 1:] @ Q
-        p, d = match_columns(g.gpcca_memberships(Xr).chi, base)
+        p, d = match_columns(g.gpcca_memberships(Xr, optimizer="vertex").chi, base)
         assert d <= 1e-11, f"m={m}: a rotated basis of the same subspace changes the memberships by {d:.3g}"
         Pc0 = g.coarse_grain(T, base)
         for k, X in bases.items():
             angle = float(np.max(subspace_angles(X[:, :m], Xb[:, :m])))
             tol = 1e-10 + 100 * angle
-            p, d = match_columns(g.gpcca_memberships(X[:, :m]).chi, base)
+            p, d = match_columns(g.gpcca_memberships(X[:, :m], optimizer="vertex").chi, base)
             assert d <= tol, f"m={m}, {k}: memberships differ from the Brandts subspace's by {d:.3g} (angle {angle:.2g})"
-            dP = float(np.abs(g.coarse_grain(T, g.gpcca_memberships(X[:, :m]).chi)[np.ix_(p, p)] - Pc0).max())
+            dP = float(np.abs(g.coarse_grain(T, g.gpcca_memberships(X[:, :m], optimizer="vertex").chi)[np.ix_(p, p)] - Pc0).max())
             assert dP <= tol, f"m={m}, {k}: coarse T differs by {dP:.3g} (angle {angle:.2g})"
 

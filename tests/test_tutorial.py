@@ -14,7 +14,13 @@ independently of what the notebook prints:
   reason the tutorial explains with numbers);
 - known Beta-cell markers present in the 2,000-gene file (Ins1, Ins2, Pdx1, Nkx6-1, Pax4, Mafb) rank among the top
   Beta drivers;
-- the backward process (initial states) starts in the Ngn3 low EP progenitors.
+- the backward process (initial states) starts in the Ngn3 low EP progenitors;
+- the seed's 3-state step (`set_terminal_states_from_macrostates()` with all three macrostates) warns that the
+  progenitor macrostate Ngn3 low EP, the most upstream one, is set as terminal -- the tutorial shows that warning on
+  purpose before it chooses the terminal states properly;
+- the terminal states the tutorial chooses are made of the cell type they are named after (with GPCCA's converged
+  optimiser, `optimizer='vertex'`, two of the Alpha macrostate's 30 top cells at 5 macrostates are Ngn3 high EP
+  progenitors; the tutorial's rule for n_states then takes 6).
 
 The data file holds 2,000 of the original 27,998 genes (see ../shared/data/README.md).
 """
@@ -26,7 +32,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 NB = REPO / "nbs" / "tutorials" / "pancreas.ipynb"
-TIME_BUDGET = int(os.environ.get("FATEBOOK_TUTORIAL_TIMEOUT", "2400"))  # seconds one cell may take (recover_dynamics: ~2 min on 2 idle cores, 19 min under load 15-20)
+TIME_BUDGET = int(os.environ.get("FATEBOOK_TUTORIAL_TIMEOUT", "2400"))  # seconds one cell may take (recover_dynamics: 3.8 min at load 2-3, 7.3 min at load 5-6, 19 min at load 15-20)
 
 PROGENITORS = ["Ngn3 low EP", "Ngn3 high EP", "Pre-endocrine"]
 BETA_MARKERS = ["Ins1", "Ins2", "Pdx1", "Nkx6-1", "Pax4", "Mafb"]
@@ -55,6 +61,8 @@ _res = dict(
     cflare_alpha_cells=dict(zip(list(c.fate_probabilities.names),
                                 _np.nanmean(_np.asarray(c.fate_probabilities)[_cl == "Alpha"], axis=0).round(4).tolist())),
     initial_clusters=adata.obs.loc[_init.notna().to_numpy(), "clusters"].astype(str).value_counts().to_dict(),
+    terminal_clusters={str(s): adata.obs.loc[g.terminal_states.eq(s).to_numpy(), "clusters"].astype(str).value_counts().to_dict()
+                       for s in g.terminal_states.cat.categories},
 )
 with open(%(out)r, "w") as _fh: _json.dump(_res, _fh)
 import anndata as _ad, pandas as _pd   # the same kernel inputs and terminal cells, for CellRank 2.3.3
@@ -86,7 +94,8 @@ def tutorial(tmp_path_factory):
     nb.cells.append(nbformat.v4.new_code_cell(_PROBE % dict(prog=PROGENITORS, markers=BETA_MARKERS, out=str(out), h5ad=str(h5ad))))
     env_before = os.environ.get("FATEBOOK_DATA_DIR")
     os.environ["FATEBOOK_DATA_DIR"] = str(data.resolve())   # the kernel inherits it
-    client = nbclient.NotebookClient(nb, timeout=TIME_BUDGET, kernel_name="python3", resources={"metadata": {"path": str(tmp)}})
+    client = nbclient.NotebookClient(nb, timeout=TIME_BUDGET, kernel_name="python3", store_widget_state=False,
+                                    resources={"metadata": {"path": str(tmp)}})
     t0 = time.perf_counter()
     try:
         client.execute()   # raises CellExecutionError naming the failing cell
@@ -185,6 +194,27 @@ def test_initial_state_is_the_progenitors(tutorial):
     assert r["backward_stationary_argmax"] == "Ngn3 low EP", r
     counts = r["initial_clusters"]
     assert counts and max(counts, key=counts.get) == "Ngn3 low EP", counts
+
+
+@pytest.mark.slow
+def test_seed_three_state_step_warns_about_the_progenitors(tutorial):
+    "The seed's `set_terminal_states_from_macrostates()` on Ngn3 low EP, Epsilon, Beta: the library's warning is shown."
+    nb, _, _, _ = tutorial
+    cells = [c for c in nb.cells if c.cell_type == "code"
+             and c.source.lstrip().startswith("g.set_terminal_states_from_macrostates()")]
+    assert len(cells) == 1, "the seed's call with all macrostates is expected in exactly one cell"
+    text = "".join(o.get("text", "") for o in cells[0].outputs if o.get("output_type") == "stream")
+    assert "WARNING: Macrostate 'Ngn3 low EP' is set as a terminal state" in text, text[:1000]
+    assert "most upstream macrostate" in text, text[:1000]
+    assert "Terminal states: Ngn3 low EP (30 cells)" in text, text[:1000]   # the step still runs, as the seed wrote it
+
+
+@pytest.mark.slow
+def test_terminal_states_are_made_of_their_cell_type(tutorial):
+    "Every terminal state the tutorial keeps holds only cells of the cluster it is named after."
+    _, r, _, _ = tutorial
+    for state, counts in r["terminal_clusters"].items():
+        assert set(counts) == {state}, (state, counts)
 
 
 _CELLRANK = r"""

@@ -469,3 +469,30 @@ def test_sstep_interrupt_and_progress(capsys, caplog):
     sorted_schur(T, 6, method="sstep", show_progress=True)
     err = capsys.readouterr().err
     assert "Schur (Krylov-Schur)" in err and "converged" in err
+
+
+def test_sstep_check_candidate_that_is_a_ritz_overshoot_is_not_counted():
+    """A check's Ritz value above the m-th eigenvalue can be an overshoot of the non-normal T (its field of values
+    reaches beyond its eigenvalues), not a missed eigenvalue: the iteration goes on, and when the converged span is the
+    one it had, the check has passed. Here (a long-branch chain) the old rule counted 5 such candidates as found and
+    spent 581 products where 384 suffice; at 1,000,000 cells 813 where 539 do. The result equals the dense one."""
+    from fatebook.linalg import slow_chain
+    T, _, _ = slow_chain(2000, "long", seed=2)
+    ss = sorted_schur(T, 20, method="sstep")
+    assert ss.params["overshoots"] >= 1 and ss.params["found_by_checks"] == 0, ss.params
+    dn = sorted_schur(T.toarray(), 22, method="brandts")
+    m = ss.n_components
+    np.testing.assert_allclose(ss.eigenvalues, dn.eigenvalues[:m], atol=1e-8)
+    assert sla.subspace_angles(ss.vectors, dn.vectors[:, :m]).max() < 1e-6
+
+
+def test_same_span_compares_subspaces_not_bases():
+    import fatebook.schur as fs
+    rng = np.random.default_rng(0)
+    X = np.linalg.qr(rng.standard_normal((500, 6)))[0]
+    Q = np.linalg.qr(rng.standard_normal((6, 6)))[0]
+    assert fs._same_span(X, X @ Q)                                   # another basis of the same space
+    Y = X.copy(); Y[:, 5] = np.linalg.qr(np.c_[X[:, :5], rng.standard_normal(500)])[0][:, 5]
+    assert not fs._same_span(X, Y)                                   # one direction replaced
+    Z = np.linalg.qr(X + 1e-3 * rng.standard_normal(X.shape))[0]
+    assert not fs._same_span(X, Z) and fs._same_span(X, Z, tol=1e-1)  # the tolerance is the sine of the largest angle

@@ -203,3 +203,23 @@ def test_priming_and_rename(est):
     assert est.fate_probabilities.names == ["left", "R"]
     assert list(est.adata.obs[Key.obs.term_states()].cat.categories) == ["left", "R"]
     with pytest.raises(ValueError, match="the same name"): est.rename_terminal_states({"left": "R"})
+
+
+@pytest.mark.parametrize("case, warns", [("absorbing", True), ("mixing", False)])
+def test_stationary_split_between_nearly_closed_sets_is_reported(caplog, case, warns):
+    """Issue 13 (degenerate structure is reported): three nearly absorbing ends (transitions out of them weighted by
+    1e-15): the split of pi between the ends solves pi T = pi to rounding whatever it is, and the estimator's pi
+    (coarse stationary distribution, initial states) says so. A well mixing chain (1 - lambda_2 ~ 0.1): nothing said."""
+    import logging
+    from fatebook.linalg import slow_chain, knn_chain
+    from fatebook.kernels import PrecomputedKernel
+    from fatebook.estimators import GPCCA, _fast_stationary
+    T, t, lab = slow_chain(800, "absorbing", eps=1e-15, seed=0) if case == "absorbing" else knn_chain(1500, bias=1.0, seed=0)
+    a = ad.AnnData(obs=pd.DataFrame({"clusters": pd.Categorical(lab.astype(str))}, index=[f"c{i}" for i in range(T.shape[0])]))
+    g = GPCCA(PrecomputedKernel(matrix=T, adata=a)).compute_schur(n_components=6)
+    assert len(g._recurrent_classes()[0]) == 1 and _fast_stationary(T) is not None   # the ARPACK shortcut computes pi
+    with caplog.at_level(logging.WARNING, logger="fatebook"):
+        g.compute_macrostates(n_states=2, cluster_key="clusters")
+        pi = g._stationary_distribution()                       # (computed above when the coarse chain cannot give it)
+    assert ("nearly reducible" in caplog.text) == warns, caplog.text
+    assert abs(pi.sum() - 1) < 1e-12 and np.abs(T.T @ pi - pi).sum() < 1e-10   # a solution either way

@@ -166,11 +166,11 @@ def build_pancreas_pp(force: bool = False) -> Path:
         a.write_h5ad(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)  # atomic: a reader never sees a half-written file
-        import anndata, scanpy, scvelo
+        from importlib.metadata import version   # (anndata and scanpy deprecate `__version__`)
         out.with_suffix(".json").write_text(json.dumps(dict(
             source=str(src), recipe=tag, pp_version=PP_VERSION, n_obs=a.n_obs, n_vars=a.n_vars,
-            seconds=round(time.perf_counter() - t0, 1), anndata=anndata.__version__, scanpy=scanpy.__version__,
-            scvelo=scvelo.__version__, numpy=np.__version__), indent=1))
+            seconds=round(time.perf_counter() - t0, 1), anndata=version("anndata"), scanpy=version("scanpy"),
+            scvelo=version("scvelo"), numpy=np.__version__), indent=1))
         return out
 
 

@@ -484,3 +484,22 @@ def test_velocity_inputs_read_in_place(dg100):
     assert abs(T32 - T64).max() < 1e-12          # float32 inputs are read exactly and computed in float64
     c = a.copy(); c.layers["Ms"] = sp.csr_matrix(c.layers["Ms"])   # a sparse layer: read in row blocks
     assert abs(VelocityKernel(c).compute_transition_matrix().transition_matrix - T32).max() < 1e-12
+
+
+
+def test_symmetry_check_finds_one_asymmetric_pair_and_ignores_explicit_zeros():
+    "The symmetry check (two random products, no transpose copy) is as sharp as rounding allows."
+    from fatebook.kernels import _is_symmetric
+    A = sp.random(3000, 3000, density=0.01, random_state=1, format="csr"); C = (A + A.T).tocsr(); C.sort_indices()
+    assert _is_symmetric(C)
+    D = C.copy(); D.data[123] += 1e-10 * C[1].sum()      # one entry (row 1) off by 1e-10 of its row's sum: not symmetric
+    assert np.searchsorted(C.indptr, 123, side='right') - 1 == 1
+    assert not _is_symmetric(D)
+    E = C.copy(); E.data[123] = 0.0; E.eliminate_zeros()  # an edge on one side only
+    assert not _is_symmetric(E)
+    i = 5; row = C.indices[C.indptr[i]:C.indptr[i + 1]]
+    j = int(np.setdiff1d(np.arange(3000), row)[0])        # a column where row i has no entry
+    pos = C.indptr[i] + int(np.searchsorted(row, j))
+    Z = sp.csr_matrix((np.insert(C.data, pos, 0.0), np.insert(C.indices, pos, j), np.r_[C.indptr[:i + 1], C.indptr[i + 1:] + 1]),
+                      shape=C.shape)
+    assert Z.nnz == C.nnz + 1 and _is_symmetric(Z)        # an explicit zero on one side only: still symmetric

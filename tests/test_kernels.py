@@ -486,7 +486,6 @@ def test_velocity_inputs_read_in_place(dg100):
     assert abs(VelocityKernel(c).compute_transition_matrix().transition_matrix - T32).max() < 1e-12
 
 
-
 def test_symmetry_check_finds_one_asymmetric_pair_and_ignores_explicit_zeros():
     "The symmetry check (two random products, no transpose copy) is as sharp as rounding allows."
     from fatebook.kernels import _is_symmetric

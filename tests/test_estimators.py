@@ -223,3 +223,43 @@ def test_stationary_split_between_nearly_closed_sets_is_reported(caplog, case, w
         pi = g._stationary_distribution()                       # (computed above when the coarse chain cannot give it)
     assert ("nearly reducible" in caplog.text) == warns, caplog.text
     assert abs(pi.sum() - 1) < 1e-12 and np.abs(T.T @ pi - pi).sum() < 1e-10   # a solution either way
+
+
+def test_coarse_stationary_distribution_is_computed_on_first_use(monkeypatch, tmp_path):
+    """Issue 14 (only the work a result needs): when the coarse chain cannot give chi' pi (here a nearly reducible
+    chain), pi of T — an ARPACK run on T', 2.7 of the 3.4 s of `compute_macrostates` at 100,000 cells — is computed on
+    first use of `coarse_stationary_distribution`, once. The value is chi' pi; reading it changes neither the AnnData
+    nor the eigendecomposition; an estimator read back from h5ad computes the same."""
+    import copy
+    import fatebook.estimators as E
+    from fatebook.linalg import slow_chain
+    from fatebook.kernels import PrecomputedKernel
+    from fatebook.estimators import GPCCA
+    from helpers import assert_value_equal
+    T, t, lab = slow_chain(800, "absorbing", eps=1e-15, seed=0)
+    a = ad.AnnData(obs=pd.DataFrame({"clusters": pd.Categorical(lab.astype(str))}, index=[f"c{i}" for i in range(T.shape[0])]))
+    g = GPCCA(PrecomputedKernel(matrix=T, adata=a)).compute_schur(n_components=6)
+    calls, orig = [], E._fast_stationary
+    monkeypatch.setattr(E, "_fast_stationary", lambda M: calls.append(1) or orig(M))
+    g.compute_macrostates(n_states=2, cluster_key="clusters")
+    assert calls == [] and "stat_dist" not in a.uns[Key.uns.coarse()]
+    uns0, ed0 = copy.deepcopy(dict(a.uns)), copy.deepcopy(g.eigendecomposition)
+    s = g.coarse_stationary_distribution
+    assert len(calls) == 1 and list(s.index) == list(g.coarse_T.index)
+    assert g.coarse_stationary_distribution is s and len(calls) == 1                 # kept, not recomputed
+    pi = orig(T)
+    np.testing.assert_allclose(s.to_numpy(), np.asarray(g.macrostates_memberships).T @ pi, atol=1e-12)
+    assert_value_equal(dict(a.uns), uns0, "uns"); assert_value_equal(g.eigendecomposition, ed0, "eigendecomposition")
+    g.predict_initial_states()
+    assert len(calls) == 1
+    p = tmp_path / "g.h5ad"; a.write_h5ad(p)
+    g2 = GPCCA.from_adata(ad.read_h5ad(p))
+    pd.testing.assert_series_equal(g2.coarse_stationary_distribution, s)
+    assert len(calls) == 2; calls.clear()
+    # a chain whose coarse T has a simple eigenvalue 1 gives it at once, and writes it
+    from fatebook.linalg import knn_chain
+    T3, t3, lab3 = knn_chain(1500, bias=1.0, seed=0)
+    a3 = ad.AnnData(obs=pd.DataFrame({"clusters": pd.Categorical(lab3.astype(str))}, index=[f"c{i}" for i in range(T3.shape[0])]))
+    g3 = GPCCA(PrecomputedKernel(matrix=T3, adata=a3)).compute_schur(n_components=6).compute_macrostates(n_states=2, cluster_key="clusters")
+    assert "stat_dist" in a3.uns[Key.uns.coarse()] and calls == []
+    np.testing.assert_allclose(g3.coarse_stationary_distribution.to_numpy(), a3.uns[Key.uns.coarse()]["stat_dist"])

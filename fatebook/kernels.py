@@ -65,13 +65,25 @@ def _is_symmetric(C: sp.csr_matrix, rtol: float = 1e-12) -> bool:
     return bool(np.all(np.abs(a - b) <= rtol * np.maximum(a, b)))
 
 def row_normalize(M: sp.spmatrix,  # a non-negative sparse matrix
+                  copy: bool = True,  # False: scale a float64 CSR `M` in place (for a matrix just built, e.g. by a kernel)
                  ) -> sp.csr_matrix:
-    "Divide every row of `M` by its sum (rows that sum to 0 stay 0); a float64 CSR copy."
-    M = sp.csr_matrix(M, dtype=np.float64, copy=True)
+    "Divide every row of `M` by its sum (rows that sum to 0 stay 0); a float64 CSR copy (or `M` itself with `copy=False`)."
+    M = sp.csr_matrix(M, dtype=np.float64, copy=copy)
     s = np.asarray(M.sum(axis=1)).ravel()
     with np.errstate(divide="ignore"):
         inv = np.where(s > 0, 1.0 / s, 0.0)
-    M.data *= np.repeat(inv, np.diff(M.indptr))
+    return _scale_rows(M, inv)
+
+_SCALE_CHUNK = 1 << 18   # edges per chunk of `_scale_rows`: a 2 MB temporary
+
+def _scale_rows(M: sp.csr_matrix, f: np.ndarray) -> sp.csr_matrix:
+    """Multiply row i of the CSR matrix `M` by f[i], in place, in chunks of rows: no temporary of one value per edge
+    (at 1,000,000 cells and 42 M edges such a fresh 330 MB array cost 1.2 s, more than the products)."""
+    ip, n = M.indptr, M.shape[0]
+    step = max(1, int(n * _SCALE_CHUNK // max(M.nnz, 1)))
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        M.data[ip[a]:ip[b]] *= np.repeat(f[a:b], np.diff(ip[a:b + 1]))
     return M
 
 # %% ../nbs/02_kernels.ipynb #24e6aeb5
@@ -439,7 +451,7 @@ class KernelMul(_Combination):
 
     def _evaluate(self):
         Ts = self._children_T()
-        P = Ts[0]
+        P = Ts[0].copy() if len(Ts) == 1 else Ts[0]            # (a product of several kernels is a new matrix)
         for T in Ts[1:]: P = P.multiply(T)
         P = sp.csr_matrix(P); P.eliminate_zeros()
         rs = np.asarray(P.sum(axis=1)).ravel()
@@ -448,7 +460,7 @@ class KernelMul(_Combination):
             raise ValueError(f"The product {self._body(False)} has no common edge for {len(zero)} cell(s): "
                              f"{_obs_names(self.adata, zero)}. Use a sum (`a*K1 + b*K2`) instead, or kernels "
                              "built on the same neighbour graph.")
-        T = row_normalize(P); T.sort_indices()
+        T = row_normalize(P, copy=False); T.sort_indices()
         return as_transition_matrix(T, "product transition matrix")
 
 class KernelAdd(_Combination):
@@ -548,8 +560,8 @@ class ConnectivityKernel(UnidirectionalKernel):
         if density_normalize:   # rownorm(Q^-1 C Q^-1) = rownorm(C Q^-1): the row factor cancels; one pass over the edges
             q = np.asarray(C.sum(axis=0)).ravel()
             with np.errstate(divide="ignore"): qi = np.where(q > 0, 1.0 / q, 0.0)
-            W = sp.csr_matrix((C.data * qi[C.indices], C.indices, C.indptr), shape=C.shape)
-            T = row_normalize(W); del W
+            W = sp.csr_matrix((C.data * qi[C.indices], C.indices.copy(), C.indptr.copy()), shape=C.shape)
+            T = row_normalize(W, copy=False)   # W is new: scaled in place (a copy cost 2.5 s at 42 M edges)
         else: T = row_normalize(C)
         return self._set_transition_matrix(T, {"dnorm": bool(density_normalize), "key": self._conn_key})
 

@@ -416,10 +416,8 @@ class VelocityKernel(Kernel):
             gene_subset = np.asarray(gene_subset).tolist()
         super().__init__(adata, backward=backward, attr=attr, xkey=xkey, vkey=vkey, gene_subset=gene_subset,
                          conn_key=conn_key, check_symmetric=check_symmetric)
-        C = read_connectivities(adata, conn_key, check_symmetric=check_symmetric)
         # only the neighbour structure is needed (weights play no role): keep the pattern, 1 byte per edge
-        self._conn = sp.csr_matrix((np.ones(C.nnz, bool), C.indices, C.indptr), shape=C.shape)
-        del C
+        self._conn = read_connectivities(adata, conn_key, check_symmetric=check_symmetric, weights=False)
         self._X, self._V, self._gx, self._gv, self._genes = velocity_inputs(adata, attr, xkey, vkey, gene_subset)
         self._s = None
 

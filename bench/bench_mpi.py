@@ -69,6 +69,8 @@ def run_mpi(ranks, data, lab, m, timeout=7200):
         mpiexec = "mpiexec.mpich" if subprocess.run(["which", "mpiexec.mpich"], capture_output=True).returncode == 0 else "mpiexec"
         cmd = [mpiexec, "-n", str(ranks), str(FATEBOOK_PY), "-m", "fatebook.distributed", str(data), "--terminal", str(lab),
                "--n-components", str(m), "--out", os.path.join(d, "out.h5")]
+        for x in "XB":   # a failed run must not leave an earlier run's results to be compared
+            (RESULTS / "cache" / f"mpi_result_{ranks}_{x}.npy").unlink(missing_ok=True)
         before, t = uptime(), time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
         wall, after = time.perf_counter() - t, uptime()
@@ -123,12 +125,14 @@ def main():
     rows, payload = [], dict(machine=machine(), n=a.n, n_components=a.n_components, runs=[])
     for order in a.order:
         data, lab = prepare(a.n, a.seed, order, a.data)
+        ok = set()   # rank counts whose last run in this order succeeded (their results are in the cache)
         for ranks in a.ranks:
             for i in range(a.repeat):
                 print(f"  {order} order, {ranks} rank(s), run {i + 1}/{a.repeat} (load {uptime()}) ...", flush=True)
                 r = run_mpi(ranks, data, lab, a.n_components)
                 r.update(order=order, ranks_requested=ranks); payload["runs"].append(r)
-                if "error" in r: print("  FAILED:", r["error"], flush=True); continue
+                if "error" in r: print("  FAILED:", r["error"], flush=True); ok.discard(ranks); continue
+                ok.add(ranks)
                 st = r["stages"]; mx = lambda k: max(s.get(k, 0) for s in st)
                 pr = r.get("products") or [{}]
                 ps = lambda k: pr[0].get(k, {}).get("count", 0)
@@ -148,7 +152,7 @@ def main():
             if "error" not in ref:
                 X0, B0 = np.load(RESULTS / "cache" / "mpi_result_ref_X.npy"), np.load(RESULTS / "cache" / "mpi_result_ref_B.npy")
                 agree = {}
-                for ranks in a.ranks:
+                for ranks in sorted(ok):   # only the runs that succeeded (a failed one is reported above)
                     X, B = (np.load(RESULTS / "cache" / f"mpi_result_{ranks}_{s}.npy") for s in "XB")
                     agree[ranks] = dict(schur_angle=angle(X0, X), fate_max_abs_diff=float(np.nanmax(np.abs(B0 - B))))
                 payload["agreement"] = agree

@@ -135,10 +135,10 @@ def _console(quiet: bool, verbose: bool):
     flt = _ErrorsOnly()
     logger.handlers = [_CurrentStderr()]
     with warnings.catch_warnings():
-        if quiet:
+        if quiet:   # (the filter is on the terminal's handler: warnings still reach the summary's collector)
             warnings.simplefilter("ignore")
             settings.verbosity, settings.progress_bar = 0, False
-            logger.addFilter(flt)
+            logger.handlers[0].addFilter(flt)
         else:
             for cat in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
                 warnings.simplefilter("ignore", cat)
@@ -148,7 +148,6 @@ def _console(quiet: bool, verbose: bool):
             with (nullcontext() if quiet else logging_redirect_tqdm(loggers=[logger])):
                 yield
         finally:
-            logger.removeFilter(flt)
             settings.verbosity, settings.progress_bar, logger.handlers = old
 
 def _degenerate_block(problems, hint) -> str:

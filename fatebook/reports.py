@@ -411,6 +411,13 @@ def versions() -> dict:
     return out
 
 # %% ../nbs/11_reports.ipynb #1ec6026d
+class _Collect(logging.Handler):
+    "Appends each distinct fatebook warning (without its 'WARNING: ' prefix) to a list."
+    def __init__(self, out: list): super().__init__(logging.WARNING); self.out = out
+    def emit(self, record):
+        msg = record.getMessage().removeprefix("WARNING: ")
+        if msg not in self.out: self.out.append(msg)
+
 class FateAnalysis:
     """The whole fate analysis — input, preprocessing, kernel, Schur, states, fates, drivers — one method per step,
     each logging one line. Used by `fatebook run` and by the report template, so both do exactly the same thing."""
@@ -420,6 +427,14 @@ class FateAnalysis:
         self.adata = self.kernel = self.g = self.choice = self.drivers = None
         self.simulated = self.params["adata"] is None
         self.input_sha256 = None; self.preprocessed_here = False; self.problems = []
+        self.warnings = []   # fatebook's warnings during the steps (degenerate structure, ...): summary.json keeps them
+
+    @contextmanager
+    def _watch(self):
+        "Collect the warnings fatebook logs while a step runs (shown or not: `--quiet` hides them, summary.json keeps them)."
+        h = _Collect(self.warnings); logger.addHandler(h)
+        try: yield
+        finally: logger.removeHandler(h)
 
     def _line(self, step, msg, t):
         self.timings[step] = round(t.seconds, 3)
@@ -430,7 +445,7 @@ class FateAnalysis:
         "Read (or simulate) the data and check every data-dependent parameter (keys, state names) before any heavy work."
         from fatebook.datasets import read_h5ad, simulate
         p = self.params
-        with timed() as t:
+        with timed() as t, self._watch():
             if self.simulated:
                 self.adata = simulate(n_cells=p["n_cells"], n_genes=p["n_genes"], n_fates=p["n_fates"], seed=p["seed"])
                 src = f"simulated {p['n_fates']}-fate differentiation"
@@ -449,7 +464,7 @@ class FateAnalysis:
         p = self.params
         miss = missing_preprocessing(self.adata, velocity=p["weight_velocity"] > 0)
         run = p["preprocess"] is True or (p["preprocess"] == "detect" and bool(miss))
-        with timed() as t, _library_quiet():   # the step's line below says what was done (progress bars still show)
+        with timed() as t, self._watch(), _library_quiet():   # the step's line below says what was done (progress bars still show)
             if run:
                 self.adata = preprocess(self.adata, mode=p["velocity_mode"], seed=p["seed"], n_jobs=p["n_jobs"])
                 self.preprocessed_here = True
@@ -466,7 +481,7 @@ class FateAnalysis:
         "The kernel mixture `w_v VelocityKernel + w_c ConnectivityKernel + w_p PseudotimeKernel` and its transition matrix."
         from fatebook.kernels import ConnectivityKernel, VelocityKernel, PseudotimeKernel
         p = self.params; bw = p["backward"]; terms = []
-        with timed() as t, _library_quiet():
+        with timed() as t, self._watch(), _library_quiet():
             if p["weight_velocity"] > 0: terms.append(p["weight_velocity"]*VelocityKernel(self.adata, backward=bw).compute_transition_matrix())
             if p["weight_connectivity"] > 0: terms.append(p["weight_connectivity"]*ConnectivityKernel(self.adata).compute_transition_matrix())
             if p["weight_pseudotime"] > 0:
@@ -482,7 +497,7 @@ class FateAnalysis:
         "Sorted real Schur decomposition, eigengap and forbidden numbers of macrostates."
         from fatebook.estimators import GPCCA
         p = self.params
-        with timed() as t, _library_quiet():
+        with timed() as t, self._watch(), _library_quiet():
             self.g = GPCCA(self.kernel)
             self.g.compute_schur(n_components=p["n_components"])
         ed = self.g.eigendecomposition
@@ -494,7 +509,7 @@ class FateAnalysis:
 
     def compute_states(self):
         "Macrostates, initial and terminal states (`choose_states`), and fate probabilities."
-        with timed() as t:
+        with timed() as t, self._watch():
             self.choice = choose_states(self.g, self.params)
         c = self.choice.chosen
         self.problems = list(c.problems)
@@ -522,7 +537,7 @@ class FateAnalysis:
         if g.terminal_states is None:
             with timed() as t: pass
             self._line("fates", "skipped: no terminal states", t); return self
-        with timed() as t, _library_quiet():
+        with timed() as t, self._watch(), _library_quiet():
             if g.fate_probabilities is None: g.compute_fate_probabilities()
             g.compute_absorption_times()
         B = np.asarray(g.fate_probabilities); rep = getattr(g, "_fate_report", {}) or {}
@@ -559,7 +574,7 @@ class FateAnalysis:
             if bad: raise ParameterError(f"parameter `lineages`: {bad} {'is' if len(bad) == 1 else 'are'} not a lineage of "
                                          f"this run; lineages: {names}.")
             lins = list(dict.fromkeys(n for v in found.values() for n in v))
-        with timed() as t, _library_quiet():
+        with timed() as t, self._watch(), _library_quiet():
             self.drivers = g.compute_lineage_drivers(lineages=lins)
         tops = []
         for c in [c for c in self.drivers.columns if c.endswith("_corr")]:
@@ -593,11 +608,11 @@ class FateAnalysis:
         return pd.DataFrame(rows)
 
     def summary(self) -> dict:
-        "Everything a reader needs to trust the result: status, states, automatic choices and why, provenance."
+        "Everything a reader needs to trust the result: status, states, automatic choices and why, fatebook's warnings, provenance."
         g, c = self.g, (self.choice.chosen if self.choice else None)
         s = dict(status=self.status, problems=self.problems, n_obs=int(self.adata.n_obs), n_vars=int(self.adata.n_vars),
                  simulated=self.simulated, preprocessed_here=self.preprocessed_here, kernel=str(self.kernel),
-                 log=self.log)
+                 log=self.log, warnings=self.warnings)
         if g is not None and g.eigendecomposition:
             ed = g.eigendecomposition
             s.update(eigengap_n_states=int(ed["eigengap"]) + 1, forbidden_n_states=[int(x) for x in ed["forbidden"]],
@@ -620,7 +635,7 @@ class FateAnalysis:
         from fatebook.datasets import write_h5ad
         out = Path(out); out.mkdir(parents=True, exist_ok=True)
         g = self.g
-        with timed() as t:
+        with timed() as t, self._watch():
             if g is not None and g.fate_probabilities is not None:
                 fp = g.fate_probabilities
                 pd.DataFrame(np.asarray(fp), index=self.adata.obs_names, columns=list(fp.names)).to_csv(out/"fate_probabilities.csv")

@@ -269,7 +269,7 @@ def softmax_rows(indptr: np.ndarray,  # CSR row pointer (no empty rows)
 def estimate_softmax_scale(s: np.ndarray,  # similarities computed with softmax_scale = 1
                           ) -> float:
     "CellRank's rule: 1 / median |s| over the non-zero similarities."
-    nz = np.abs(s[s != 0])
+    nz = s[s != 0]; np.abs(nz, out=nz)   # (in place: one array of 42 M values fewer at 1,000,000 cells)
     if not len(nz): raise ValueError("Cannot estimate `softmax_scale`: every similarity is 0; pass `softmax_scale=`.")
     return float(1.0 / np.median(nz, overwrite_input=True))
 

@@ -140,6 +140,17 @@ def test_dentate_gyrus_n_states_5_is_no_traceback(tmp_path, dentate_gyrus_path, 
     assert s["status"] == "degenerate" and s["problems"]
 
 
+def test_warnings_are_kept_in_the_summary(tmp_path, dentate_gyrus_path, capsys):
+    """fatebook's warnings during a run (here: a macrostate that no cell prefers) go into summary.json's `warnings`,
+    with `--quiet` too (it hides them from the terminal only); before, a pipeline that kept summary.json lost them."""
+    code, out, err = cli(capsys, "run", "--adata", dentate_gyrus_path(200), "--preprocessed", "--n-states", 4,
+                         "--no-figures", "--quiet", "--out", tmp_path / "dg4")
+    assert code == 3 and out == "", (code, out, err[-2000:])
+    assert "most likely state" not in err
+    s = json.loads((tmp_path / "dg4" / "summary.json").read_text())
+    assert len(s["warnings"]) == 1 and s["warnings"][0].startswith("n_states=4: 1 macrostate(s) are no cell's most likely state"), s["warnings"]
+
+
 @pytest.fixture(scope="module")
 def odd_data(tmp_path_factory, dentate_gyrus_path):
     """The 200-cell dentate gyrus with hostile variants: integer cluster labels, names with commas, spaces and a

@@ -502,3 +502,8 @@ def test_symmetry_check_finds_one_asymmetric_pair_and_ignores_explicit_zeros():
     Z = sp.csr_matrix((np.insert(C.data, pos, 0.0), np.insert(C.indices, pos, j), np.r_[C.indptr[:i + 1], C.indptr[i + 1:] + 1]),
                       shape=C.shape)
     assert Z.nnz == C.nnz + 1 and _is_symmetric(Z)        # an explicit zero on one side only: still symmetric
+    # scanpy's float32 graphs are checked in float32 (no float64 copy), to 2.4e-5 of a row's weighted sum
+    C32 = C.astype(np.float32)
+    assert _is_symmetric(C32)
+    D32 = C32.copy(); D32.data[123] += np.float32(1e-3 * C[1].sum())   # one entry off by 1e-3 of its row's sum
+    assert not _is_symmetric(D32)

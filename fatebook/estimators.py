@@ -456,17 +456,22 @@ class BaseEstimator:
         if D.size > 1 and abs(D[0] - 1) < 1e-8: _nearly_reducible(self._T, pi, abs(1 - D[1]))
 
     def _stationary_distribution(self, cache: bool = True):
-        "pi of T (kept in `eigendecomposition` if `cache`), or None with a warning when it cannot be computed."
+        """pi of T, or None with a warning when it cannot be computed. Computed once per estimator (T does not change)
+        and kept privately; `cache=True` also takes it from / puts it into `eigendecomposition`, `cache=False` reads
+        and changes neither (the coarse stationary distribution's first read)."""
         ed = self.eigendecomposition or {}
-        if ed.get("stationary_dist") is not None: return np.asarray(ed["stationary_dist"])
-        from fatebook.schur import stationary_distribution
-        try:
-            pi = _fast_stationary(self._T) if len(self._recurrent_classes()[0]) == 1 else None
-            if pi is None: pi = np.asarray(stationary_distribution(self._T), dtype=float)   # (warns itself)
-            else: self._check_nearly_reducible(pi)
-        except Exception as e:
-            warn(f"Could not compute the stationary distribution ({e}); coarse stationary distribution and "
-                 "`predict_initial_states` are unavailable."); return None
+        if cache and ed.get("stationary_dist") is not None: return np.asarray(ed["stationary_dist"])
+        pi = self.__dict__.get("_pi")
+        if pi is None:
+            from fatebook.schur import stationary_distribution
+            try:
+                pi = _fast_stationary(self._T) if len(self._recurrent_classes()[0]) == 1 else None
+                if pi is None: pi = np.asarray(stationary_distribution(self._T), dtype=float)   # (warns itself)
+                else: self._check_nearly_reducible(pi)
+            except Exception as e:
+                warn(f"Could not compute the stationary distribution ({e}); coarse stationary distribution and "
+                     "`predict_initial_states` are unavailable."); return None
+            self._pi = pi
         if cache: self.eigendecomposition = {**ed, "stationary_dist": pi}
         return pi
 

@@ -537,11 +537,11 @@ class GPCCA(BaseEstimator):
         From the coarse T when its eigenvalue 1 is simple (no n-sized work); otherwise (several closed classes, or a
         nearly reducible chain) from pi of T, which costs an ARPACK run on T' (2.8 s at 100,000 cells, 16 s at
         1,000,000): then it is computed on first use (`predict_initial_states`, `plot_coarse_T`, reports) and kept,
-        not by `compute_macrostates`, and `uns[Key.uns.coarse]` holds no 'stat_dist'. Reading it changes neither the
-        AnnData nor the other results."""
+        not by `compute_macrostates` (pi itself once per estimator, for every later set of macrostates), and
+        `uns[Key.uns.coarse]` holds no 'stat_dist'. Reading it changes neither the AnnData nor the other results."""
         if self.__dict__.get("_coarse_stat_pending"):
+            pi = self._stationary_distribution(cache=False)   # (pi once per estimator; an interrupt leaves it pending)
             self._coarse_stat_pending = False
-            pi = self._stationary_distribution(cache=False)
             if pi is not None:
                 self._coarse_stat = pd.Series(np.asarray(self.macrostates_memberships).T @ pi, index=list(self.coarse_T.index))
         return self.__dict__.get("_coarse_stat")

@@ -54,7 +54,10 @@ def read_connectivities(adata,  # the AnnData
         raise ValueError(f"{len(empty)} cell(s) have no neighbours (no positive weight) in `adata.obsp['{conn_key}']`: "
                          f"{_obs_names(adata, empty)}. Remove them (e.g. `adata = adata[adata.obsp['{conn_key}']"
                          ".getnnz(axis=1) > 0].copy()`) or recompute the graph with `scanpy.pp.neighbors`.")
-    if check_symmetric and not _is_symmetric(C):
+    # with weights=False the neighbour sets are what is used, so their symmetry is checked (every stored entry, even
+    # a tiny or zero weight, is a neighbour); the weights' symmetry otherwise
+    if check_symmetric and not _is_symmetric(C if weights else sp.csr_matrix(
+            (np.ones(C.nnz, np.float32), C.indices, C.indptr), shape=C.shape)):
         warn(f"`adata.obsp['{conn_key}']` is not symmetric; kernels use its rows as they are.")
     return C if weights else sp.csr_matrix((np.ones(C.nnz, bool), C.indices, C.indptr), shape=C.shape)
 

@@ -252,6 +252,12 @@ def test_coarse_stationary_distribution_is_computed_on_first_use(monkeypatch, tm
     assert_value_equal(dict(a.uns), uns0, "uns"); assert_value_equal(g.eigendecomposition, ed0, "eigendecomposition")
     g.predict_initial_states()
     assert len(calls) == 1
+    g.compute_macrostates(n_states=3, cluster_key="clusters")             # new macrostates: pi itself is not recomputed
+    s3 = g.coarse_stationary_distribution
+    assert len(calls) == 1 and len(s3) == 3
+    np.testing.assert_allclose(s3.to_numpy(), np.asarray(g.macrostates_memberships).T @ pi, atol=1e-12)
+    g.compute_macrostates(n_states=2, cluster_key="clusters")
+    pd.testing.assert_series_equal(g.coarse_stationary_distribution, s); assert len(calls) == 1
     p = tmp_path / "g.h5ad"; a.write_h5ad(p)
     g2 = GPCCA.from_adata(ad.read_h5ad(p))
     pd.testing.assert_series_equal(g2.coarse_stationary_distribution, s)
@@ -263,3 +269,23 @@ def test_coarse_stationary_distribution_is_computed_on_first_use(monkeypatch, tm
     g3 = GPCCA(PrecomputedKernel(matrix=T3, adata=a3)).compute_schur(n_components=6).compute_macrostates(n_states=2, cluster_key="clusters")
     assert "stat_dist" in a3.uns[Key.uns.coarse()] and calls == []
     np.testing.assert_allclose(g3.coarse_stationary_distribution.to_numpy(), a3.uns[Key.uns.coarse()]["stat_dist"])
+
+
+def test_an_interrupted_first_read_of_the_coarse_stationary_distribution_stays_pending(monkeypatch):
+    "Ctrl-C during pi (16 s at 1,000,000 cells) must not leave the coarse stationary distribution None for good."
+    import fatebook.estimators as E
+    from fatebook.linalg import slow_chain
+    from fatebook.kernels import PrecomputedKernel
+    from fatebook.estimators import GPCCA
+    T, t, lab = slow_chain(800, "absorbing", eps=1e-15, seed=0)
+    a = ad.AnnData(obs=pd.DataFrame({"clusters": pd.Categorical(lab.astype(str))}, index=[f"c{i}" for i in range(T.shape[0])]))
+    g = GPCCA(PrecomputedKernel(matrix=T, adata=a)).compute_schur(n_components=6).compute_macrostates(n_states=2, cluster_key="clusters")
+    orig = E._fast_stationary
+    def interrupted(M): raise KeyboardInterrupt
+    monkeypatch.setattr(E, "_fast_stationary", interrupted)
+    with pytest.raises(KeyboardInterrupt): g.coarse_stationary_distribution
+    monkeypatch.setattr(E, "_fast_stationary", orig)
+    s = g.coarse_stationary_distribution
+    assert s is not None and abs(s.sum() - 1) < 1e-12
+    g.predict_initial_states()
+    assert g.initial_states is not None

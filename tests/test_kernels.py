@@ -507,3 +507,21 @@ def test_symmetry_check_finds_one_asymmetric_pair_and_ignores_explicit_zeros():
     assert _is_symmetric(C32)
     D32 = C32.copy(); D32.data[123] += np.float32(1e-3 * C[1].sum())   # one entry off by 1e-3 of its row's sum
     assert not _is_symmetric(D32)
+
+
+def test_pattern_read_checks_the_symmetry_of_the_neighbour_sets(caplog, dentate_gyrus_path):
+    """`read_connectivities(weights=False)` (the velocity kernel's read) checks that the neighbour sets are symmetric:
+    a one-way edge of weight 1e-6 in scanpy's float32 graph is a full one-way neighbour for a kernel that uses only
+    the pattern, and is reported as the weighted read (the connectivity kernel's) reports it."""
+    import logging
+    from fatebook.kernels import read_connectivities
+    a = ad.read_h5ad(dentate_gyrus_path(200))
+    C = sp.csr_matrix(a.obsp["connectivities"], dtype=np.float32).tolil()
+    j = int(np.setdiff1d(np.arange(a.n_obs), C.rows[0] + [0])[0])
+    C[0, j] = 1e-6; a.obsp["connectivities"] = C.tocsr()
+    for weights in (True, False):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fatebook"):
+            P = read_connectivities(a, weights=weights)
+        assert "not symmetric" in caplog.text, weights
+        assert P[0, j] and not P[j, 0]

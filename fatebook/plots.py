@@ -533,10 +533,17 @@ def plot_coarse_T(
         cb.set_ticks(np.linspace(norm.vmin, norm.vmax, 6)); cb.ax.tick_params(labelsize=8)
         cb.formatter = mpl.ticker.FormatStrFormatter("%.2f"); cb.update_ticks()
         cb.set_label("probability", fontsize=9)
+    notes = []
     if np.nanmin(Pm) < 0:
-        fig.supxlabel(f"Coarse T is the projection of T onto the fuzzy memberships, not itself a stochastic matrix: entries "
-                      f"below 0 (here down to {np.nanmin(Pm):.2g}) occur where macrostates overlap; rows still sum to 1. "
-                      "Values that round to 0 are shown as 0.00.", fontsize=7, wrap=True)
+        notes.append(f"Coarse T is the projection of T onto the fuzzy memberships, not itself a stochastic matrix: entries "
+                     f"below 0 (here down to {np.nanmin(Pm):.2g}) occur where macrostates overlap; rows still sum to 1. "
+                     "Values that round to 0 are shown as 0.00.")
+    n_one = int(np.sum(np.abs(np.linalg.eigvals(np.nan_to_num(Pm)) - 1) < 1e-8))
+    if show_stationary_dist and n_one > 1:   # (nearly) closed macrostates: the split of pi between them is arbitrary
+        notes.append(f"Coarse T has {n_one} eigenvalues equal to 1 (to 1e-8): {n_one} macrostates are (nearly) closed, "
+                     "and the chain does not determine how the stationary distribution splits between them; the "
+                     "stationary strip shows one possible split.")
+    if notes: fig.supxlabel(" ".join(notes), fontsize=7, wrap=True)
     return _save(fig, save)
 
 def _cell_text(fmt: str, val: float) -> str:

@@ -538,11 +538,11 @@ def plot_coarse_T(
         notes.append(f"Coarse T is the projection of T onto the fuzzy memberships, not itself a stochastic matrix: entries "
                      f"below 0 (here down to {np.nanmin(Pm):.2g}) occur where macrostates overlap; rows still sum to 1. "
                      "Values that round to 0 are shown as 0.00.")
-    n_one = int(np.sum(np.abs(np.linalg.eigvals(np.nan_to_num(Pm)) - 1) < 1e-8))
-    if show_stationary_dist and n_one > 1:   # (nearly) closed macrostates: the split of pi between them is arbitrary
-        notes.append(f"Coarse T has {n_one} eigenvalues equal to 1 (to 1e-8): {n_one} macrostates are (nearly) closed, "
-                     "and the chain does not determine how the stationary distribution splits between them; the "
-                     "stationary strip shows one possible split.")
+    n_one = int(np.sum(np.abs(np.linalg.eigvals(Pm) - 1) < 1e-8)) if np.isfinite(Pm).all() else 0
+    if show_stationary_dist and n_one > 1:   # (nearly) closed sets of macrostates: pi's split between them is fragile
+        notes.append(f"Coarse T has {n_one} eigenvalues within 1e-8 of 1: its macrostates form {n_one} (nearly) closed "
+                     "sets, and how the stationary distribution splits between those sets rests on transitions below "
+                     "about 1e-8 per step, or on none: the stationary strip shows one split, not a reliable one.")
     if notes: fig.supxlabel(" ".join(notes), fontsize=7, wrap=True)
     return _save(fig, save)
 

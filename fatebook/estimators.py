@@ -286,7 +286,8 @@ class BaseEstimator:
         if adata.is_view:
             raise ValueError("The AnnData is a view; estimators write their results into it. Use `adata = adata.copy()` first.")
         src = f"`adata.obsp[{key!r}]`" if kernel is None else "the kernel's transition matrix"
-        T = sp.csr_matrix(check_row_stochastic(T if sp.issparse(T) else np.asarray(T), name=src))
+        from fatebook.kernels import as_transition_matrix   # the one rule: checked at T's precision, float32 renormalised
+        T = as_transition_matrix(T, name=src)              # in float64 (else every later float64 check rejects its rows)
         if T.shape[0] != adata.n_obs:
             raise ValueError(f"The transition matrix is {T.shape[0]} x {T.shape[1]} but the AnnData has {adata.n_obs} cells.")
         self._adata, self._kernel, self._backward, self._obsp_key, self._T = adata, kernel, backward, key, T

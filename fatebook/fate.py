@@ -246,13 +246,14 @@ def _as_T(T) -> sp.csr_matrix:
     "T checked by the one row-stochastic rule (at its own dtype's precision), as float64 CSR."
     return sp.csr_matrix(check_row_stochastic(T if sp.issparse(T) else np.asarray(T)))
 
-def _deflation_input(T, deflate, trans, A):
+def _deflation_input(T, deflate, trans, A, tol=1e-8):
     """What `_Factor` gets for `deflate`: None; the rows `trans` of an n x d array (A Z is then one product with d
     columns); or, for a tuple (X, R) of Schur vectors and Schur matrix of T (T X = X R), `(Z, A Z)` from the relation
     (`schur_deflation`: no product, only the transitions into the absorbing cells). One product with a random
-    combination of the columns checks that the relation holds for this T to 1e-8 (Schur vectors of another matrix, or
-    of a stale one, fall back to the product). GMRES then still decides convergence on true residuals (`exact=False`):
-    a relation that holds only approximately costs iterations, never accuracy."""
+    combination of the columns checks that the relation holds for this T to a tenth of the solve's `tol` (at most
+    1e-8): Schur vectors of another matrix, of a stale one, or not finite, fall back to the product. GMRES then still
+    decides convergence on true residuals (`exact=False`), and rebuilds A Z from products if the relation mispredicts
+    one: a relation that holds only approximately costs iterations, never accuracy."""
     if deflate is None: return None
     if not isinstance(deflate, tuple): return np.asarray(deflate)[trans]
     X, R = (np.asarray(x, dtype=float) for x in deflate)
@@ -263,8 +264,8 @@ def _deflation_input(T, deflate, trans, A):
     if not len(trans) or not Z.shape[1]: return Z
     c = np.random.default_rng(0).standard_normal(Z.shape[1])
     az = A @ (Z @ c)
-    if np.abs(az - AZ @ c).max() > 1e-8 * max(np.abs(az).max(), 1e-300): return Z   # not a Schur relation of this T
-
+    err = np.abs(az - AZ @ c).max() / max(np.abs(az).max(), 1e-300)
+    if not err <= min(1e-8, 0.1 * tol): return Z   # not a Schur relation of this T to the solve's accuracy (or NaN)
     return Z, AZ
 
 def _setup(T, terminal, names, irreducible=None):
@@ -305,7 +306,7 @@ def fate_probabilities(T, # row-stochastic transition matrix (n x n), sparse or 
                          "They sit in a closed part of the chain that is not declared terminal; add it as a terminal state, "
                          "or pass unreachable='nan' or 'lineage'.")
     if K == 1 and not nu: warn("Only one terminal state: every cell gets fate probability 1.")
-    F = _Factor(A, solver, tol, show_progress, deflate=_deflation_input(T, deflate, trans, A))
+    F = _Factor(A, solver, tol, show_progress, deflate=_deflation_input(T, deflate, trans, A, tol))
     RHS = S if esc is None else np.column_stack([S, esc])
     derived_res = 0.0
     if RHS.shape[1] == 1: Bt = np.ones((len(trans), 1))  # one target and nothing unreachable: every walk ends there
@@ -390,7 +391,7 @@ def absorption_times(T, # row-stochastic transition matrix (n x n)
             out_names.append(group_name(g, taken=out_names + [c for c in cnames if c not in g]))
         labels, cnames = new, out_names
     Tc, n, labels, cnames, K, absorbing, unreach, trans, A, S, esc = _setup(Tc, labels, cnames)
-    F = _Factor(A, solver, tol, show_progress, deflate=_deflation_input(Tc, deflate, trans, A))
+    F = _Factor(A, solver, tol, show_progress, deflate=_deflation_input(Tc, deflate, trans, A, tol))
     cols = {}
     if K == 1:
         t = F.solve(np.ones(len(trans)))

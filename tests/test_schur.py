@@ -451,9 +451,13 @@ def test_sstep_budget_stops_with_a_clear_message():
         finally: fs._SSTEP_MIN_N = old
 
 
-def test_sstep_interrupt_and_progress(capsys, caplog):
-    "Ctrl-C (KeyboardInterrupt) stops the iteration with a note of how far it got; the progress bar shows products and converged vectors."
-    import logging
+def test_sstep_interrupt_and_progress(capsys, caplog, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) stops the iteration with a note of how far it got; the progress bar shows products and
+    converged vectors (tqdm redraws at most every 0.1 s: made to redraw on every update, so that what the bar shows does
+    not depend on how fast the machine is)."""
+    import functools, logging
+    import tqdm.auto
+    monkeypatch.setattr(tqdm.auto, "tqdm", functools.partial(tqdm.auto.tqdm, mininterval=0, miniters=1))
     import fatebook.schur as fs
     from fatebook.linalg import slow_chain
     T, _, _ = slow_chain(2000, "long", seed=0)

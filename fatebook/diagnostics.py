@@ -148,7 +148,7 @@ def tsi_table(g,                                  # a GPCCA estimator (its trans
                 raise ValueError(f"n_states={m} splits a complex-conjugate pair")
             else:
                 chi = gpcca_memberships(X[:, :m], m, optimizer=optimizer).chi
-                names, _ = name_states(top_cells(chi, min(n_cells, adata.n_obs // m)), m, adata, cluster_key)
+                names, _ = name_states(top_cells(chi, min(n_cells, adata.n_obs // m), T=T), m, adata, cluster_key)
             ident = int(len(set(_base_names(names, cats)) & set(terminal_states)))
         except ValueError as e:
             failed = True

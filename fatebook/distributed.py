@@ -616,7 +616,11 @@ def main(argv: list[str]|None = None):
                     tol=a.tol, ncv=a.ncv, maxiter=a.maxiter, seed=a.seed, terminal=a.terminal, terminal_key=a.terminal_key,
                     fates=False if a.no_fates else None, fate_tol=a.fate_tol, show_progress=not a.quiet)
     except Exception as e:   # one rank's error must stop every rank (the others would wait in a collective forever)
-        print(f"[fatebook.distributed] rank {MPI.COMM_WORLD.Get_rank()}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        msg = f"[fatebook.distributed] rank {MPI.COMM_WORLD.Get_rank()}: {type(e).__name__}: {e}"
+        print(msg, file=sys.stderr, flush=True)
+        ef = os.environ.get("FATEBOOK_MPI_ERRFILE")   # the launcher's file: MPI_Abort can end the job before the
+        if ef:                                         # launcher has read this rank's stderr (seen under load in CI)
+            with open(ef, "a") as fh: fh.write(msg + "\n"); fh.flush(); os.fsync(fh.fileno())
         if MPI.COMM_WORLD.Get_size() > 1: MPI.COMM_WORLD.Abort(1)
         raise SystemExit(1)
     if s is not None: print("FATEBOOK-MPI " + json.dumps(s, default=str), flush=True)
@@ -635,13 +639,18 @@ def mpiexec() -> str:
                        "set FATEBOOK_MPIEXEC to your launcher.")
 
 def _launch(n_ranks, args, timeout):
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    fd, errfile = tempfile.mkstemp(prefix="fatebook-mpi-", suffix=".err"); os.close(fd)   # the ranks' error messages
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONWARNINGS="ignore", FATEBOOK_MPI_ERRFILE=errfile)
     cmd = [mpiexec(), "-n", str(int(n_ranks)), sys.executable, "-m", "fatebook.distributed", *map(str, args)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if r.returncode != 0:
-        tail = "\n".join([l for l in r.stderr.splitlines() if "fatebook.distributed" in l][-5:] or r.stderr.splitlines()[-10:])
-        raise RuntimeError(f"`{' '.join(cmd[:3])} ... -m fatebook.distributed` failed (exit {r.returncode}):\n{tail}")
-    return r
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        if r.returncode != 0:
+            with open(errfile) as fh: ranks = [l for l in fh.read().splitlines() if l.strip()]
+            tail = "\n".join(ranks[-5:] or [l for l in r.stderr.splitlines() if "fatebook.distributed" in l][-5:]
+                             or r.stderr.splitlines()[-10:])
+            raise RuntimeError(f"`{' '.join(cmd[:3])} ... -m fatebook.distributed` failed (exit {r.returncode}):\n{tail}")
+        return r
+    finally: os.unlink(errfile)
 
 def mpi_schur(T, # row-stochastic transition matrix (n x n, sparse)
               n_components: int = 20, # number of Schur vectors

@@ -469,11 +469,42 @@ def _apportion(total: int, share) -> np.ndarray:
         for i in np.flatnonzero(q == 0): q[int(np.argmax(q))] -= 1; q[i] = 1
     return q
 
-def top_cells_groups(chi, groups: list, n_cells: int, raise_threshold: float = 0.2, exclude=None) -> np.ndarray:
+_TIE_TOL = 1e-8   # memberships closer than this are numerically equal (neither the subspace nor the optimiser is more exact)
+
+def _walk_scores(T, W, steps: int = 1000, tol: float = 1e-10) -> np.ndarray:
+    """Where a walk started uniformly on the cells `W` and kept inside them (T restricted to W, rows renormalised; a
+    row with no transition inside stays put) spends its time: the occupation summed over the steps until the
+    distribution settles (at most `steps`). Summed, not the limit: a set that drains into one cell has a limit of one
+    cell and zeros, while the time spent on the way still orders the cells by how far downstream they are."""
+    TW = sp.csr_matrix(T[W][:, W], dtype=float) if sp.issparse(T) else sp.csr_matrix(np.asarray(T, dtype=float)[np.ix_(W, W)])
+    rs = np.asarray(TW.sum(axis=1)).ravel(); stay = rs <= 0
+    TW = sp.csr_matrix(sp.diags(1 / np.where(stay, 1.0, rs)) @ TW + sp.diags(stay.astype(float)))
+    p = np.full(len(W), 1 / len(W)); TWt = TW.T.tocsr(); occ = np.zeros(len(W))
+    for _ in range(steps):
+        q = TWt @ p; q /= q.sum(); occ += q
+        if np.abs(q - p).sum() < tol: break
+        p = q
+    return occ
+
+def _top_of(col, q: int, T=None) -> np.ndarray:
+    """The `q` cells with the largest membership `col`. Cells tied with the q-th within `_TIE_TOL` (a nearly closed set
+    saturates at 1 on hundreds of cells, and their order is rounding) are ranked by where a walk kept inside the near-top
+    cells ends up (`_walk_scores`, given `T`): the set's downstream end, not whichever cells rounding put first."""
+    o = np.argsort(-col, kind="stable")
+    if T is None or q >= len(col) or not np.isfinite(col[o[q - 1]]): return o[:q]
+    cut = col[o[q - 1]]
+    W = np.flatnonzero(col >= cut - _TIE_TOL)
+    if len(W) <= q: return o[:q]
+    sure, tied = W[col[W] > cut + _TIE_TOL], W[col[W] <= cut + _TIE_TOL]
+    score = _walk_scores(T, W)[np.searchsorted(W, tied)]
+    return np.r_[sure, tied[np.argsort(-score, kind="stable")[:q - len(sure)]]]
+
+def top_cells_groups(chi, groups: list, n_cells: int, raise_threshold: float = 0.2, exclude=None, T=None) -> np.ndarray:
     """Per-cell labels (-1 = none) for groups of membership columns: each group gets `n_cells` cells, shared among its
     members in proportion to their total membership, each member contributing its own top cells (a merged state is made
     of cells of every member, not only of the crispest one); a cell chosen twice goes to the highest membership.
-    Cells in the boolean mask `exclude` (e.g. cells already in states of the other kind) are never chosen."""
+    Cells in the boolean mask `exclude` (e.g. cells already in states of the other kind) are never chosen. With the
+    transition matrix `T`, cells whose memberships tie at the cut (within 1e-8) are ranked by where the walk goes."""
     chi = np.array(chi, dtype=float); n = chi.shape[0]
     if exclude is not None: chi[np.asarray(exclude, bool)] = -np.inf
     cols, quota, owner = [], [], []
@@ -482,7 +513,7 @@ def top_cells_groups(chi, groups: list, n_cells: int, raise_threshold: float = 0
             if q: cols.append(x); quota.append(int(q)); owner.append(j)
     mask = np.zeros((n, len(cols)), bool)
     for c, (x, q) in enumerate(zip(cols, quota)):
-        top = np.argsort(-chi[:, x], kind="stable")[:q]
+        top = _top_of(chi[:, x], q, T)
         mask[top[np.isfinite(chi[top, x])], c] = True
     chosen = mask.any(axis=1)
     lab = np.full(n, -1)
@@ -495,15 +526,16 @@ def top_cells_groups(chi, groups: list, n_cells: int, raise_threshold: float = 0
                          "other states. Use fewer states, a smaller n_cells, or n_cells=None (argmax assignment).")
     return lab
 
-def top_cells(chi, n_cells: int|None = 30, raise_threshold: float = 0.2) -> np.ndarray:
-    "Per-cell state labels (-1 = none) from memberships `chi`: the top `n_cells` cells of each column (argmax of all cells if None)."
+def top_cells(chi, n_cells: int|None = 30, raise_threshold: float = 0.2, T=None) -> np.ndarray:
+    """Per-cell state labels (-1 = none) from memberships `chi`: the top `n_cells` cells of each column (argmax of all
+    cells if None). With the transition matrix `T`, ties at the cut are ranked by where the walk goes (`_top_of`)."""
     chi = np.asarray(chi, dtype=float); n, m = chi.shape
     if n_cells is None: return chi.argmax(axis=1)
     if not isinstance(n_cells, (int, np.integer)) or n_cells < 1:
         raise ValueError(f"n_cells must be a positive integer or None, got {n_cells!r}.")
     if n_cells > n // m:
         raise ValueError(f"n_cells={n_cells} is too large: {m} states x {n_cells} cells > {n} cells; use n_cells <= {n // m}.")
-    return top_cells_groups(chi, [[j] for j in range(m)], n_cells, raise_threshold)
+    return top_cells_groups(chi, [[j] for j in range(m)], n_cells, raise_threshold, T=T)
 
 # %% ../nbs/07_gpcca.ipynb #36a13f96
 def _n_states_range(n_states):
@@ -714,7 +746,7 @@ class GPCCA(BaseEstimator):
         if m < n_closed:
             warn(f"The chain has {n_closed} closed classes but only {m} macrostates were asked for, so some closed "
                  f"classes share a macrostate; consider n_states >= {n_closed}.")
-        try: labels = top_cells(chi, n_cells)
+        try: labels = top_cells(chi, n_cells, T=self._T)
         except ValueError as e:
             few = ", ".join(f"state {j}: {w}" for j, w in enumerate(wins) if n_cells and w < n_cells)
             raise ValueError(f"{e} n_states={m}: cells whose most likely state it is — {few}; the data hardly support "
@@ -798,7 +830,7 @@ class GPCCA(BaseEstimator):
                                  "cells, or choose other macrostates.")
         else:
             n_cells = min(n_cells, self.n_obs // len(groups))
-            lab = top_cells_groups(chi, gidx, n_cells, exclude=exclude)
+            lab = top_cells_groups(chi, gidx, n_cells, exclude=exclude, T=self._T)
         labels = pd.Series(pd.Categorical.from_codes(lab, categories=gnames), index=self._adata.obs_names)
         mx = sel.max(axis=0); mx[mx <= 0] = 1
         probs = pd.Series((sel / mx).max(axis=1), index=self._adata.obs_names)

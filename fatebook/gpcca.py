@@ -469,14 +469,15 @@ def _apportion(total: int, share) -> np.ndarray:
         for i in np.flatnonzero(q == 0): q[int(np.argmax(q))] -= 1; q[i] = 1
     return q
 
-_TIE_TOL = 1e-8   # memberships closer than this are numerically equal (neither the subspace nor the optimiser is more exact)
+_TIE_TOL = 1e-11  # memberships closer than this are rounding (saturated sets tie to ~1e-13; real structure can be 1e-10)
 
 def _walk_scores(T, W, steps: int = 1000, tol: float = 1e-10) -> np.ndarray:
     """Where a walk started uniformly on the cells `W` and kept inside them (T restricted to W, rows renormalised; a
     row with no transition inside stays put) spends its time: the occupation summed over the steps until the
     distribution settles (at most `steps`). Summed, not the limit: a set that drains into one cell has a limit of one
     cell and zeros, while the time spent on the way still orders the cells by how far downstream they are."""
-    TW = sp.csr_matrix(T[W][:, W], dtype=float) if sp.issparse(T) else sp.csr_matrix(np.asarray(T, dtype=float)[np.ix_(W, W)])
+    TW = sp.csr_matrix(sp.csr_matrix(T)[W][:, W], dtype=float) if sp.issparse(T) else \
+        sp.csr_matrix(np.asarray(T, dtype=float)[np.ix_(W, W)])
     rs = np.asarray(TW.sum(axis=1)).ravel(); stay = rs <= 0
     TW = sp.csr_matrix(sp.diags(1 / np.where(stay, 1.0, rs)) @ TW + sp.diags(stay.astype(float)))
     p = np.full(len(W), 1 / len(W)); TWt = TW.T.tocsr(); occ = np.zeros(len(W))
@@ -489,7 +490,8 @@ def _walk_scores(T, W, steps: int = 1000, tol: float = 1e-10) -> np.ndarray:
 def _top_of(col, q: int, T=None) -> np.ndarray:
     """The `q` cells with the largest membership `col`. Cells tied with the q-th within `_TIE_TOL` (a nearly closed set
     saturates at 1 on hundreds of cells, and their order is rounding) are ranked by where a walk kept inside the near-top
-    cells ends up (`_walk_scores`, given `T`): the set's downstream end, not whichever cells rounding put first."""
+    cells ends up (`_walk_scores`, given `T`): the set's downstream end, not whichever cells rounding put first (pass
+    Tᵀ for the upstream end)."""
     o = np.argsort(-col, kind="stable")
     if T is None or q >= len(col) or not np.isfinite(col[o[q - 1]]): return o[:q]
     cut = col[o[q - 1]]
@@ -504,12 +506,13 @@ def top_cells_groups(chi, groups: list, n_cells: int, raise_threshold: float = 0
     members in proportion to their total membership, each member contributing its own top cells (a merged state is made
     of cells of every member, not only of the crispest one); a cell chosen twice goes to the highest membership.
     Cells in the boolean mask `exclude` (e.g. cells already in states of the other kind) are never chosen. With the
-    transition matrix `T`, cells whose memberships tie at the cut (within 1e-8) are ranked by where the walk goes."""
+    transition matrix `T`, cells whose memberships tie at the cut (within 1e-11) are ranked by where the walk goes."""
     chi = np.array(chi, dtype=float); n = chi.shape[0]
-    if exclude is not None: chi[np.asarray(exclude, bool)] = -np.inf
+    mass = np.where(np.isfinite(chi), chi, 0.0)   # members' shares of a group: excluded cells count as 0, not -inf
+    if exclude is not None: chi[np.asarray(exclude, bool)] = -np.inf; mass[np.asarray(exclude, bool)] = 0.0
     cols, quota, owner = [], [], []
     for j, g in enumerate(groups):
-        for x, q in zip(g, _apportion(n_cells, chi[:, g].sum(axis=0))):
+        for x, q in zip(g, _apportion(n_cells, mass[:, g].sum(axis=0))):
             if q: cols.append(x); quota.append(int(q)); owner.append(j)
     mask = np.zeros((n, len(cols)), bool)
     for c, (x, q) in enumerate(zip(cols, quota)):
@@ -830,7 +833,9 @@ class GPCCA(BaseEstimator):
                                  "cells, or choose other macrostates.")
         else:
             n_cells = min(n_cells, self.n_obs // len(groups))
-            lab = top_cells_groups(chi, gidx, n_cells, exclude=exclude, T=self._T)
+            # ties at the cut: terminal states take the end a walk drains into, initial states the end it comes from
+            # (the walk against the transitions), so a saturated source state keeps its upstream cells (review)
+            lab = top_cells_groups(chi, gidx, n_cells, exclude=exclude, T=self._T if kind == "terminal" else self._T.T)
         labels = pd.Series(pd.Categorical.from_codes(lab, categories=gnames), index=self._adata.obs_names)
         mx = sel.max(axis=0); mx[mx <= 0] = 1
         probs = pd.Series((sel / mx).max(axis=1), index=self._adata.obs_names)

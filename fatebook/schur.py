@@ -187,7 +187,10 @@ def _eta_postprocess(P, Q, eta, which, PQ=None):
             L = np.linalg.cholesky(W.T @ W); W = W @ sla.solve_triangular(L, np.eye(m - 1), lower=True).T
         except np.linalg.LinAlgError: W, _ = np.linalg.qr(W)
         Y = np.column_stack([se, W])
-        PY = P @ Y if PQ is None else PQ @ (Q.T @ Y)   # Y lies in span(Q) (up to the solver's tolerance): reuse P Q
+        # Y lies in span(Q, √η): P Q is reused unless √η sticks out of span(Q) by more than 1e-10 (up to 1e-3 is accepted
+        # above; reusing P Q then gave residuals up to 5e-7 on 1,000-cell slow chains, found in review): then P Y itself
+        out = 0.0 if PQ is None else np.linalg.norm(se - Q @ c)   # (1 - cap is rounding below ~1e-16: the norm itself)
+        PY = P @ Y if PQ is None or out > 1e-10 else PQ @ (Q.T @ Y)
         Rt = np.vstack([se, W.T]) @ PY
         R22, Z = sla.schur(Rt[1:, 1:], output="real")
         R22, Z, _ = sort_real_schur(R22, Z, m - 1, which)
@@ -583,14 +586,23 @@ def sorted_schur(T, # row-stochastic transition matrix (n x n), scipy sparse or 
                                      "connectivity kernel).") from e
                 raise
         res = _residual(RowSplit(T) if sp.issparse(T) else T, X, R)
-        if meth == "sstep" and s is None and res > _SSTEP_RETRY * (tol or _SSTEP_TOL):
+        left = (kw.get("maxiter") or _SSTEP_BUDGET) - extra.get("products", 0)
+        if meth == "sstep" and s is None and res > _SSTEP_RETRY * (tol or _SSTEP_TOL) and left > 0:
             # the s-step relation drifted although its own estimate converged (a true residual, not an estimate, says
-            # so): repeat with shorter blocks, whose errors do not grow (rare: none of 36 slow chains needed it)
+            # so): repeat with shorter blocks, whose errors do not grow (small chains: 31 of 1,260 settings in review,
+            # all of 300 cells), within what is left of the budget; the products of both runs are counted
             info(f"The s-step Schur vectors have residual {res:.1e}, above {_SSTEP_RETRY} x tol; repeating with blocks of 2 "
                  "products.")
-            X, R, mp, extra, res = _run(meth, s=2)
-            extra["sstep_retry"] = True
-            return X, R, mp, extra, res
+            used = extra.get("products", 0); kw_ = kw["maxiter"]; kw["maxiter"] = left
+            try:
+                X, R, mp, extra, res = _run(meth, s=2)
+                extra.update(sstep_retry=True, products=extra.get("products", 0) + used)
+                return X, R, mp, extra, res
+            except SchurNotConverged:   # the budget ran out: the first result stands (its residual is checked below)
+                warn(f"The repeat with blocks of 2 did not finish within the budget (maxiter); keeping the first result "
+                     f"(residual {res:.1e}).")
+                extra.update(sstep_retry="budget", products=used + left)
+            finally: kw["maxiter"] = kw_
         if check:
             XtDX = X.T @ (eta[:, None] * X)
             if not np.allclose(XtDX, np.eye(mp), atol=1e-6):

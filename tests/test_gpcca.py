@@ -342,3 +342,26 @@ def test_tsi_methods_delegate_to_diagnostics(monkeypatch):
     monkeypatch.setattr(D, "tsi", lambda est, *a, **kw: calls.append((est, a, kw)) or 0.5)
     assert g.plot_tsi(dpi=50) == "fig" and calls[-1] == (g, dict(dpi=50))
     assert g.tsi(3, ["x"], "clusters", optimizer="vertex") == 0.5 and calls[-1] == (g, (3, ["x"], "clusters"), dict(optimizer="vertex"))
+
+
+def test_top_cells_ties_direction_sparse_formats_and_merged_quotas():
+    """Review of d25d583. Ties at the cut are ranked by where a walk spends its time: with Tᵀ (initial states) the
+    upstream end of a saturated path, with T the downstream end; any scipy sparse format works (coo raised); with an
+    `exclude` mask a merged group's quota still follows its members' membership (it was split evenly: every column
+    sum was -inf)."""
+    import fatebook.gpcca as G
+    n = 60
+    T = sp.diags([np.r_[np.full(n - 1, 0.5), 1.0], np.full(n - 1, 0.5)], [0, 1], format="csr")   # drains into cell 59
+    chi = np.ones((n, 1)) + 1e-13 * np.random.default_rng(0).standard_normal((n, 1))
+    assert set(np.flatnonzero(G.top_cells(chi, 10, T=T) == 0)) == set(range(50, 60))
+    assert set(np.flatnonzero(G.top_cells(chi, 10, T=T.T) == 0)) == set(range(10))
+    for fmt in ("coo", "csc", "lil", "dok"):
+        assert set(np.flatnonzero(G.top_cells(chi, 10, T=T.asformat(fmt)) == 0)) == set(range(50, 60))
+    # 1e-10 between neighbours is structure, not a tie (1e-11): the membership order stands
+    chi2 = (1 - 1e-10 * np.arange(n))[:, None]
+    assert set(np.flatnonzero(G.top_cells(chi2, 10, T=T) == 0)) == set(range(10))
+    rng = np.random.default_rng(0); chi3 = rng.dirichlet([8, 1, 3], 600)
+    ex = np.zeros(600, bool); ex[np.argsort(-chi3[:, 2])[:5]] = True
+    lab = G.top_cells_groups(chi3, [[0, 1], [2]], 40, exclude=ex)
+    in0 = np.flatnonzero(lab == 0)
+    assert np.sum(chi3[in0, 0] >= chi3[in0, 1]) > 30   # 35 / 5 by membership mass, not 20 / 20

@@ -500,3 +500,23 @@ def test_same_span_compares_subspaces_not_bases():
     assert not fs._same_span(X, Y)                                   # one direction replaced
     Z = np.linalg.qr(X + 1e-3 * rng.standard_normal(X.shape))[0]
     assert not fs._same_span(X, Z) and fs._same_span(X, Z, tol=1e-1)  # the tolerance is the sine of the largest angle
+
+
+def test_sstep_constant_vector_outside_the_span_and_the_retry(caplog):
+    """Review of 4cbae4d. (1) When √η sticks out of the solver's span by up to the accepted 1e-3, reusing P Q in the
+    post-processing gave residuals up to 5e-7 (2.5e-7 and 4.8e-7 below; the s-step vectors themselves had 7e-11): the
+    product is then taken. (2) A true residual above 100 x tol repeats with blocks of 2 (300-cell blocks: the s-step
+    relation drifts there), counting the products of both runs; within a spent budget the first result stands, said."""
+    import logging
+    from fatebook.linalg import slow_chain
+    for kind, seed, m in [("blocks", 0, 3), ("long", 1, 2)]:
+        r = sorted_schur(slow_chain(1000, kind, seed=seed)[0], m, method="sstep")
+        assert r.residual < 1e-9 and not r.params.get("sstep_retry"), (kind, r.residual)
+    T = slow_chain(300, "blocks", seed=1)[0]
+    import fatebook.schur as fs
+    first = fs._schur_sstep(T, 8, "LR", None, known=np.full(300, 300 ** -0.5))[3]["products"]   # as sorted_schur runs it
+    r = sorted_schur(T, 8, method="sstep")
+    assert r.params["sstep_retry"] is True and r.residual < 1e-10 and r.params["products"] > first
+    with caplog.at_level(logging.WARNING, logger="fatebook"), pytest.raises(RuntimeError, match="residual .* is too large"):
+        sorted_schur(T, 8, method="sstep", maxiter=first + 10)   # (this first result's residual is 9e-4: the check stops it)
+    assert "did not finish within the budget" in caplog.text

@@ -495,6 +495,7 @@ def _top_of(col, q: int, T=None) -> np.ndarray:
     o = np.argsort(-col, kind="stable")
     if T is None or q >= len(col) or not np.isfinite(col[o[q - 1]]): return o[:q]
     cut = col[o[q - 1]]
+    if cut <= _TIE_TOL: return o[:q]   # ties at 0 are cells with no membership, not a saturated set (and could be all n)
     W = np.flatnonzero(col >= cut - _TIE_TOL)
     if len(W) <= q: return o[:q]
     sure, tied = W[col[W] > cut + _TIE_TOL], W[col[W] <= cut + _TIE_TOL]

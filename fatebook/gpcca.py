@@ -476,8 +476,7 @@ def _walk_scores(T, W, steps: int = 1000, tol: float = 1e-10) -> np.ndarray:
     row with no transition inside stays put) spends its time: the occupation summed over the steps until the
     distribution settles (at most `steps`). Summed, not the limit: a set that drains into one cell has a limit of one
     cell and zeros, while the time spent on the way still orders the cells by how far downstream they are."""
-    TW = sp.csr_matrix(sp.csr_matrix(T)[W][:, W], dtype=float) if sp.issparse(T) else \
-        sp.csr_matrix(np.asarray(T, dtype=float)[np.ix_(W, W)])
+    TW = sp.csr_matrix(T[W][:, W], dtype=float) if sp.issparse(T) else sp.csr_matrix(np.asarray(T, dtype=float)[np.ix_(W, W)])
     rs = np.asarray(TW.sum(axis=1)).ravel(); stay = rs <= 0
     TW = sp.csr_matrix(sp.diags(1 / np.where(stay, 1.0, rs)) @ TW + sp.diags(stay.astype(float)))
     p = np.full(len(W), 1 / len(W)); TWt = TW.T.tocsr(); occ = np.zeros(len(W))
@@ -509,6 +508,7 @@ def top_cells_groups(chi, groups: list, n_cells: int, raise_threshold: float = 0
     Cells in the boolean mask `exclude` (e.g. cells already in states of the other kind) are never chosen. With the
     transition matrix `T`, cells whose memberships tie at the cut (within 1e-11) are ranked by where the walk goes."""
     chi = np.array(chi, dtype=float); n = chi.shape[0]
+    if T is not None and sp.issparse(T): T = sp.csr_matrix(T)   # once (e.g. Tᵀ is CSC), not per tied column
     mass = np.where(np.isfinite(chi), chi, 0.0)   # members' shares of a group: excluded cells count as 0, not -inf
     if exclude is not None: chi[np.asarray(exclude, bool)] = -np.inf; mass[np.asarray(exclude, bool)] = 0.0
     cols, quota, owner = [], [], []

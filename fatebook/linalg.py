@@ -97,37 +97,34 @@ class _Rows:
     def tmul(self, V, Z):
         "Vᵀ Z (p x s) as a sum over row blocks."
         return sum(self.run(lambda a, b: V[a:b].T @ Z[a:b]))
-    def sub_mul(self, Z, V, C):
-        "Z -= V C in place, block by block (in chunks of rows whose temporary stays in cache)."
+    def _pass(self, out, V, C, sub: bool, gram=None):
+        """One pass over V in chunks of rows whose temporaries stay in cache: out -= V C (`sub`) or out = V C, and with
+        `gram` 'V' or 'out' also Vᵀ out or outᵀ out of the new rows while they are in cache (summed over blocks)."""
         def f(a, b):
-            for c in range(a, b, _CHUNK): e = min(b, c + _CHUNK); Z[c:e] -= _mm(V[c:e], C)
-        self.run(f)
+            acc = 0.0
+            for c in range(a, b, _CHUNK):
+                e = min(b, c + _CHUNK); P = _mm(V[c:e], C)   # (formed before it is written: out may share V's rows)
+                if sub: out[c:e] -= P
+                else: out[c:e] = P
+                if gram: acc = acc + (V[c:e] if gram == "V" else out[c:e]).T @ out[c:e]
+            return acc
+        acc = self.run(f)
+        return sum(acc) if gram else None
+    def sub_mul(self, Z, V, C):
+        "Z -= V C in place, block by block."
+        self._pass(Z, V, C, True)
     def sub_tmul(self, Z, V, C):
         "Z -= V C in place, and the new Vᵀ Z: one pass over V (each chunk of V is still in cache for the second product)."
-        def f(a, b):
-            acc = 0.0
-            for c in range(a, b, _CHUNK): e = min(b, c + _CHUNK); Z[c:e] -= _mm(V[c:e], C); acc = acc + V[c:e].T @ Z[c:e]
-            return acc
-        return sum(self.run(f))
+        return self._pass(Z, V, C, True, "V")
     def sub_gram(self, Z, V, C):
         "Z -= V C in place, and the new Zᵀ Z (same pass)."
-        def f(a, b):
-            acc = 0.0
-            for c in range(a, b, _CHUNK): e = min(b, c + _CHUNK); Z[c:e] -= _mm(V[c:e], C); acc = acc + Z[c:e].T @ Z[c:e]
-            return acc
-        return sum(self.run(f))
+        return self._pass(Z, V, C, True, "out")
     def mul_gram(self, out, V, C):
         "out = V C (as `mul_into`), and outᵀ out (same pass)."
-        def f(a, b):
-            acc = 0.0
-            for c in range(a, b, _CHUNK): e = min(b, c + _CHUNK); out[c:e] = _mm(V[c:e], C); acc = acc + out[c:e].T @ out[c:e]
-            return acc
-        return sum(self.run(f))
+        return self._pass(out, V, C, False, "out")
     def mul_into(self, out, V, C):
         "out = V C, block by block (out may share memory with V's rows: each chunk's product is formed before it is written)."
-        def f(a, b):
-            for c in range(a, b, _CHUNK): e = min(b, c + _CHUNK); out[c:e] = _mm(V[c:e], C)
-        self.run(f)
+        self._pass(out, V, C, False)
 
 _CHUNK = 4096   # rows per chunk of the tall products: a 4096 x 40 temporary is 1.3 MB
 

@@ -571,8 +571,8 @@ def sorted_schur(T, # row-stochastic transition matrix (n x n), scipy sparse or 
     kw = {} if method == "brandts" else dict(ncv=ncv, maxiter=maxiter, seed=seed)
     show = (None if n >= 100_000 else False) if show_progress is None else check_bool("show_progress", show_progress)
 
-    def _run(meth, s=None):
-        Q, R, mp, extra = runners[meth](P, m, which, tol, **kw,
+    def _run(meth, s=None, budget=None):
+        Q, R, mp, extra = runners[meth](P, m, which, tol, **(kw if budget is None else {**kw, "maxiter": budget}),
                                         **(dict(show=show, known=np.sqrt(eta), s=s) if meth == "sstep" else {}))
         PQ = extra.pop("_PQ", None)
         with _blas_single():
@@ -593,16 +593,15 @@ def sorted_schur(T, # row-stochastic transition matrix (n x n), scipy sparse or 
             # all of 300 cells), within what is left of the budget; the products of both runs are counted
             info(f"The s-step Schur vectors have residual {res:.1e}, above {_SSTEP_RETRY} x tol; repeating with blocks of 2 "
                  "products.")
-            used = extra.get("products", 0); kw_ = kw["maxiter"]; kw["maxiter"] = left
+            used = extra.get("products", 0)
             try:
-                X, R, mp, extra, res = _run(meth, s=2)
+                X, R, mp, extra, res = _run(meth, s=2, budget=left)
                 extra.update(sstep_retry=True, products=extra.get("products", 0) + used)
                 return X, R, mp, extra, res
             except SchurNotConverged:   # the budget ran out: the first result stands (its residual is checked below)
                 warn(f"The repeat with blocks of 2 did not finish within the budget (maxiter); keeping the first result "
                      f"(residual {res:.1e}).")
                 extra.update(sstep_retry="budget", products=used + left)
-            finally: kw["maxiter"] = kw_
         if check:
             XtDX = X.T @ (eta[:, None] * X)
             if not np.allclose(XtDX, np.eye(mp), atol=1e-6):

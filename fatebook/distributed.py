@@ -605,6 +605,8 @@ def _parser():
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
+_ABORT_GRACE = 1.0   # seconds between a failing rank's message and MPI_Abort (see `main`)
+
 def main(argv: list[str]|None = None):
     "Entry point of `mpiexec -n N python -m fatebook.distributed ...` (see `--help`)."
     a = _parser().parse_args(argv)
@@ -621,7 +623,12 @@ def main(argv: list[str]|None = None):
         ef = os.environ.get("FATEBOOK_MPI_ERRFILE")   # the launcher's file: MPI_Abort can end the job before the
         if ef:                                         # launcher has read this rank's stderr (seen under load in CI)
             with open(ef, "a") as fh: fh.write(msg + "\n"); fh.flush(); os.fsync(fh.fileno())
-        if MPI.COMM_WORLD.Get_size() > 1: MPI.COMM_WORLD.Abort(1)
+        if MPI.COMM_WORLD.Get_size() > 1:
+            # MPI_Abort kills every process at once, and mpiexec's proxy may not yet have forwarded what this rank (or
+            # another failing rank) just wrote: with `mpiexec` run by hand the message was lost under load (empty
+            # stderr, exit 1). A moment's grace lets it through; a rank that does not fail is stopped all the same.
+            time.sleep(_ABORT_GRACE)
+            MPI.COMM_WORLD.Abort(1)
         raise SystemExit(1)
     if s is not None: print("FATEBOOK-MPI " + json.dumps(s, default=str), flush=True)
 

@@ -221,7 +221,7 @@ class GPCCAResult:
 
 _OPTIMIZERS = ("vertex", "nelder-mead", "nm", "lbfgs", "l-bfgs", "gradient")
 
-def optimize_rotation(X, A0, optimizer: str = "nelder-mead", xtol: float = 1e-4, ftol: float = 1e-4, maxiter: int|None = None):
+def optimize_rotation(X, A0, optimizer: str = "vertex", xtol: float = 1e-4, ftol: float = 1e-4, maxiter: int|None = None):
     """Minimise the crispness objective starting from rotation `A0`; returns (A, f, info). 'vertex': successive linear
     programs to a vertex of the feasible set (`vertex_optimize`); 'nelder-mead' / 'lbfgs': over the (m-1)^2 free entries."""
     with _blas_single():   # tiny dense problems: BLAS thread start-up dominates (L-BFGS-B was 10x slower on 2 busy cores)
@@ -264,7 +264,7 @@ def _optimize_rotation(X, A0, optimizer, xtol, ftol, maxiter):
         res.nfev = nfev + sum(r.nfev for r in cands); res.nit = nit + sum(r.nit for r in cands)
         res.success = all(r.success for r in cands)
     else:
-        raise ValueError(f"Unknown optimizer {optimizer!r}; use 'nelder-mead' (CellRank's, the default), 'vertex' (converged) "
+        raise ValueError(f"Unknown optimizer {optimizer!r}; use 'vertex' (converged, the default), 'nelder-mead' (CellRank's) "
                          "or 'lbfgs' (gradient-based).")
     A = fill_matrix(_rotation(res.x, m), X)
     return A, float(res.fun), dict(n_iter=int(res.get("nit", 0)), n_fev=int(res.get("nfev", 0)), converged=bool(res.success))
@@ -280,17 +280,19 @@ def canonical_basis(X, idx=None) -> np.ndarray:
     sgn = np.sign(np.diag(R)); sgn[sgn == 0] = 1
     return Q * sgn * np.sqrt(n)
 
-def gpcca_memberships(X, m: int|None = None, optimizer: str = "nelder-mead", xtol: float = 1e-4, ftol: float = 1e-4,
+def gpcca_memberships(X, m: int|None = None, optimizer: str = "vertex", xtol: float = 1e-4, ftol: float = 1e-4,
                       maxiter: int|None = None, basis: str = "given") -> GPCCAResult:
     """GPCCA memberships from Schur vectors `X` (n x >=m, first column constant): ISA start, crispness optimisation, chi = X A.
 
-    `optimizer='nelder-mead'` (default) is CellRank's path (pyGPCCA's `fmin` with `xtol`, `ftol`, `maxiter`; parity
-    with CellRank on the same Schur vectors), which stops far from the optimum for m >= 5. `optimizer='vertex'` climbs
-    from the ISA start to a vertex of the feasible set that no linear program can improve (`vertex_optimize`):
-    converged, so any basis of the same subspace (any Schur backend) gives the same memberships to the accuracy of the
-    subspace, crisper from 5 states on; its optimum can differ from CellRank's macrostates (dentate gyrus, 200 cells,
-    6 states: two Astrocytes states and no OL state, where Nelder–Mead finds OL) and costs more at scale (100,000
-    cells, 3 states: 3.1 CPU-s vs 0.15).
+    `optimizer='vertex'` (default) climbs from the ISA start to a vertex of the feasible set that no linear program can
+    improve (`vertex_optimize`): converged, so any basis of the same subspace (any Schur backend) gives the same
+    memberships to the accuracy of the subspace (issue 13), and crisper than CellRank's from 5 states on (pancreas,
+    6 states: 0.529 vs 0.436); 100,000 cells, 3 states: 0.05 s. `optimizer='nelder-mead'` is CellRank's path
+    (pyGPCCA's `fmin` with `xtol`, `ftol`, `maxiter`; its memberships to 1e-11 on the same Schur vectors), which stops
+    far from the optimum for m >= 5, at a point that moves by up to 3.5e-3 between Schur backends that agree to 1e-10:
+    use it to reproduce CellRank. The two can name different macrostates where a state is fuzzy (dentate gyrus, 200
+    cells, 4 states, 10 top cells: Nelder–Mead's 'GABA' state, whose top cells are 4 GABA and 4 Granule immature, is
+    a second Neuroblast state at the optimum).
     `basis` matters for Nelder–Mead and L-BFGS only: 'given' optimises in the coordinates of `X` (CellRank's); its
     result does not change when Schur vectors flip sign or swap (Nelder–Mead is equivariant under signed permutations);
     'canonical' first maps X to `canonical_basis(X)`. Results are memoised for the same X, m and options (`_MEMO`)."""
@@ -521,7 +523,8 @@ def top_cells_groups(chi, groups: list, n_cells: int, raise_threshold: float = 0
         mask[top[np.isfinite(chi[top, x])], c] = True
     chosen = mask.any(axis=1)
     lab = np.full(n, -1)
-    lab[chosen] = np.asarray(owner)[np.where(mask[chosen], chi[chosen][:, cols], -np.inf).argmax(axis=1)]
+    lab[chosen] = np.asarray(owner)[_most_likely(np.where(mask[chosen], chi[chosen][:, cols], -np.inf),
+                                                 mass=mass[:, cols].sum(axis=0), mass_tol=_PREFER_TOL * n)]
     counts = np.bincount(lab[chosen], minlength=len(groups))
     lo = max(int(raise_threshold * n_cells), 1)
     if counts.min() < lo:
@@ -530,11 +533,29 @@ def top_cells_groups(chi, groups: list, n_cells: int, raise_threshold: float = 0
                          "other states. Use fewer states, a smaller n_cells, or n_cells=None (argmax assignment).")
     return lab
 
-def top_cells(chi, n_cells: int|None = 30, raise_threshold: float = 0.2, T=None) -> np.ndarray:
-    """Per-cell state labels (-1 = none) from memberships `chi`: the top `n_cells` cells of each column (argmax of all
-    cells if None). With the transition matrix `T`, ties at the cut are ranked by where the walk goes (`_top_of`)."""
+_PREFER_TOL = 1e-8  # memberships closer than this tie: the vertex optimum ties exactly (its anchors); backends move chi by ~1e-9
+
+def _most_likely(chi, tol: float = _PREFER_TOL, mass=None, mass_tol: float|None = None) -> np.ndarray:
+    """Each row's most likely column of `chi` (n x m; -inf = not a candidate), with ties decided by the data, not by
+    rounding or column order: columns within `tol` of the row's maximum tie, and a tie goes to the column with the
+    smallest total membership `mass` (default: the column sums; the state with the fewest cells to spare; masses
+    within `mass_tol` (default `tol` x n) of each other count as equal, as two identical columns have), then the lower
+    index."""
     chi = np.asarray(chi, dtype=float); n, m = chi.shape
-    if n_cells is None: return chi.argmax(axis=1)
+    mass = np.where(np.isfinite(chi), chi, 0).sum(axis=0) if mass is None else np.nan_to_num(np.asarray(mass, dtype=float))
+    mass_tol = tol * max(n, 1) if mass_tol is None else mass_tol
+    o = np.argsort(mass, kind="stable")
+    level = np.empty(m, int); level[o] = np.r_[0, np.cumsum(np.diff(mass[o]) > mass_tol)]   # equal masses: one level
+    rank = np.empty(m, int); rank[np.lexsort((np.arange(m), level))] = np.arange(m)          # 0 = smallest mass, lowest index
+    tied = chi >= chi.max(axis=1, keepdims=True) - tol
+    return np.where(tied, rank, m).argmin(axis=1)
+
+def top_cells(chi, n_cells: int|None = 30, raise_threshold: float = 0.2, T=None) -> np.ndarray:
+    """Per-cell state labels (-1 = none) from memberships `chi`: the top `n_cells` cells of each column (each cell's most
+    likely state if None; memberships within 1e-8 tie, and a tie goes to the state with less total membership:
+    `_most_likely`). With the transition matrix `T`, ties at the cut are ranked by where the walk goes (`_top_of`)."""
+    chi = np.asarray(chi, dtype=float); n, m = chi.shape
+    if n_cells is None: return _most_likely(chi)
     if not isinstance(n_cells, (int, np.integer)) or n_cells < 1:
         raise ValueError(f"n_cells must be a positive integer or None, got {n_cells!r}.")
     if n_cells > n // m:
@@ -667,7 +688,7 @@ class GPCCA(BaseEstimator):
             raise ValueError(f"n_cells={n_cells} is out of range: {m} states x {n_cells} cells > {self.n_obs} cells; "
                              f"use n_cells <= {self.n_obs // m} or n_cells=None.")
 
-    def _choose_n_states(self, lo: int, hi: int, criterion: str, optimizer: str = "nelder-mead", basis: str = "given"):
+    def _choose_n_states(self, lo: int, hi: int, criterion: str, optimizer: str = "vertex", basis: str = "given"):
         forb = list((self.eigendecomposition or {}).get("forbidden", []))
         skipped = {k: "it would split a complex-conjugate pair of eigenvalues" for k in range(lo, hi + 1) if k in forb}
         if lo == 2 and criterion == "minchi":
@@ -689,7 +710,7 @@ class GPCCA(BaseEstimator):
         res = {}
         for k in progress(cand, desc="GPCCA per n_states"):
             r = gpcca_memberships(self.schur_vectors, k, optimizer=optimizer, basis=basis)
-            empty = int((np.bincount(r.chi.argmax(axis=1), minlength=k) == 0).sum())   # empty, or wins no cell
+            empty = int((np.bincount(_most_likely(r.chi), minlength=k) == 0).sum())   # empty, or wins no cell
             res[k] = (r.crispness if empty == 0 else -r.crispness, r)
         best = max(res, key=lambda k: res[k][0])
         info(f"n_states from {cand}: crispness = {{{', '.join(f'{k}: {v[0]:.3f}' for k, v in res.items())}}} (negative: a "
@@ -703,7 +724,7 @@ class GPCCA(BaseEstimator):
                             cluster_key: str|None = None,    # obs column to name states by majority vote
                             on_forbidden: str = "raise",     # n_states splitting a complex pair: 'raise' or 'next'
                             criterion: str = "minchi",       # choosing from a range: 'minchi' (CellRank) or 'crispness'
-                            optimizer: str = "nelder-mead",  # 'nelder-mead' (CellRank's), 'vertex' (converged, backend-independent) or 'lbfgs'
+                            optimizer: str = "vertex",       # 'vertex' (converged, backend-independent), 'nelder-mead' (CellRank's) or 'lbfgs'
                             basis: str = "given"):           # for 'nelder-mead'/'lbfgs': 'given' (CellRank's path) or 'canonical' (any basis of the subspace)
         """Fuzzy macrostates by GPCCA, their top cells, names and colours, and the coarse-grained chain.
 
@@ -740,7 +761,7 @@ class GPCCA(BaseEstimator):
         chi = res.chi
         nonempty = int((chi.sum(0) > 1e-12).sum())
         if nonempty < m: warn(f"Only {nonempty} of {m} membership columns are non-empty: the chain has fewer macrostates.")
-        wins = np.bincount(chi.argmax(axis=1), minlength=m)
+        wins = np.bincount(_most_likely(chi), minlength=m)
         ghost = np.flatnonzero(wins == 0).tolist()
         if n_cells is not None and ghost:
             warn(f"n_states={m}: {len(ghost)} macrostate(s) are no cell's most likely state (largest membership "

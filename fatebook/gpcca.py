@@ -221,7 +221,7 @@ class GPCCAResult:
 
 _OPTIMIZERS = ("vertex", "nelder-mead", "nm", "lbfgs", "l-bfgs", "gradient")
 
-def optimize_rotation(X, A0, optimizer: str = "vertex", xtol: float = 1e-4, ftol: float = 1e-4, maxiter: int|None = None):
+def optimize_rotation(X, A0, optimizer: str = "nelder-mead", xtol: float = 1e-4, ftol: float = 1e-4, maxiter: int|None = None):
     """Minimise the crispness objective starting from rotation `A0`; returns (A, f, info). 'vertex': successive linear
     programs to a vertex of the feasible set (`vertex_optimize`); 'nelder-mead' / 'lbfgs': over the (m-1)^2 free entries."""
     with _blas_single():   # tiny dense problems: BLAS thread start-up dominates (L-BFGS-B was 10x slower on 2 busy cores)
@@ -264,7 +264,7 @@ def _optimize_rotation(X, A0, optimizer, xtol, ftol, maxiter):
         res.nfev = nfev + sum(r.nfev for r in cands); res.nit = nit + sum(r.nit for r in cands)
         res.success = all(r.success for r in cands)
     else:
-        raise ValueError(f"Unknown optimizer {optimizer!r}; use 'vertex' (converged, the default), 'nelder-mead' (CellRank's) "
+        raise ValueError(f"Unknown optimizer {optimizer!r}; use 'nelder-mead' (CellRank's, the default), 'vertex' (converged) "
                          "or 'lbfgs' (gradient-based).")
     A = fill_matrix(_rotation(res.x, m), X)
     return A, float(res.fun), dict(n_iter=int(res.get("nit", 0)), n_fev=int(res.get("nfev", 0)), converged=bool(res.success))
@@ -280,19 +280,17 @@ def canonical_basis(X, idx=None) -> np.ndarray:
     sgn = np.sign(np.diag(R)); sgn[sgn == 0] = 1
     return Q * sgn * np.sqrt(n)
 
-def gpcca_memberships(X, m: int|None = None, optimizer: str = "vertex", xtol: float = 1e-4, ftol: float = 1e-4,
+def gpcca_memberships(X, m: int|None = None, optimizer: str = "nelder-mead", xtol: float = 1e-4, ftol: float = 1e-4,
                       maxiter: int|None = None, basis: str = "given") -> GPCCAResult:
     """GPCCA memberships from Schur vectors `X` (n x >=m, first column constant): ISA start, crispness optimisation, chi = X A.
 
-    `optimizer='vertex'` (default) climbs from the ISA start to a vertex of the feasible set that no linear program can
-    improve (`vertex_optimize`): converged, so any basis of the same subspace (any Schur backend) gives the same
-    memberships to the accuracy of the subspace (issue 13), and crisper than CellRank's from 5 states on (pancreas,
-    6 states: 0.529 vs 0.436); 100,000 cells, 3 states: 0.05 s. `optimizer='nelder-mead'` is CellRank's path
-    (pyGPCCA's `fmin` with `xtol`, `ftol`, `maxiter`; its memberships to 1e-11 on the same Schur vectors), which stops
-    far from the optimum for m >= 5, at a point that moves by up to 3.5e-3 between Schur backends that agree to 1e-10:
-    use it to reproduce CellRank. The two can name different macrostates where a state is fuzzy (dentate gyrus, 200
-    cells, 4 states, 10 top cells: Nelder–Mead's 'GABA' state, whose top cells are 4 GABA and 4 Granule immature, is
-    a second Neuroblast state at the optimum).
+    `optimizer='nelder-mead'` (default) is CellRank's path (pyGPCCA's `fmin` with `xtol`, `ftol`, `maxiter`; parity
+    with CellRank on the same Schur vectors), which stops far from the optimum for m >= 5. `optimizer='vertex'` climbs
+    from the ISA start to a vertex of the feasible set that no linear program can improve (`vertex_optimize`):
+    converged, so any basis of the same subspace (any Schur backend) gives the same memberships to the accuracy of the
+    subspace, crisper from 5 states on; its optimum can differ from CellRank's macrostates (dentate gyrus, 200 cells,
+    6 states: two Astrocytes states and no OL state, where Nelder–Mead finds OL) and costs more at scale (100,000
+    cells, 3 states: 3.1 CPU-s vs 0.15).
     `basis` matters for Nelder–Mead and L-BFGS only: 'given' optimises in the coordinates of `X` (CellRank's); its
     result does not change when Schur vectors flip sign or swap (Nelder–Mead is equivariant under signed permutations);
     'canonical' first maps X to `canonical_basis(X)`. Results are memoised for the same X, m and options (`_MEMO`)."""
@@ -538,9 +536,9 @@ _PREFER_TOL = 1e-8  # memberships closer than this tie: the vertex optimum ties 
 def _most_likely(chi, tol: float = _PREFER_TOL, mass=None, mass_tol: float|None = None) -> np.ndarray:
     """Each row's most likely column of `chi` (n x m; -inf = not a candidate), with ties decided by the data, not by
     rounding or column order: columns within `tol` of the row's maximum tie, and a tie goes to the column with the
-    smallest total membership `mass` (default: the column sums; the state with the fewest cells to spare; masses
-    within `mass_tol` (default `tol` x n) of each other count as equal, as two identical columns have), then the lower
-    index."""
+    smallest total membership `mass` (default: the column sums; the state with the fewest cells to spare; sorted masses
+    less than `mass_tol` (default `tol` x n) apart count as equal, chained, as two identical columns have), then the
+    lower index. A row without a finite entry goes to the first column by that order."""
     chi = np.asarray(chi, dtype=float); n, m = chi.shape
     mass = np.where(np.isfinite(chi), chi, 0).sum(axis=0) if mass is None else np.nan_to_num(np.asarray(mass, dtype=float))
     mass_tol = tol * max(n, 1) if mass_tol is None else mass_tol
@@ -688,7 +686,7 @@ class GPCCA(BaseEstimator):
             raise ValueError(f"n_cells={n_cells} is out of range: {m} states x {n_cells} cells > {self.n_obs} cells; "
                              f"use n_cells <= {self.n_obs // m} or n_cells=None.")
 
-    def _choose_n_states(self, lo: int, hi: int, criterion: str, optimizer: str = "vertex", basis: str = "given"):
+    def _choose_n_states(self, lo: int, hi: int, criterion: str, optimizer: str = "nelder-mead", basis: str = "given"):
         forb = list((self.eigendecomposition or {}).get("forbidden", []))
         skipped = {k: "it would split a complex-conjugate pair of eigenvalues" for k in range(lo, hi + 1) if k in forb}
         if lo == 2 and criterion == "minchi":
@@ -724,7 +722,7 @@ class GPCCA(BaseEstimator):
                             cluster_key: str|None = None,    # obs column to name states by majority vote
                             on_forbidden: str = "raise",     # n_states splitting a complex pair: 'raise' or 'next'
                             criterion: str = "minchi",       # choosing from a range: 'minchi' (CellRank) or 'crispness'
-                            optimizer: str = "vertex",       # 'vertex' (converged, backend-independent), 'nelder-mead' (CellRank's) or 'lbfgs'
+                            optimizer: str = "nelder-mead",  # 'nelder-mead' (CellRank's), 'vertex' (converged, backend-independent) or 'lbfgs'
                             basis: str = "given"):           # for 'nelder-mead'/'lbfgs': 'given' (CellRank's path) or 'canonical' (any basis of the subspace)
         """Fuzzy macrostates by GPCCA, their top cells, names and colours, and the coarse-grained chain.
 

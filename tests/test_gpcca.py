@@ -283,8 +283,8 @@ def test_pancreas_pipeline(pancreas_pp, tmp_path):
 
 @pytest.mark.slow
 def test_pancreas_optimizers(pancreas_pp):
-    """Measured: NM (CellRank's) vs L-BFGS (gradient) vs the converged 'vertex' on pancreas Schur vectors: L-BFGS within
-    1 % or crisper, 'vertex' (the default) at least as crisp as both (6 states: 0.529 vs 0.436 and 0.486); same optimum for m <= 4.
+    """Measured: NM (CellRank's, the default) vs L-BFGS (gradient) vs the converged 'vertex' on pancreas Schur vectors: L-BFGS within
+    1 % or crisper, 'vertex' at least as crisp as both (6 states: 0.529 vs 0.436 and 0.486); same optimum for m <= 4.
     Every state stays the most likely one of its inner-simplex vertex cell."""
     from fatebook.velocity import VelocityKernel
     from fatebook.kernels import ConnectivityKernel
@@ -311,7 +311,7 @@ def test_pancreas_optimizers(pancreas_pp):
 def test_too_many_states_is_reported(dg200, monkeypatch):
     """Dentate gyrus, 200 cells, 5 states: the crispest memberships (optimizer='vertex') leave a state that fewer than 4
     cells prefer, so its 20 top cells cannot be taken (CellRank's rule); the error names how many cells prefer each
-    state and changes nothing. CellRank's less crisp Nelder-Mead memberships still give 5 states."""
+    state and changes nothing. CellRank's less crisp Nelder-Mead memberships (the default) still give 5 states."""
     from fatebook.velocity import VelocityKernel
     from fatebook.kernels import ConnectivityKernel
     k = (0.8 * VelocityKernel(dg200).compute_transition_matrix() + 0.2 * ConnectivityKernel(dg200).compute_transition_matrix()).compute_transition_matrix()
@@ -320,9 +320,9 @@ def test_too_many_states_is_reported(dg200, monkeypatch):
     before = list(g.macrostates.cat.categories)
     with pytest.raises(ValueError, match=r"Discretizing leaves state .* n_states=5: cells whose most likely state it is — .*"
                                          r"hardly support 5 macrostates .*optimizer='nelder-mead'"):
-        g.compute_macrostates(n_states=5, cluster_key="clusters", n_cells=20)      # the default: 'vertex'
+        g.compute_macrostates(n_states=5, cluster_key="clusters", n_cells=20, optimizer="vertex")
     assert list(g.macrostates.cat.categories) == before               # the failed call changed nothing
-    g.compute_macrostates(n_states=5, cluster_key="clusters", n_cells=20, optimizer="nelder-mead")
+    g.compute_macrostates(n_states=5, cluster_key="clusters", n_cells=20)
 
 
 def test_tsi_methods_delegate_to_diagnostics(monkeypatch):
@@ -371,16 +371,15 @@ def test_top_cells_ties_direction_sparse_formats_and_merged_quotas():
     assert np.sum(chi3[in0, 0] >= chi3[in0, 1]) > 30   # 35 / 5 by membership mass, not 20 / 20
 
 
-def test_default_macrostates_do_not_depend_on_the_schur_backend(dg200):
-    """Issue 13 kind 7, the default path: dentate gyrus (200 cells, 0.8 VK + 0.2 CK), Schur vectors from every backend
-    that runs here ('brandts' dense, 'arpack', 's-step', and 'krylov' when SLEPc is installed). `compute_macrostates`
-    with its defaults gives the same memberships (to 1e-9, after matching columns), the same coarse T, the same
-    names and the same cells (top 20 and most likely state) for every valid n_states up to 12 (at 11 states two
-    membership columns are identical to rounding: the optimum is degenerate, and every backend gives the tied cells to
-    the lower index). With CellRank's
-    Nelder-Mead (the default before) the memberships moved by up to ~1e-3 between backends, and the most likely state
-    of a cell tied at a converged vertex (its anchor holds with equality) was decided by rounding (9 states: a state
-    won 0 cells on the s-step vectors and 1 on ARPACK's)."""
+def test_converged_macrostates_do_not_depend_on_the_schur_backend(dg200):
+    """Issue 13 kind 7 with optimizer='vertex': dentate gyrus (200 cells, 0.8 VK + 0.2 CK), Schur vectors from every
+    backend that runs here ('brandts' dense, 'arpack', 's-step', and 'krylov' when SLEPc is installed).
+    `compute_macrostates(optimizer='vertex')` gives the same memberships (to 1e-9, after matching columns), the same
+    coarse T, the same names and the same cells (top 20 and most likely state) for every valid n_states up to 12 (at 11
+    states two membership columns are identical to rounding: the optimum is degenerate, and every backend gives the
+    tied cells to the lower index). Before `_most_likely`, the most likely state of a cell tied at a converged vertex
+    (its anchor holds with equality) was decided by rounding (9 states: a state won 0 cells on the s-step vectors and
+    1 on ARPACK's). CellRank's Nelder-Mead (the default) moves by up to ~1e-3 between backends (not tested here)."""
     import warnings
     from fatebook.velocity import VelocityKernel
     from fatebook.kernels import ConnectivityKernel
@@ -409,7 +408,7 @@ def test_default_macrostates_do_not_depend_on_the_schur_backend(dg200):
                     try:
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore")
-                            g.compute_macrostates(n_states=m, n_cells=nc, cluster_key="clusters")
+                            g.compute_macrostates(n_states=m, n_cells=nc, cluster_key="clusters", optimizer="vertex")
                     except ValueError as e:                   # too few cells for n_cells: it must fail everywhere alike
                         res[nc] = ("error", str(e).split(":")[0]); continue
                     assert g.params["macrostates"]["optimizer"] == "vertex"

@@ -432,3 +432,40 @@ def test_converged_macrostates_do_not_depend_on_the_schur_backend(dg200):
         assert checked >= 10 * (len(methods) - 1) // 2
     finally:
         settings.verbosity = verb
+
+
+def test_twin_macrostates_are_reported_and_never_terminal(dg200, caplog):
+    """Issue 13 kind 3 (degenerate structure is reported, never silent). With more states than the 200-cell dentate
+    gyrus supports, the crispest vertex (optimizer='vertex') makes two macrostates near-twins: at 5 states Neuroblast_1
+    and Neuroblast_2 correlate at 0.9998, (chi'D chi)^-1 amplifies rounding and coarse T runs from -17.7 to 18.2, so
+    Neuroblast_1's 'self-transition' is 13.9 and predict_terminal_states took it as terminal (review). Now
+    compute_macrostates names the twins and the broken coarse T, and predict_terminal_states never takes a macrostate
+    whose self-transition is not a probability. Nelder-Mead at the same n_states: no such warning."""
+    import logging
+    from fatebook.velocity import VelocityKernel
+    from fatebook.kernels import ConnectivityKernel
+    k = (0.8 * VelocityKernel(dg200).compute_transition_matrix() + 0.2 * ConnectivityKernel(dg200).compute_transition_matrix()).compute_transition_matrix()
+    g = GPCCA(k).compute_schur(n_components=20, method="brandts")
+    caplog.set_level(logging.WARNING, logger="fatebook")
+    g.compute_macrostates(n_states=5, n_cells=None, cluster_key="clusters", optimizer="nelder-mead")
+    assert not [r for r in caplog.records if "nearly the same memberships" in r.getMessage() or "far from" in r.getMessage()]
+    caplog.clear()
+    g.compute_macrostates(n_states=5, n_cells=None, cluster_key="clusters", optimizer="vertex")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("macrostates Neuroblast_1 and Neuroblast_2 (correlation 0.999" in x for x in msgs), msgs
+    assert any("coarse-grained transition matrix has entries from -17.7 to 18.2" in x for x in msgs), msgs
+    stab = np.diag(g.coarse_T.to_numpy())
+    assert stab.max() > 10                                     # the broken coarse T the warning is about
+    caplog.clear()
+    g.predict_terminal_states()
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("not a probability" in x and "Neuroblast_1" in x for x in msgs), msgs
+    assert g.terminal_states is None or not (set(g.terminal_states.cat.categories) & {"Neuroblast_1", "Neuroblast_2"})
+    # a sound chain: no warning (block chain, 4 blocks, 4 states)
+    caplog.clear()
+    sizes = [40, 60, 50, 70]
+    T = block_chain(sizes, leak=0.01, k=8, seed=1)
+    g2 = GPCCA(PrecomputedKernel(_adata(np.repeat(["p", "x", "y", "z"], sizes)), matrix=T)).compute_schur(n_components=8)
+    for opt in ("nelder-mead", "vertex"):
+        g2.compute_macrostates(n_states=4, cluster_key="clusters", n_cells=20, optimizer=opt)
+    assert not [r for r in caplog.records if "nearly the same memberships" in r.getMessage() or "far from" in r.getMessage()]

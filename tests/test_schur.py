@@ -520,3 +520,30 @@ def test_sstep_constant_vector_outside_the_span_and_the_retry(caplog):
     with caplog.at_level(logging.WARNING, logger="fatebook"), pytest.raises(RuntimeError, match="residual .* is too large"):
         sorted_schur(T, 8, method="sstep", maxiter=first + 10)   # (this first result's residual is 9e-4: the check stops it)
     assert "did not finish within the budget" in caplog.text
+
+
+@pytest.mark.parametrize("method", ["sstep", "arpack"])
+def test_locality_reorder_same_iteration_cells_own_order(method):
+    """sorted_schur(reorder=True) iterates on T in reverse Cuthill-McKee order (default from 100,000 cells: 1,000,000
+    cells 40.3 -> 34.8 s, products with T 122 -> 75 ms) and draws its random vectors in the cells' own order: the same
+    iteration up to rounding, and the vectors come back in the cells' order (T X = X R with the given T). The cells of
+    the chain are shuffled first, as scanpy's kNN graphs come; a non-uniform eta is permuted along."""
+    from scipy.linalg import subspace_angles
+    T0 = knn_chain(6000, seed=3)[0]
+    perm = np.random.default_rng(0).permutation(T0.shape[0])
+    T = sp.csr_matrix(T0[perm][:, perm])
+    eta = np.random.default_rng(1).random(T.shape[0]) + 0.5; eta /= eta.sum()
+    for e in (None, eta):
+        a = sorted_schur(T, 12, method=method, eta=e, reorder=False)
+        b = sorted_schur(T, 12, method=method, eta=e, reorder=True)
+        assert b.params.get("reorder") == "rcm" and "reorder" not in a.params
+        if method == "sstep": assert b.params["products"] == a.params["products"]
+        np.testing.assert_allclose(b.eigenvalues, a.eigenvalues, atol=1e-10)
+        assert float(subspace_angles(a.vectors, b.vectors).max()) < 1e-8
+        X, R = b.vectors, b.matrix
+        assert np.abs(T @ X - X @ R).max() < 1e-8                      # the given T, in the cells' own order
+        np.testing.assert_allclose(X[:, 0], X[0, 0])                   # constant first vector
+        w = np.full(T.shape[0], 1 / T.shape[0]) if e is None else e
+        np.testing.assert_allclose(X.T @ (w[:, None] * X), np.eye(X.shape[1]), atol=1e-8)
+    # the default decides by size: below 100,000 cells nothing is reordered
+    assert "reorder" not in sorted_schur(T, 12, method=method).params

@@ -576,16 +576,21 @@ def _n_states_range(n_states):
 
 _TWIN_CORR, _COARSE_RANGE, _COARSE_SLACK = 0.99, (-0.5, 1.5), 1e-3
 
+def _twin_pairs(chi):
+    "Pairs (i, j), i < j, of membership columns correlated above `_TWIN_CORR`, and the correlation matrix (0 on the diagonal)."
+    with np.errstate(invalid="ignore", divide="ignore"): C = np.corrcoef(np.asarray(chi, dtype=float).T)
+    C = np.nan_to_num(np.atleast_2d(C)); np.fill_diagonal(C, 0)   # (a constant column: no correlation)
+    return [(i, j) for i in range(len(C)) for j in range(i + 1, len(C)) if C[i, j] > _TWIN_CORR], C
+
 def _degenerate_coarse(chi, Pc, names, m) -> list[str]:
     """Warnings for memberships too close to linearly dependent to coarse-grain: pairs of macrostates whose membership
     columns correlate above `_TWIN_CORR` ('twins', e.g. at the crispest vertex with more states than the data
     support), and a coarse T with entries outside `_COARSE_RANGE` ((χᵀDχ)⁻¹ amplifies rounding). Measured: dentate
     gyrus (200 cells) with optimizer='vertex' at 5 states, correlation 0.9998 and coarse T from -17.7 to 18.2;
-    Nelder-Mead there and every valid n_states <= 12 on the pancreas stay below 0.94 and within [-0.2, 1.0]."""
+    Nelder-Mead on the pancreas (every valid n_states <= 12) stays below 0.68 and within [-0.19, 1.0], on the dentate
+    gyrus below 0.83 and within [-0.26, 1.0] except at 11 states (-0.85 to 1.24, cond(chi'chi) 5e3: reported too)."""
     chi = np.asarray(chi, dtype=float); out = []
-    with np.errstate(invalid="ignore", divide="ignore"): C = np.corrcoef(chi.T)
-    C = np.nan_to_num(np.atleast_2d(C)); np.fill_diagonal(C, 0)
-    twins = [(i, j) for i in range(len(C)) for j in range(i + 1, len(C)) if C[i, j] > _TWIN_CORR]
+    twins, C = _twin_pairs(chi)
     if twins:
         out.append(f"n_states={m}: macrostates {'; '.join(f'{names[i]} and {names[j]} (correlation {C[i, j]:.4f})' for i, j in twins)} "
                    "have nearly the same memberships, so the data do not support them as separate states, and the "
@@ -958,16 +963,23 @@ class GPCCA(BaseEstimator):
         check_int("n_cells", n_cells, 1, none_ok=True)
         stab = pd.Series(np.diag(self.coarse_T.to_numpy()), index=self.coarse_T.index)
         excl = set() if allow_overlap else self._other_names("terminal")
-        bad = stab[~(stab <= 1 + _COARSE_SLACK)]   # a self-transition above 1 (or NaN) is no probability: twin states
-        if len(bad):
-            warn(f"Macrostate(s) {', '.join(f'{k} ({v:.3g})' for k, v in bad.items())} have a coarse self-transition "
-                 "that is not a probability: their memberships are nearly linearly dependent (see compute_macrostates' "
-                 "warning), so they are not taken as terminal states. Use fewer macrostates.")
-            excl = excl | set(bad.index)
-        cand = stab.drop([x for x in stab.index if x in excl])
+        # a self-transition outside [0, 1] (or NaN) is no probability, and twins' coarse transitions are not determined
+        # (compute_macrostates warned): neither can be judged stable, and both members of a twin pair are left out
+        names = list(stab.index)
+        twins = {names[i] for pair in _twin_pairs(np.asarray(self.macrostates_memberships))[0] for i in pair}
+        unsure = [x for x in names if x in twins or not (-_COARSE_SLACK <= stab[x] <= 1 + _COARSE_SLACK)]
+        if unsure:
+            tag = lambda x: f"{x} (self-transition {stab[x]:.3g}" + (", a twin)" if x in twins else ")")
+            warn(f"Macrostate(s) {', '.join(tag(x) for x in unsure)} "
+                 "are not taken as terminal states: their memberships are nearly linearly dependent (see compute_macrostates' "
+                 "warning), so their coarse transitions are not determined. Use fewer macrostates.")
+        cand = stab.drop([x for x in names if x in excl or x in unsure])
         if len(cand) == 0:
-            warn("Every macrostate is already an initial state; terminal states were not changed. Use allow_overlap=True "
-                 "or more macrostates.")
+            why = [] if allow_overlap or not excl else ["every other macrostate is already an initial state "
+                                                        "(allow_overlap=True lets a state be both)"]
+            if unsure: why.append(f"{', '.join(unsure)} cannot be judged (above)")
+            warn(f"No macrostate can become a terminal state: {'; '.join(why)}. Terminal states were not changed; use "
+                 "more (or, with twins, fewer) macrostates, or set_terminal_states([...]).")
             return self
         order = cand.sort_values(ascending=False, kind="stable")
         if method == "stability":
@@ -987,7 +999,7 @@ class GPCCA(BaseEstimator):
             elif method == "eigengap":
                 n_states = int(eigengap(np.asarray(self.eigendecomposition["D"]), alpha)) + 1
             else:
-                n_states = int(eigengap(np.sort(stab.to_numpy())[::-1], alpha)) + 1
+                n_states = int(eigengap(np.sort(stab.drop(unsure).to_numpy())[::-1], alpha)) + 1
             sel = list(order.index[:n_states])
         sel = [x for x in self.coarse_T.index if x in sel]   # keep macrostate order
         labels, probs, cols, memb, params = self._resolve_states(sel, "terminal", n_cells=n_cells, allow_overlap=allow_overlap)

@@ -581,13 +581,14 @@ def sorted_schur(T, # row-stochastic transition matrix (n x n), scipy sparse or 
     t0 = time.perf_counter()
     if reorder is None: reorder = sp.issparse(T) and n >= _REORDER_MIN_N and method in ("sstep", "arpack")
     order = None
+    uniform = eta is None
+    eta = _check_eta(eta, n)          # (checked before any permutation)
     if reorder and sp.issparse(T):   # iterate on T[order][:, order]; random vectors are drawn in the cells' own order
         order = _locality_order(T)    # and permuted, so the iteration is the same as without (up to rounding)
         T = T[order][:, order].tocsr()
-        if eta is not None: eta = np.asarray(eta)[order]
+        eta = eta[order]
+    elif reorder: debug("reorder=True applies to sparse T only; T is dense here.")
     runners = dict(brandts=_schur_brandts, arpack=_schur_arpack, krylov=_schur_krylov, sstep=_schur_sstep)
-    uniform = eta is None
-    eta = _check_eta(eta, n)
     P = _scale(T, eta, uniform)
     kw = {} if method == "brandts" else dict(ncv=ncv, maxiter=maxiter, seed=seed)
     if order is not None and method in ("sstep", "arpack"): kw["order"] = order

@@ -459,8 +459,24 @@ def test_twin_macrostates_are_reported_and_never_terminal(dg200, caplog):
     caplog.clear()
     g.predict_terminal_states()
     msgs = [r.getMessage() for r in caplog.records]
-    assert any("not a probability" in x and "Neuroblast_1" in x for x in msgs), msgs
+    assert any("not taken as terminal states" in x and "Neuroblast_1 (self-transition 13.9, a twin)" in x for x in msgs), msgs
     assert g.terminal_states is None or not (set(g.terminal_states.cat.categories) & {"Neuroblast_1", "Neuroblast_2"})
+    # every method, and both members of the pair (review: Neuroblast_2's 'self-transition' is -12.9, and 'top_n' took
+    # it; 'eigengap_coarse' counted 13.9 and chose a single state)
+    for kw in (dict(method="top_n", n_states=3), dict(method="eigengap"), dict(method="eigengap_coarse")):
+        g.predict_terminal_states(**kw)
+        got = set(g.terminal_states.cat.categories)
+        assert got and not (got & {"Neuroblast_1", "Neuroblast_2"}), (kw, got)
+    g.predict_terminal_states(method="eigengap_coarse")
+    assert len(g.terminal_states.cat.categories) > 1           # the gap of the remaining stabilities, not of 13.9
+    # nothing left to choose: the message says why (twins, not 'already initial states')
+    g.compute_macrostates(n_states=5, n_cells=None, cluster_key="clusters", optimizer="vertex")   # (no terminal states)
+    g.set_initial_states(["Astrocytes", "Granule immature", "Granule mature"])
+    caplog.clear()
+    g.predict_terminal_states(method="top_n", n_states=1)
+    msgs = " ".join(r.getMessage() for r in caplog.records)
+    assert "No macrostate can become a terminal state" in msgs and "cannot be judged" in msgs, msgs
+    assert "already an initial state" in msgs and g.terminal_states is None     # nothing changed
     # a sound chain: no warning (block chain, 4 blocks, 4 states)
     caplog.clear()
     sizes = [40, 60, 50, 70]

@@ -526,8 +526,10 @@ def test_sstep_constant_vector_outside_the_span_and_the_retry(caplog):
 def test_locality_reorder_same_iteration_cells_own_order(method):
     """sorted_schur(reorder=True) iterates on T in reverse Cuthill-McKee order (default from 100,000 cells: 1,000,000
     cells 40.3 -> 34.8 s, products with T 122 -> 75 ms) and draws its random vectors in the cells' own order: the same
-    iteration up to rounding, and the vectors come back in the cells' order (T X = X R with the given T). The cells of
-    the chain are shuffled first, as scanpy's kNN graphs come; a non-uniform eta is permuted along."""
+    iteration up to rounding (the same subspace and eigenvalues; a vector's sign may differ), and the vectors come back
+    in the cells' order (T X = X R with the given T). The cells of the chain are shuffled first, as scanpy's kNN
+    graphs come; a non-uniform eta is permuted along, after it is checked (review: a wrong length was cut or raised
+    IndexError)."""
     from scipy.linalg import subspace_angles
     T0 = knn_chain(6000, seed=3)[0]
     perm = np.random.default_rng(0).permutation(T0.shape[0])
@@ -545,5 +547,7 @@ def test_locality_reorder_same_iteration_cells_own_order(method):
         np.testing.assert_allclose(X[:, 0], X[0, 0])                   # constant first vector
         w = np.full(T.shape[0], 1 / T.shape[0]) if e is None else e
         np.testing.assert_allclose(X.T @ (w[:, None] * X), np.eye(X.shape[1]), atol=1e-8)
+    for bad in (np.ones(T.shape[0] + 7), np.ones(T.shape[0] - 1)):
+        with pytest.raises(ValueError, match="must have length"): sorted_schur(T, 12, method=method, eta=bad, reorder=True)
     # the default decides by size: below 100,000 cells nothing is reordered
     assert "reorder" not in sorted_schur(T, 12, method=method).params

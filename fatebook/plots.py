@@ -348,7 +348,8 @@ def _plot_continuous(g, M, names, colors, sel, *, same_plot, mode, basis, time_k
         fig, (ax,) = _grid(1, 1, panel=(4.6, 3.8), dpi=dpi, extra_w=1.2)
         Ms = M[:, sel]
         ok = np.isfinite(Ms).all(axis=1)
-        j = np.zeros(len(Ms), int); j[ok] = Ms[ok].argmax(axis=1)
+        from fatebook.gpcca import _most_likely   # ties as compute_macrostates decides them (not by rounding)
+        j = np.zeros(len(Ms), int); j[ok] = _most_likely(Ms[ok])
         colmax = np.nanmax(np.where(np.isfinite(Ms), Ms, -np.inf), axis=0); colmax[~(colmax > 0)] = 1.0
         tval = np.zeros(len(Ms)); tval[ok] = np.clip(Ms[ok, j[ok]] / colmax[j[ok]], 0, 1)
         base = np.array(to_rgb("#e6e6e6")); cols = np.array([to_rgb(colors[k]) for k in sel])

@@ -574,7 +574,7 @@ def _n_states_range(n_states):
         return lo, hi
     return None
 
-_TWIN_CORR, _COARSE_RANGE, _COARSE_SLACK = 0.99, (-0.5, 1.5), 1e-3
+_TWIN_CORR, _COARSE_RANGE = 0.99, (-0.5, 1.5)
 
 def _twin_pairs(chi):
     "Pairs (i, j), i < j, of membership columns correlated above `_TWIN_CORR`, and the correlation matrix (0 on the diagonal)."
@@ -963,11 +963,12 @@ class GPCCA(BaseEstimator):
         check_int("n_cells", n_cells, 1, none_ok=True)
         stab = pd.Series(np.diag(self.coarse_T.to_numpy()), index=self.coarse_T.index)
         excl = set() if allow_overlap else self._other_names("terminal")
-        # a self-transition outside [0, 1] (or NaN) is no probability, and twins' coarse transitions are not determined
+        # a self-transition far outside [0, 1] (or NaN; GPCCA's own can pass 1 a little: pancreas, 'vertex', 9 states,
+        # 1.00067) is no probability, and twins' coarse transitions are not determined
         # (compute_macrostates warned): neither can be judged stable, and both members of a twin pair are left out
         names = list(stab.index)
         twins = {names[i] for pair in _twin_pairs(np.asarray(self.macrostates_memberships))[0] for i in pair}
-        unsure = [x for x in names if x in twins or not (-_COARSE_SLACK <= stab[x] <= 1 + _COARSE_SLACK)]
+        unsure = [x for x in names if x in twins or not (_COARSE_RANGE[0] <= stab[x] <= _COARSE_RANGE[1])]
         if unsure:
             tag = lambda x: f"{x} (self-transition {stab[x]:.3g}" + (", a twin)" if x in twins else ")")
             warn(f"Macrostate(s) {', '.join(tag(x) for x in unsure)} "

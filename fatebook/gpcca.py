@@ -582,14 +582,14 @@ def _twin_pairs(chi):
     C = np.nan_to_num(np.atleast_2d(C)); np.fill_diagonal(C, 0)   # (a constant column: no correlation)
     return [(i, j) for i in range(len(C)) for j in range(i + 1, len(C)) if C[i, j] > _TWIN_CORR], C
 
-def _degenerate_coarse(chi, Pc, names, m) -> list[str]:
+def _degenerate_coarse(chi, Pc, names) -> list[str]:
     """Warnings for memberships too close to linearly dependent to coarse-grain: pairs of macrostates whose membership
     columns correlate above `_TWIN_CORR` ('twins', e.g. at the crispest vertex with more states than the data
     support), and a coarse T with entries outside `_COARSE_RANGE` ((χᵀDχ)⁻¹ amplifies rounding). Measured: dentate
     gyrus (200 cells) with optimizer='vertex' at 5 states, correlation 0.9998 and coarse T from -17.7 to 18.2;
     Nelder-Mead on the pancreas (every valid n_states <= 12) stays below 0.68 and within [-0.19, 1.0], on the dentate
     gyrus below 0.83 and within [-0.26, 1.0] except at 11 states (-0.85 to 1.24, cond(chi'chi) 5e3: reported too)."""
-    chi = np.asarray(chi, dtype=float); out = []
+    chi = np.asarray(chi, dtype=float); out, m = [], chi.shape[1]
     twins, C = _twin_pairs(chi)
     if twins:
         out.append(f"n_states={m}: macrostates {'; '.join(f'{names[i]} and {names[j]} (correlation {C[i, j]:.4f})' for i, j in twins)} "
@@ -814,7 +814,7 @@ class GPCCA(BaseEstimator):
                  "their memberships are kept in `macrostates_memberships`, but they cannot become terminal or initial "
                  "states. Use fewer states, or n_cells=<int> to take each state's top cells.")
         Pc = coarse_grain(self._T, chi)
-        for msg in _degenerate_coarse(chi, Pc, names, m): warn(msg)
+        for msg in _degenerate_coarse(chi, Pc, names): warn(msg)
         eta = np.full(self.n_obs, 1.0 / self.n_obs)
         pi = (self.eigendecomposition or {}).get("stationary_dist")
         stat = coarse_stationary(Pc) if pi is None and n_closed == 1 else None

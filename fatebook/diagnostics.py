@@ -115,7 +115,7 @@ def tsi_table(g,                                  # a GPCCA estimator (its trans
               terminal_states: Sequence[str],     # the annotated terminal clusters
               cluster_key: str,                   # cluster annotation in `adata.obs`
               n_cells: int = 30,                  # top cells per macrostate that name it
-              optimizer: str = "nelder-mead",     # GPCCA optimiser (CellRank: Nelder–Mead)
+              optimizer: str = "vertex",          # GPCCA optimiser (CellRank: 'nelder-mead')
               show_progress: bool|None = None,
              ) -> pd.DataFrame:
     """Identified and optimal terminal states for m = `n_macrostates` … 1 (CellRank's TSI table): columns

@@ -221,7 +221,7 @@ class GPCCAResult:
 
 _OPTIMIZERS = ("vertex", "nelder-mead", "nm", "lbfgs", "l-bfgs", "gradient")
 
-def optimize_rotation(X, A0, optimizer: str = "nelder-mead", xtol: float = 1e-4, ftol: float = 1e-4, maxiter: int|None = None,
+def optimize_rotation(X, A0, optimizer: str = "vertex", xtol: float = 1e-4, ftol: float = 1e-4, maxiter: int|None = None,
                       margin: float|None = None):
     """Minimise the crispness objective starting from rotation `A0`; returns (A, f, info). 'vertex': successive linear
     programs to a vertex of the feasible set (`vertex_optimize`, with `margin`); 'nelder-mead' / 'lbfgs': over the
@@ -282,17 +282,18 @@ def canonical_basis(X, idx=None) -> np.ndarray:
     sgn = np.sign(np.diag(R)); sgn[sgn == 0] = 1
     return Q * sgn * np.sqrt(n)
 
-def gpcca_memberships(X, m: int|None = None, optimizer: str = "nelder-mead", xtol: float = 1e-4, ftol: float = 1e-4,
+def gpcca_memberships(X, m: int|None = None, optimizer: str = "vertex", xtol: float = 1e-4, ftol: float = 1e-4,
                       maxiter: int|None = None, basis: str = "given", margin: float|None = None) -> GPCCAResult:
     """GPCCA memberships from Schur vectors `X` (n x >=m, first column constant): ISA start, crispness optimisation, chi = X A.
 
-    `optimizer='nelder-mead'` (default) is CellRank's path (pyGPCCA's `fmin` with `xtol`, `ftol`, `maxiter`; parity
-    with CellRank on the same Schur vectors), which stops far from the optimum for m >= 5. `optimizer='vertex'` climbs
-    from the ISA start to a vertex of the feasible set that no linear program can improve (`vertex_optimize`):
-    converged, so any basis of the same subspace (any Schur backend) gives the same memberships to the accuracy of the
-    subspace, crisper from 5 states on, with every state kept by a cell that leads in it by `margin`; on pancreas and
-    the dentate gyrus it gives CellRank's macrostate names up to 11 states. Cost at 100,000 cells (CPU-s, `vertex` vs
-    Nelder–Mead): 0.13 vs 0.11 at 3 states, 0.45 vs 1.68 at 6.
+    `optimizer='vertex'` (default) climbs from the ISA start to a vertex of the feasible set that no linear program
+    can improve (`vertex_optimize`): converged, so any basis of the same subspace (any Schur backend) gives the same
+    memberships to the accuracy of the subspace; crisper from 5 states on, with every state kept by a cell that leads
+    in it by `margin`; on pancreas and the dentate gyrus it gives CellRank's macrostate names up to 11 states. Cost at
+    100,000 cells (CPU-s, `vertex` vs Nelder–Mead): 0.13 vs 0.11 at 3 states, 0.45 vs 1.68 at 6.
+    `optimizer='nelder-mead'` is CellRank's path (pyGPCCA's `fmin` with `xtol`, `ftol`, `maxiter`; parity with
+    CellRank to 1e-11 on the same Schur vectors), which stops far from the optimum for m >= 5, at a point that depends
+    discontinuously on its input.
     `basis` matters for Nelder–Mead and L-BFGS only: 'given' optimises in the coordinates of `X` (CellRank's); its
     result does not change when Schur vectors flip sign or swap (Nelder–Mead is equivariant under signed permutations);
     'canonical' first maps X to `canonical_basis(X)`. `margin` (for 'vertex' only; None: `_ANCHOR_MARGIN` = 0.5): the
@@ -736,7 +737,7 @@ class GPCCA(BaseEstimator):
             raise ValueError(f"n_cells={n_cells} is out of range: {m} states x {n_cells} cells > {self.n_obs} cells; "
                              f"use n_cells <= {self.n_obs // m} or n_cells=None.")
 
-    def _choose_n_states(self, lo: int, hi: int, criterion: str, optimizer: str = "nelder-mead", basis: str = "given"):
+    def _choose_n_states(self, lo: int, hi: int, criterion: str, optimizer: str = "vertex", basis: str = "given"):
         forb = list((self.eigendecomposition or {}).get("forbidden", []))
         skipped = {k: "it would split a complex-conjugate pair of eigenvalues" for k in range(lo, hi + 1) if k in forb}
         if lo == 2 and criterion == "minchi":
@@ -772,7 +773,7 @@ class GPCCA(BaseEstimator):
                             cluster_key: str|None = None,    # obs column to name states by majority vote
                             on_forbidden: str = "raise",     # n_states splitting a complex pair: 'raise' or 'next'
                             criterion: str = "minchi",       # choosing from a range: 'minchi' (CellRank) or 'crispness'
-                            optimizer: str = "nelder-mead",  # 'nelder-mead' (CellRank's), 'vertex' (converged, backend-independent) or 'lbfgs'
+                            optimizer: str = "vertex",       # 'vertex' (converged, backend-independent), 'nelder-mead' (CellRank's) or 'lbfgs'
                             basis: str = "given"):           # for 'nelder-mead'/'lbfgs': 'given' (CellRank's path) or 'canonical' (any basis of the subspace)
         """Fuzzy macrostates by GPCCA, their top cells, names and colours, and the coarse-grained chain.
 

@@ -141,14 +141,16 @@ def test_dentate_gyrus_n_states_5_is_no_traceback(tmp_path, dentate_gyrus_path, 
 
 
 def test_warnings_are_kept_in_the_summary(tmp_path, dentate_gyrus_path, capsys):
-    """fatebook's warnings during a run (here: a macrostate that no cell prefers) go into summary.json's `warnings`,
-    with `--quiet` too (it hides them from the terminal only); before, a pipeline that kept summary.json lost them."""
-    code, out, err = cli(capsys, "run", "--adata", dentate_gyrus_path(200), "--preprocessed", "--n-states", 4,
-                         "--no-figures", "--quiet", "--out", tmp_path / "dg4")
+    """fatebook's warnings during a run (here: n_states=7 would split a complex pair, so 8 are used) go into
+    summary.json's `warnings`, with `--quiet` too (it hides them from the terminal only); before, a pipeline that kept
+    summary.json lost them."""
+    code, out, err = cli(capsys, "run", "--adata", dentate_gyrus_path(200), "--preprocessed", "--n-states", 7,
+                         "--no-figures", "--quiet", "--out", tmp_path / "dg7")
     assert code == 3 and out == "", (code, out, err[-2000:])
-    assert "most likely state" not in err
-    s = json.loads((tmp_path / "dg4" / "summary.json").read_text())
-    assert len(s["warnings"]) == 1 and s["warnings"][0].startswith("n_states=4: 1 macrostate(s) are no cell's most likely state"), s["warnings"]
+    assert "complex conjugate" not in err
+    s = json.loads((tmp_path / "dg7" / "summary.json").read_text())
+    assert s["warnings"] == ["n_states=7 would split a complex conjugate pair of eigenvalues; using n_states=8 "
+                             "(on_forbidden='next'; forbidden: [3, 7, 10, 15, 18, 20])."], s["warnings"]
 
 
 @pytest.fixture(scope="module")

@@ -283,8 +283,8 @@ def test_pancreas_pipeline(pancreas_pp, tmp_path):
 
 @pytest.mark.slow
 def test_pancreas_optimizers(pancreas_pp):
-    """Measured: NM (CellRank's, the default) vs L-BFGS (gradient) vs the converged 'vertex' on pancreas Schur vectors: L-BFGS within
-    1 % or crisper, 'vertex' at least as crisp as both (6 states: 0.527 vs 0.436 and 0.486); same optimum for m <= 4.
+    """Measured: NM (CellRank's) vs L-BFGS (gradient) vs the converged 'vertex' on pancreas Schur vectors: L-BFGS within
+    1 % or crisper, 'vertex' (the default) at least as crisp as both (6 states: 0.527 vs 0.436 and 0.486); same optimum for m <= 4.
     Every state stays the most likely one of its inner-simplex vertex cell."""
     from fatebook.velocity import VelocityKernel
     from fatebook.kernels import ConnectivityKernel
@@ -312,8 +312,7 @@ def test_too_many_states_is_reported(dg200, monkeypatch):
     """Dentate gyrus, 200 cells, 5 states: the crispest memberships without a lead (optimizer='vertex' with
     `_ANCHOR_MARGIN = 0`) leave a state that fewer than 4 cells prefer, so its 20 top cells cannot be taken (CellRank's
     rule); the error names how many cells prefer each state and changes nothing. CellRank's less crisp Nelder-Mead
-    memberships (the default) and 'vertex' with its default lead (0.5; every state preferred by >= 14 cells) give 5
-    states."""
+    memberships and 'vertex' with its default lead (0.5; every state preferred by >= 14 cells) give 5 states."""
     import fatebook.gpcca as fg
     from fatebook.velocity import VelocityKernel
     from fatebook.kernels import ConnectivityKernel
@@ -327,8 +326,9 @@ def test_too_many_states_is_reported(dg200, monkeypatch):
             mp.setattr(fg, "_ANCHOR_MARGIN", 0.0)
             g.compute_macrostates(n_states=5, cluster_key="clusters", n_cells=20, optimizer="vertex")
     assert list(g.macrostates.cat.categories) == before               # the failed call changed nothing
-    g.compute_macrostates(n_states=5, cluster_key="clusters", n_cells=20)
-    g.compute_macrostates(n_states=5, cluster_key="clusters", n_cells=20, optimizer="vertex")
+    g.compute_macrostates(n_states=5, cluster_key="clusters", n_cells=20, optimizer="nelder-mead")
+    g.compute_macrostates(n_states=5, cluster_key="clusters", n_cells=20)               # the default: 'vertex'
+    assert g.params["macrostates"]["optimizer"] == "vertex"
     assert np.bincount(fg._most_likely(np.asarray(g.macrostates_memberships)), minlength=5).min() >= 14
 
 
@@ -379,14 +379,14 @@ def test_top_cells_ties_direction_sparse_formats_and_merged_quotas():
 
 
 def test_converged_macrostates_do_not_depend_on_the_schur_backend(dg200):
-    """Issue 13 kind 7 with optimizer='vertex': dentate gyrus (200 cells, 0.8 VK + 0.2 CK), Schur vectors from every
-    backend that runs here ('brandts' dense, 'arpack', 's-step', and 'krylov' when SLEPc is installed).
-    `compute_macrostates(optimizer='vertex')` gives the same memberships (to 1e-9, after matching columns), the same
-    coarse T, the same names and the same cells (top 20 and most likely state) for every valid n_states up to 12 (at 11
-    states two membership columns are identical to rounding: the optimum is degenerate, and every backend gives the
-    tied cells to the lower index). Before `_most_likely`, the most likely state of a cell tied at a converged vertex
-    (its anchor holds with equality) was decided by rounding (9 states: a state won 0 cells on the s-step vectors and
-    1 on ARPACK's). CellRank's Nelder-Mead (the default) moves by up to ~1e-3 between backends (not tested here)."""
+    """Issue 13 kind 7, the default path (optimizer='vertex'): dentate gyrus (200 cells, 0.8 VK + 0.2 CK), Schur vectors
+    from every backend that runs here ('brandts' dense, 'arpack', 's-step', and 'krylov' when SLEPc is installed).
+    `compute_macrostates` with its defaults gives the same memberships (to 1e-9, after matching columns), the same
+    coarse T, the same names and the same cells (top 20 and most likely state) for every valid n_states up to 12
+    (measured: memberships <= 8e-13). Without the lead (margin=0) two membership columns were identical to rounding at
+    11 states and the most likely state of a cell tied at a converged vertex was decided by rounding (9 states: a state
+    won 0 cells on the s-step vectors and 1 on ARPACK's), which `_most_likely` settles by the data. CellRank's
+    Nelder-Mead has no such guarantee: where it stops moves discontinuously with the Schur vectors (not tested here)."""
     import warnings
     from fatebook.velocity import VelocityKernel
     from fatebook.kernels import ConnectivityKernel
@@ -415,7 +415,7 @@ def test_converged_macrostates_do_not_depend_on_the_schur_backend(dg200):
                     try:
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore")
-                            g.compute_macrostates(n_states=m, n_cells=nc, cluster_key="clusters", optimizer="vertex")
+                            g.compute_macrostates(n_states=m, n_cells=nc, cluster_key="clusters")   # the defaults
                     except ValueError as e:                   # too few cells for n_cells: it must fail everywhere alike
                         res[nc] = ("error", str(e).split(":")[0]); continue
                     assert g.params["macrostates"]["optimizer"] == "vertex"

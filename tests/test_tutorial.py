@@ -18,8 +18,8 @@ independently of what the notebook prints:
 - the seed's 3-state step (`set_terminal_states_from_macrostates()` with all three macrostates) warns that the
   progenitor macrostate Ngn3 low EP, the most upstream one, is set as terminal -- the tutorial shows that warning on
   purpose before it chooses the terminal states properly;
-- the terminal states the tutorial chooses are made of the cell type they are named after (GPCCA's converged
-  optimiser, `optimizer='vertex'`, makes the same choice: 5 states).
+- the terminal states the tutorial chooses are made of the cell type they are named after (CellRank's optimiser,
+  `optimizer='nelder-mead'`, makes the same choice: 5 states).
 
 The data file holds 2,000 of the original 27,998 genes (see ../shared/data/README.md).
 """

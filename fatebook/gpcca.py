@@ -266,7 +266,7 @@ def _optimize_rotation(X, A0, optimizer, xtol, ftol, maxiter, margin=None):
         res.nfev = nfev + sum(r.nfev for r in cands); res.nit = nit + sum(r.nit for r in cands)
         res.success = all(r.success for r in cands)
     else:
-        raise ValueError(f"Unknown optimizer {optimizer!r}; use 'nelder-mead' (CellRank's, the default), 'vertex' (converged) "
+        raise ValueError(f"Unknown optimizer {optimizer!r}; use 'vertex' (converged, the default), 'nelder-mead' (CellRank's) "
                          "or 'lbfgs' (gradient-based).")
     A = fill_matrix(_rotation(res.x, m), X)
     return A, float(res.fun), dict(n_iter=int(res.get("nit", 0)), n_fev=int(res.get("nfev", 0)), converged=bool(res.success))
@@ -288,8 +288,9 @@ def gpcca_memberships(X, m: int|None = None, optimizer: str = "vertex", xtol: fl
 
     `optimizer='vertex'` (default) climbs from the ISA start to a vertex of the feasible set that no linear program
     can improve (`vertex_optimize`): converged, so any basis of the same subspace (any Schur backend) gives the same
-    memberships to the accuracy of the subspace; crisper from 5 states on, with every state kept by a cell that leads
-    in it by `margin`; on pancreas and the dentate gyrus it gives CellRank's macrostate names up to 11 states. Cost at
+    memberships to the accuracy of the subspace; usually crisper from 5 states on (not always: dentate gyrus, 6
+    states, 0.265 vs 0.276), with every state kept by a vertex cell that leads in it (`margin`, see
+    `vertex_optimize`); on pancreas and the dentate gyrus it gives CellRank's macrostate names up to 11 states. Cost at
     100,000 cells (CPU-s, `vertex` vs Nelder–Mead): 0.13 vs 0.11 at 3 states, 0.45 vs 1.68 at 6.
     `optimizer='nelder-mead'` is CellRank's path (pyGPCCA's `fmin` with `xtol`, `ftol`, `maxiter`; parity with
     CellRank to 1e-11 on the same Schur vectors), which stops far from the optimum for m >= 5, at a point that depends
@@ -381,7 +382,7 @@ def _anchor_rows(X, idx) -> np.ndarray:
 def _lp_vertex(X, G, rows, anchors, cap=None):
     """argmax <G, B> over {B : X B >= 0, B 1 = e_0, anchors . vec(B) >= cap (default 0)}, a vertex, by constraint
     generation: the LP over the cells `rows` only, then cells it makes negative are added until none is. Returns
-    (B, rows, number of LPs)."""
+    (B, rows, number of LPs); B is None when no B meets the bounds."""
     from scipy.optimize import linprog
     n, m = X.shape
     cap = np.zeros(len(anchors)) if cap is None else np.asarray(cap, float)
@@ -390,6 +391,7 @@ def _lp_vertex(X, G, rows, anchors, cap=None):
         A_ub = sp.vstack([-sp.block_diag([sp.csr_matrix(X[rows])] * m), -sp.csr_matrix(anchors)], format="csr")
         r = linprog(-G.T.ravel(), A_ub=A_ub, b_ub=np.r_[np.zeros(len(rows) * m), -cap], A_eq=A_eq, b_eq=np.eye(m)[0], bounds=(None, None),
                     method="highs", options=dict(primal_feasibility_tolerance=_LP_TOL, dual_feasibility_tolerance=_LP_TOL))
+        if r.status == 2: return None, rows, k       # infeasible (the caller relaxes its bounds)
         if r.status != 0: raise RuntimeError(f"The vertex optimiser's linear program failed ({r.message}); use optimizer='nelder-mead'.")
         B = r.x.reshape(m, m).T
         C = X @ B
@@ -418,44 +420,84 @@ def _polish_vertex(X, B, anchors, cap=None, tol: float = 1e-9):
     ok = (X @ P).min() >= -1e-9 and (anchors @ x - cap).min() >= -1e-9 and np.abs(X @ (P - B)).max() < 1e-6
     return P if ok else B
 
-def _anchors(X, idx, A, margin: float = _ANCHOR_MARGIN):
-    """The anchor constraints of `vertex_optimize` for the feasible start A: rows (`_anchor_rows`) and their lower bounds
-    min(margin, value at A). An anchor that A breaks (value < -1e-9) is left out."""
+def _max_lead(X, rows, anchors):
+    """The largest lead t that every inner-simplex vertex cell can keep at once: max t over {B : X B >= 0, B 1 = e_0,
+    anchors . vec(B) >= t, t <= 1}, by constraint generation as in `_lp_vertex`. Returns (t, rows)."""
+    from scipy.optimize import linprog
+    n, m = X.shape; na = len(anchors)
+    A_eq = sp.hstack([sp.csr_matrix(np.kron(np.ones((1, m)), np.eye(m))), sp.csr_matrix((m, 1))], format="csr")
+    lead = sp.hstack([-sp.csr_matrix(anchors), sp.csr_matrix(np.ones((na, 1)))], format="csr")
+    for k in range(1, 201):
+        A_ub = sp.vstack([sp.hstack([-sp.block_diag([sp.csr_matrix(X[rows])] * m), sp.csr_matrix((len(rows) * m, 1))]), lead],
+                         format="csr")
+        r = linprog(np.r_[np.zeros(m * m), -1.0], A_ub=A_ub, b_ub=np.zeros(A_ub.shape[0]), A_eq=A_eq, b_eq=np.eye(m)[0],
+                    bounds=[(None, None)] * (m * m) + [(None, 1.0)], method="highs",
+                    options=dict(primal_feasibility_tolerance=_LP_TOL, dual_feasibility_tolerance=_LP_TOL))
+        if r.status != 0: raise RuntimeError(f"The vertex optimiser's linear program failed ({r.message}); use optimizer='nelder-mead'.")
+        C = X @ r.x[:-1].reshape(m, m).T
+        bad = C < -1e-9; bad[rows] = False
+        if not bad.any(): return float(r.x[-1]), rows
+        new = np.concatenate([_stable_smallest(C[:, j], 20) for j in np.flatnonzero(bad.any(axis=0))])
+        rows = np.union1d(rows, new[bad[new].any(axis=1)])
+    raise RuntimeError("The vertex optimiser's constraint generation did not finish; use optimizer='nelder-mead'.")
+
+def _anchors(X, idx, A, margin: float = _ANCHOR_MARGIN, rows=None):
+    """The anchor constraints of `vertex_optimize` from the start A: rows a (`_anchor_rows`, a . vec(B) = chi[v_j, j] -
+    chi[v_j, k]) and their lower bounds max(min(margin, value at A), floor), floor = margin x t* where t* is the largest
+    lead every vertex cell can keep at once (`_max_lead`; t* - 1e-9 when t* <= 0); the floor alone for every anchor
+    (`uniform`) is always feasible. Returns (anchors, bounds, uniform, t*, rows)."""
     R = _anchor_rows(X, idx); a0 = R @ np.asarray(A, float).T.ravel()
-    keep = a0 >= -1e-9
-    return R[keep], np.minimum(margin, a0[keep])
+    rows = np.asarray(idx) if rows is None else rows
+    t, rows = _max_lead(X, rows, R)
+    floor = margin * t * (1 - 1e-9) if t > 0 else t - 1e-9
+    return R, np.maximum(np.minimum(margin, a0), floor), np.full(len(R), floor), t, rows
 
 def vertex_optimize(X, A0, idx=None, maxiter: int|None = None, margin: float|None = None):
-    """Maximise the crispness m - f over the rotations feasible for X from the feasible `A0`, to convergence; returns
-    (A, info). `idx`: the inner-simplex vertices (computed if None).
+    """Maximise the crispness m - f over the rotations feasible for X, to convergence, starting from the rotation
+    `A0` (feasible memberships); returns (A, info). `idx`: the inner-simplex vertices (computed if None).
 
     The crispness is convex in A — a sum of ||A[:, j]||^2 / A[0, j], quadratic over linear — and the feasible set is a
     polytope: memberships X A >= 0 with rows summing to 1 (A 1 = e_0), and every inner-simplex vertex cell v_j leads
-    in its own state j: chi[v_j, j] - chi[v_j, k] >= min(margin, its value at A0) for every k != j (`margin` in [0, 1],
-    None: `_ANCHOR_MARGIN` = 0.5). So a maximum lies at a vertex. Each step maximises the linearisation at A over the polytope (one LP,
-    HiGHS), which can only increase the crispness (convexity), until the vertex no longer changes: successive linear
-    programming (Mangasarian 1996). Every step is defined by the subspace alone, so the result does not depend on the
-    basis X is given in.
+    in its own state j: chi[v_j, j] - chi[v_j, k] >= max(min(margin, its lead at A0), margin x t*) for every k != j,
+    where t* <= 1 is the largest lead all vertex cells can keep at once (one LP, `_max_lead`; `margin` in [0, 1], None:
+    `_ANCHOR_MARGIN` = 0.5; if the lifted bounds do not fit together, margin x t* for all). So a maximum lies at a
+    vertex. Each step maximises the linearisation at A over the
+    polytope (one LP, HiGHS), which can only increase the crispness (convexity), until the vertex no longer changes:
+    successive linear programming (Mangasarian 1996); a start that breaks the bound takes its first step regardless.
+    Every step is defined by the subspace alone, so the result does not depend on the basis X is given in.
 
-    The lead keeps every state a cell of its own: with 0.5, chi[v_j, j] >= 0.5, at least as much as all other states
-    together. With `margin=0` (the vertex cell only stays most likely in its state) the crispest vertex can make two
-    states twins (dentate gyrus, 200 cells, 5 states: membership columns correlated 0.9998, coarse T from -17.7 to
-    18.2) or let a state fade to nothing (pancreas from 10 states). Raises ValueError for a margin outside [0, 1]."""
+    The lead keeps every state cells of its own. It is the start's lead where that is below `margin` (the start stays
+    feasible), but at least margin x t*: a vertex cell that barely leads at the start (dentate gyrus, 200 cells, 6
+    states: 0.055; `knn_chain(1500, n_branches=2)`, 4 states: -0.008, where a state then won a single cell) is lifted
+    to half of what all vertex cells can keep together (t* 0.23-0.49 on the dentate gyrus, 0.39-1.00 on pancreas, for
+    3-12 states). With `margin=0` (the vertex cell only stays most likely in its state) the crispest vertex can make two states twins
+    (dentate gyrus, 200 cells, 5 states: membership columns correlated 0.9998, coarse T from -17.7 to 18.2) or let a
+    state fade to nothing (pancreas from 10 states). t* <= 0 (the vertex cells cannot all lead at once) is warned
+    about. Raises ValueError for a margin outside [0, 1]."""
     margin = check_range("margin", _ANCHOR_MARGIN if margin is None else margin, 0, 1)
     n, m = X.shape
     maxiter = 100 if maxiter is None else maxiter
     idx = inner_simplex_vertices(X, _checked=True) if idx is None else idx
     A = np.asarray(A0, float)
-    anchors, cap = _anchors(X, idx, A, margin)
-    F = _trace(A)
     C0 = X @ A
     rows = np.unique(np.r_[idx, np.concatenate([_stable_smallest(C0[:, j], 10) for j in range(m)])])
-    n_lp, converged = 0, False
     with _blas_single():
+        anchors, cap, uniform, t, rows = _anchors(X, idx, A, margin, rows)
+        if t <= 0:
+            from fatebook.core import warn
+            warn(f"The {m} inner-simplex vertex cells cannot all be most likely in their own states at once (largest "
+                 f"common lead {t:.3g}): the data hardly support {m} macrostates; consider fewer states.")
+        # the start may break a bound (a lead below it): then the first step is taken whatever its crispness
+        F = _trace(A) if (anchors @ A.T.ravel() - cap).min() >= -1e-9 else -np.inf
+        n_lp, converged = 1, False
         for it in range(1, maxiter + 1):
             B, rows, k = _lp_vertex(X, _trace_grad(A), rows, anchors, cap); n_lp += k
+            if B is None:          # the start's leads lifted to the floor do not fit together: the floor for all
+                cap, F = uniform, -np.inf
+                B, rows, k = _lp_vertex(X, _trace_grad(A), rows, anchors, cap); n_lp += k
+                if B is None: raise RuntimeError("The vertex optimiser's linear program is infeasible; use optimizer='nelder-mead'.")
             FB = _trace(B)
-            if not FB > F * (1 + 1e-13): converged = True; break
+            if not FB > F * (1 + 1e-13): converged = True; break     # (F = -inf: never)
             A, F = B, FB
         A = _polish_vertex(X, A, anchors, cap)
     return A, dict(n_iter=it, n_fev=n_lp, converged=converged)
@@ -620,7 +662,7 @@ def _degenerate_coarse(chi, Pc, names) -> list[str]:
     """Warnings for memberships too close to linearly dependent to coarse-grain: pairs of macrostates whose membership
     columns correlate above `_TWIN_CORR` ('twins', e.g. at the crispest vertex with more states than the data
     support), and a coarse T with entries outside `_COARSE_RANGE` ((χᵀDχ)⁻¹ amplifies rounding). Measured: dentate
-    gyrus (200 cells) with optimizer='vertex' at 5 states, correlation 0.9998 and coarse T from -17.7 to 18.2;
+    gyrus (200 cells) with optimizer='vertex' and margin=0 at 5 states, correlation 0.9998 and coarse T from -17.7 to 18.2;
     Nelder-Mead on the pancreas (every valid n_states <= 12) stays below 0.68 and within [-0.19, 1.0], on the dentate
     gyrus below 0.83 and within [-0.26, 1.0] except at 11 states (-0.85 to 1.24, cond(chi'chi) 5e3: reported too)."""
     chi = np.asarray(chi, dtype=float); out, m = [], chi.shape[1]

@@ -367,6 +367,8 @@ _SSTEP_S = 4   # products per block. The monomial block's errors grow ~5-10x per
                # 6 gave true residuals of 1e-8-7e-8 on 1,000-cell weakly coupled blocks (slow_chain 'blocks', the relation
                # A V = V H drifting while its own estimate said 1e-16), 4 gave <= 1e-10 on 36 slow chains (1,000-4,000
                # cells, 3 kinds, 4 seeds); 8 lost accuracy on a 50,000-cell chain (5e-10), 10 much more (2e-7)
+_SSTEP_PIP = True         # block Gram-Schmidt in the Pythagorean form (BCGS-PIP2): 3 passes over the basis per block, not 5
+_SSTEP_PIP_MIN = 1e-8     # ... when every column's part outside the basis is >= 1e-4 of the block's norm (else the old form)
 _SSTEP_RETRY = 100       # a true residual above this many times the tolerance: repeat with blocks of 2 products
 _SSTEP_BUDGET = 10_000   # default budget of products with T (maxiter) for 'sstep'
 _SSTEP_CHECKS = 1        # random restarts after convergence that must find nothing new (missed cluster members)
@@ -404,7 +406,7 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
     v = draw(rng.random) + 0.5; V[:, 0] = v / np.linalg.norm(v)
     Z = np.empty((n, s), order="F")
     rows = _Rows(n)                              # tall products on the same threads as the sparse ones
-    p, nmv, it, checks, found, overshoots = 0, 0, 0, 0, 0, 0
+    p, nmv, it, checks, found, overshoots, pip_off = 0, 0, 0, 0, 0, 0, 0
     state = dict(converged=0, residual=np.inf)
     checking, result, lam_cut, suspect = None, None, None, None
     bar = progress(total=budget, desc=desc, show=show)
@@ -417,16 +419,29 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
                 for i in range(se): Z[:, i] = A @ z; z = Z[:, i]           # monomial block z_i = A^i v_p
                 nmv += se; bar.update(se)
                 Zs, Vp = Z[:, :se], V[:, :p + 1]
-                # block classical Gram-Schmidt, twice, in three passes over V (the bulk of the memory traffic): each
-                # update is fused with the next step's products, chunk by chunk while the rows are in cache
-                C = rows.tmul(Vp, Zs)
-                C2 = rows.sub_tmul(Zs, Vp, C)                                # Zs -= Vp C;  C2 = Vpᵀ Zs
-                G = rows.sub_gram(Zs, Vp, C2); C += C2                       # Zs -= Vp C2; G = Zsᵀ Zs
-                try:                                                         # Cholesky QR, twice: Zs = Q Rz
-                    L1 = np.linalg.cholesky(G)
-                    Q1 = np.empty_like(Zs)
-                    L2 = np.linalg.cholesky(rows.mul_gram(Q1, Zs, sla.solve_triangular(L1, np.eye(se), lower=True).T))
-                    Rz = L2.T @ L1.T; dz = np.abs(np.diag(Rz))
+                # block classical Gram-Schmidt, twice, in three passes over V (the bulk of the memory traffic), each
+                # pass fused with the next step's products chunk by chunk while the rows are in cache. Pythagorean form
+                # (BCGS-PIP2; Carson, Lund & Rozložník, SIMAX 2021): the Cholesky factor of the block's part outside V
+                # comes from Zᵀ Z - Cᵀ C, so each pass also normalises and the last one writes V's new columns: no
+                # Cholesky-QR passes. Its rounding is ~eps / (that part's relative size)^2, so a block lying within
+                # 1e-4 of span(V) takes the old form (CGS2, then Cholesky QR twice: two more passes over the block).
+                C, G1 = rows.tmul_gram(Vp, Zs)                                # C = Vpᵀ Zs, G1 = Zsᵀ Zs
+                R1 = _pip_chol(G1, C) if _SSTEP_PIP else None
+                try:
+                    if R1 is not None:                                       # U = (Zs - Vp C) R1⁻¹ (in Zs), C2 = Vpᵀ U
+                        C2, G2 = rows.sub_solve(Zs, Zs, Vp, C, sla.solve_triangular(R1, np.eye(se)), gram=True)
+                        R2 = _pip_chol(G2, C2)                               # U = Vp C2 + Q R2, Zs = Vp (C + C2 R1) + Q R2 R1
+                        if R2 is None: raise np.linalg.LinAlgError("block Gram-Schmidt lost the block")
+                        C += C2 @ R1; Rz = R2 @ R1
+                    else:
+                        pip_off += 1
+                        C2 = rows.sub_tmul(Zs, Vp, C)                            # Zs -= Vp C;  C2 = Vpᵀ Zs
+                        G = rows.sub_gram(Zs, Vp, C2); C += C2                   # Zs -= Vp C2; G = Zsᵀ Zs
+                        L1 = np.linalg.cholesky(G)                               # Cholesky QR, twice: Zs = Q Rz
+                        Q1 = np.empty_like(Zs)
+                        L2 = np.linalg.cholesky(rows.mul_gram(Q1, Zs, sla.solve_triangular(L1, np.eye(se), lower=True).T))
+                        Rz = L2.T @ L1.T
+                    dz = np.abs(np.diag(Rz))
                     if dz.min() < 1e-10 * dz.max(): raise np.linalg.LinAlgError("ill-conditioned block")
                 except np.linalg.LinAlgError:
                     if se == 1: raise RuntimeError("the Krylov space became invariant (breakdown)")
@@ -438,7 +453,8 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
                         raise RuntimeError("the Krylov space became invariant (breakdown)")
                     V[:, p + 1] = Z1 / h; H[:p + 1, p] = c1; H[p + 1, p] = h; p += 1
                     continue
-                rows.mul_into(V[:, p + 1:p + 1 + se], Q1, sla.solve_triangular(L2, np.eye(se), lower=True).T)
+                if R1 is not None: rows.sub_solve(V[:, p + 1:p + 1 + se], Zs, Vp, C2, sla.solve_triangular(R2, np.eye(se)))
+                else: rows.mul_into(V[:, p + 1:p + 1 + se], Q1, sla.solve_triangular(L2, np.eye(se), lower=True).T)
                 # change of basis: A [v_p, z_1..z_{s-1}] = [z_1..z_s], all known in the new orthonormal basis, gives the
                 # s new columns of H (the input block is upper triangular in the new coordinates)
                 Zout = np.zeros((p + 1 + se, se)); Zout[:p + 1] = C; Zout[p + 1:] = Rz
@@ -450,7 +466,7 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
             if checking is not None:   # a check cycle: did the fresh random vector find a wanted eigenvalue we missed?
                 lam_new = np.linalg.eigvals(H[checking:mb, checking:mb])   # (Hessenberg, not yet triangular)
                 if max(_sort_key(x, which)[0] for x in lam_new) <= lam_cut + 1e-9:   # (1e-9: Ritz values may overshoot)
-                    result[3].update(products=nmv, checks=checks)           # nothing new: the converged set stands
+                    result[3].update(products=nmv, checks=checks, cgs_blocks=pip_off)   # nothing new: the converged set stands
                     return result
                 # a candidate: go on until the wanted set converges again. It is a missed eigenvalue only if the converged
                 # span then changes: a Ritz value of the non-normal T can lie above every eigenvalue left (measured at
@@ -475,7 +491,8 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
                 if suspect is not None and not same: found += 1; checks = 0      # a missed eigenvalue: check again
                 overshoots += same; suspect = None
                 result = (X[:, :mp], S[:mp, :mp], mp, dict(ncv=mb, s=s, restarts=it, products=nmv, checks=checks,
-                                                           found_by_checks=found, overshoots=overshoots, _PQ=PX[:, :mp]))
+                                                           found_by_checks=found, overshoots=overshoots, cgs_blocks=pip_off,
+                                                           _PQ=PX[:, :mp]))
                 if same or checks >= _SSTEP_CHECKS: return result             # (same: the check ran, and longer)
                 # check: lock the converged vectors (their residual coefficients set to 0, an error <= tol) and go on
                 # from a fresh random vector orthogonal to them; a wanted eigenvalue that the Krylov space had missed
@@ -505,6 +522,13 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
         raise
     finally:
         bar.close()
+
+def _pip_chol(G, C):
+    """Upper Cholesky factor R of G - Cᵀ C (G = Zᵀ Z, C = Vᵀ Z: Rᵀ R is the Gram matrix of Z's part outside span(V),
+    Pythagoras), or None when a column's part is below `_SSTEP_PIP_MIN` of the block (rounding would dominate it)."""
+    try: R = np.linalg.cholesky(G - C.T @ C).T
+    except np.linalg.LinAlgError: return None
+    return R if (np.diag(R) ** 2).min() > _SSTEP_PIP_MIN * np.diag(G).max() else None
 
 def _same_span(X1, X2, rows=None, tol: float = 1e-4) -> bool:
     "Do two orthonormal n x p bases span the same space (sine of the largest principal angle <= tol)?"

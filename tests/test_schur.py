@@ -517,9 +517,24 @@ def test_sstep_constant_vector_outside_the_span_and_the_retry(caplog):
     first = fs._schur_sstep(T, 8, "LR", None, known=np.full(300, 300 ** -0.5))[3]["products"]   # as sorted_schur runs it
     r = sorted_schur(T, 8, method="sstep")
     assert r.params["sstep_retry"] is True and r.residual < 1e-10 and r.params["products"] > first
-    with caplog.at_level(logging.WARNING, logger="fatebook"), pytest.raises(RuntimeError, match="residual .* is too large"):
-        sorted_schur(T, 8, method="sstep", maxiter=first + 10)   # (this first result's residual is 9e-4: the check stops it)
-    assert "did not finish within the budget" in caplog.text
+    # within a spent budget the first result stands (said), and the residual check judges it. How far that first result
+    # drifted depends on rounding: 8.6e-8 with the compiled passes and BCGS-PIP2 (kept), 1e-3 with the BLAS passes and
+    # the old Gram-Schmidt form (the check stops it); both are run
+    import fatebook.linalg as fl
+    for pip, nb in ((True, True), (False, False)):
+        old = fs._SSTEP_PIP, fl._NB_ON
+        fs._SSTEP_PIP, fl._NB_ON = pip, nb
+        caplog.clear()
+        try:
+            with caplog.at_level(logging.WARNING, logger="fatebook"):
+                first = fs._schur_sstep(T, 8, "LR", None, known=np.full(300, 300 ** -0.5))[3]["products"]
+                try: r2 = sorted_schur(T, 8, method="sstep", maxiter=first + 10)
+                except RuntimeError as e:
+                    assert "is too large" in str(e)
+                    assert not pip, "expected the first result to be kept"
+                else: assert r2.params["sstep_retry"] == "budget" and 1e-8 < r2.residual <= 1e-6, r2.residual
+        finally: fs._SSTEP_PIP, fl._NB_ON = old
+        assert "did not finish within the budget" in caplog.text
 
 
 @pytest.mark.parametrize("method", ["sstep", "arpack"])

@@ -348,11 +348,12 @@ def _gpcca_memberships(X, m, optimizer, xtol, ftol, maxiter, basis, margin=None)
 
 # %% ../nbs/07_gpcca.ipynb #9c9e54b7
 _LP_TOL = 1e-10     # HiGHS' primal and dual feasibility tolerance (the smallest it accepts)
-_ANCHOR_MARGIN = 0.5   # chi[v_j, j] - chi[v_j, k] >= min(this, its value at the start): see `vertex_optimize`
+_ANCHOR_MARGIN = 0.5   # the lead of each inner-simplex vertex cell in its own state: see `vertex_optimize`
 
 def _stable_smallest(v, k: int) -> np.ndarray:
     """`np.argsort(v, kind='stable')[:k]` without sorting all of v: the candidates up to the k-th smallest value
-    (ties included, by `np.partition`), then a stable sort of those. At 1,000,000 cells and k = 30: 25 ms instead of 295 ms."""
+    (ties included, by `np.partition`), then a stable sort of those. At 1,000,000 cells and k = 30: 25 ms instead
+    of 295 ms."""
     v = np.asarray(v); n = len(v)
     if k >= n: return np.argsort(v, kind="stable")[:k]
     kth = np.partition(v, k - 1)[k - 1]
@@ -459,21 +460,21 @@ def vertex_optimize(X, A0, idx=None, maxiter: int|None = None, margin: float|Non
     The crispness is convex in A — a sum of ||A[:, j]||^2 / A[0, j], quadratic over linear — and the feasible set is a
     polytope: memberships X A >= 0 with rows summing to 1 (A 1 = e_0), and every inner-simplex vertex cell v_j leads
     in its own state j: chi[v_j, j] - chi[v_j, k] >= max(min(margin, its lead at A0), margin x t*) for every k != j,
-    where t* <= 1 is the largest lead all vertex cells can keep at once (one LP, `_max_lead`; `margin` in [0, 1], None:
-    `_ANCHOR_MARGIN` = 0.5; if the lifted bounds do not fit together, margin x t* for all). So a maximum lies at a
-    vertex. Each step maximises the linearisation at A over the
-    polytope (one LP, HiGHS), which can only increase the crispness (convexity), until the vertex no longer changes:
-    successive linear programming (Mangasarian 1996); a start that breaks the bound takes its first step regardless.
-    Every step is defined by the subspace alone, so the result does not depend on the basis X is given in.
+    where t* <= 1 is the largest lead all vertex cells can keep at once (one LP, `_max_lead`; `margin` in [0, 1],
+    None: `_ANCHOR_MARGIN` = 0.5; if these bounds do not fit together, margin x t* for all). So a maximum lies at a
+    vertex. Each step maximises the linearisation at A over the polytope (one LP, HiGHS), which can only increase the
+    crispness (convexity), until the vertex no longer changes: successive linear programming (Mangasarian 1996); a
+    start that breaks a bound takes its first step regardless. Every step is defined by the subspace alone, so the
+    result does not depend on the basis X is given in.
 
-    The lead keeps every state cells of its own. It is the start's lead where that is below `margin` (the start stays
-    feasible), but at least margin x t*: a vertex cell that barely leads at the start (dentate gyrus, 200 cells, 6
-    states: 0.055; `knn_chain(1500, n_branches=2)`, 4 states: -0.008, where a state then won a single cell) is lifted
-    to half of what all vertex cells can keep together (t* 0.23-0.49 on the dentate gyrus, 0.39-1.00 on pancreas, for
-    3-12 states). With `margin=0` (the vertex cell only stays most likely in its state) the crispest vertex can make two states twins
-    (dentate gyrus, 200 cells, 5 states: membership columns correlated 0.9998, coarse T from -17.7 to 18.2) or let a
-    state fade to nothing (pancreas from 10 states). t* <= 0 (the vertex cells cannot all lead at once) is warned
-    about. Raises ValueError for a margin outside [0, 1]."""
+    The lead keeps every state cells of its own. A bound is the start's lead where that is below `margin`, but at
+    least margin x t*: a vertex cell that barely leads at the start (dentate gyrus, 200 cells, 6 states: 0.055;
+    `knn_chain(1500, n_branches=2)`, 4 states: -0.008, where a state then won a single cell) is lifted to half of what
+    all vertex cells can keep together (t* 0.23-0.49 on the dentate gyrus, 0.39-1.00 on pancreas, for 3-12 states).
+    With `margin=0` (the vertex cell only stays most likely in its state) the crispest vertex can make two states
+    twins (dentate gyrus, 200 cells, 5 states: membership columns correlated 0.9998, coarse T from -17.7 to 18.2) or
+    let a state fade to nothing (pancreas from 10 states). t* <= 0 (the vertex cells cannot all lead at once) is
+    warned about. Raises ValueError for a margin outside [0, 1]."""
     margin = check_range("margin", _ANCHOR_MARGIN if margin is None else margin, 0, 1)
     n, m = X.shape
     maxiter = 100 if maxiter is None else maxiter

@@ -190,6 +190,15 @@ _NB_NONE = np.zeros((0, 0))
 try: from numba import njit
 except ImportError: njit = None
 
+def _njit_cached(**kw):
+    """numba's `njit(**kw)` with its on-disk cache (compiled once per install), or without one where numba finds no
+    writable cache directory (a read-only install with no writable HOME or NUMBA_CACHE_DIR): then each process compiles
+    on first use (~3 s) instead of failing at import ("cannot cache function ...: no locator available")."""
+    def deco(f):
+        try: return njit(cache=True, **kw)(f)
+        except RuntimeError: return njit(**kw)(f)
+    return deco
+
 def _nb_ok(*arrays) -> bool:
     "Can the compiled passes take these arrays (numba present, float64, 2-D, each column contiguous)?"
     return njit is not None and _NB_ON and all(isinstance(x, np.ndarray) and x.dtype == np.float64 and x.ndim == 2 and
@@ -197,7 +206,7 @@ def _nb_ok(*arrays) -> bool:
 _NB_ON = True   # switch for tests: False runs every pass with BLAS
 
 if njit is not None:
-    @njit(cache=True, nogil=True, fastmath=_NB_FM)
+    @_njit_cached(nogil=True, fastmath=_NB_FM)
     def _nb_tmul(V, Z, a, b, acc, acc2, gram):
         "acc += V[a:b]ᵀ Z[a:b], and with `gram` acc2 += Zᵀ Z (upper triangle), over contiguous column slices."
         p = V.shape[1]; s = Z.shape[1]
@@ -217,7 +226,7 @@ if njit is not None:
                         for i in range(e - c): t += zj[i] * zk[i]
                         acc2[j, k] += t
 
-    @njit(cache=True, nogil=True, fastmath=_NB_FM)
+    @_njit_cached(nogil=True, fastmath=_NB_FM)
     def _nb_pass(out, Z, V, C, W, a, b, sub, mode, acc, acc2):
         """Rows a:b in chunks: P = Z - V C (`sub`) or V C; out = P W (W upper triangular; W with no rows: out = P);
         mode & 1: acc += Vᵀ out, mode & 2: acc2 += outᵀ out (upper triangle), of each chunk while it is in cache. (out may

@@ -8,10 +8,9 @@ Docs: https://fatebook.github.io/fatebook/velocity.html.md"""
 from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
-from numba import njit
 from .core import (Key, MissingKeyError, require_key, progress, as_rng, info, warn, check_choice, check_range,
                            check_int)
-from .linalg import n_threads, _pool
+from .linalg import n_threads, _pool, _njit_cached
 from .kernels import Kernel, read_connectivities, _obs_names
 
 # %% auto #0
@@ -115,7 +114,7 @@ def read_velocity_inputs(adata,  # the AnnData
 SIMILARITIES = ("correlation", "cosine", "dot_product")
 _SIM_CODE = {"correlation": 0, "cosine": 1, "dot_product": 2}
 
-@njit(cache=True, nogil=True)
+@_njit_cached(nogil=True)
 def _vstats_nb(V, gv, centre, lo, hi, mean, norm, zero):   # pragma: no cover (compiled)
     "Per cell: mean over the genes (if `centre`), norm of the (centred) velocity, and whether it is all zero."
     g = gv.shape[0]
@@ -130,7 +129,7 @@ def _vstats_nb(V, gv, centre, lo, hi, mean, norm, zero):   # pragma: no cover (c
             x = np.float64(V[i, gv[k]]) - m; q += x * x
         mean[i] = m; norm[i] = np.sqrt(q); zero[i] = z
 
-@njit(cache=True, nogil=True)
+@_njit_cached(nogil=True)
 def _sims_nb(indptr, indices, X, V, gx, gv, sim, transpose, vmean, vnorm, lo, hi, s, valid):   # pragma: no cover
     "Similarity of every edge of rows lo:hi, fused: one pass over the genes of the two cells, nothing allocated."
     g = gx.shape[0]
@@ -230,7 +229,7 @@ def velocity_similarities(X: np.ndarray,  # expression (cells x genes), float32 
     return s, valid
 
 # %% ../nbs/02a_velocity.ipynb #bda951cb
-@njit(cache=True, nogil=True)
+@_njit_cached(nogil=True)
 def _softmax_nb(indptr, s, valid, scale, force, lo, hi, p, uni):   # pragma: no cover (compiled)
     "Row-wise softmax of scale * s over the valid edges of rows lo:hi; rows with no valid edge (or forced) uniform."
     for i in range(lo, hi):

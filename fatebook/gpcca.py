@@ -652,6 +652,7 @@ def _n_states_range(n_states):
     return None
 
 _TWIN_CORR, _COARSE_RANGE = 0.99, (-0.5, 1.5)
+_FEW_CELLS = 5   # with n_cells=None, a macrostate that fewer cells prefer is reported (review: knn_chain, a 1-cell state)
 
 def _twin_pairs(chi):
     "Pairs (i, j), i < j, of membership columns correlated above `_TWIN_CORR`, and the correlation matrix (0 on the diagonal)."
@@ -832,10 +833,10 @@ class GPCCA(BaseEstimator):
         """Fuzzy macrostates by GPCCA, their top cells, names and colours, and the coarse-grained chain.
 
         Every parameter is checked before any work; a failure leaves the estimator and the AnnData as they were.
-        Macrostates that win no cell (with `n_cells=None`), near-twin macrostates (memberships correlated above 0.99)
-        and a coarse T far from probabilities (entries outside [-0.5, 1.5]) are reported. Writes: `obs[Key.obs.macrostates]` + colours,
-        `obsm[Key.obsm.memberships]` + names, `uns[Key.uns.coarse]` (coarse T, initial and stationary distributions);
-        clears terminal/initial states and fates."""
+        Macrostates that win no cell or fewer than 5 (with `n_cells=None`), near-twin macrostates (memberships
+        correlated above 0.99) and a coarse T far from probabilities (entries outside [-0.5, 1.5]) are reported.
+        Writes: `obs[Key.obs.macrostates]` + colours, `obsm[Key.obsm.memberships]` + names, `uns[Key.uns.coarse]`
+        (coarse T, initial and stationary distributions); clears terminal/initial states and fates."""
         self._require_schur()
         check_cluster_key(self._adata, cluster_key)
         check_choice("on_forbidden", on_forbidden, ("raise", "next"))
@@ -890,6 +891,12 @@ class GPCCA(BaseEstimator):
                  "(named after the cluster holding most of their membership). Every cell belongs more to another state; "
                  "their memberships are kept in `macrostates_memberships`, but they cannot become terminal or initial "
                  "states. Use fewer states, or n_cells=<int> to take each state's top cells.")
+        few = np.flatnonzero((counts > 0) & (counts < _FEW_CELLS)) if n_cells is None else []
+        if len(few):
+            warn(f"n_states={m}: {', '.join(f'{names[j]} ({counts[j]})' for j in few)} "
+                 f"{'is' if len(few) == 1 else 'are'} the most likely state of fewer than {_FEW_CELLS} cells (n_cells=None), "
+                 f"so the data hardly support {m} macrostates; as a terminal or initial state it would be only those "
+                 "cells. Consider fewer states, or n_cells=<int> to take each state's top cells.")
         Pc = coarse_grain(self._T, chi)
         for msg in _degenerate_coarse(chi, Pc, names): warn(msg)
         eta = np.full(self.n_obs, 1.0 / self.n_obs)

@@ -528,3 +528,24 @@ def test_vertex_lead_is_lifted_where_the_start_barely_leads():
     rs = gpcca_memberships(Xs, 4)
     _, p = linear_sum_assignment(-(r.chi.T @ rs.chi))
     assert np.abs(rs.chi[:, p] - r.chi).max() < 1e-8
+
+
+def test_macrostates_that_few_cells_prefer_are_reported(caplog):
+    """Review (issue 13 kind 3): with n_cells=None a macrostate is the cells whose most likely state it is; a state that
+    only a handful of cells prefer (here 4, with CellRank's Nelder-Mead on knn_chain(1500, 2 branches) at 5 states)
+    was accepted without a word, and as a terminal state it would be those 4 cells. Now it is reported (fewer than 5
+    cells); the converged default keeps every state at >= 70 cells there, and states of normal size give no warning."""
+    import logging
+    from fatebook.linalg import knn_chain
+    T, t, b = knn_chain(1500, n_branches=2, seed=0)
+    a = ad.AnnData(np.zeros((1500, 1))); a.obs["clusters"] = pd.Categorical(np.where(t < 0.3, "stem", "x"))
+    g = GPCCA(PrecomputedKernel(a, matrix=T)).compute_schur(n_components=16, method="arpack")
+    caplog.set_level(logging.WARNING, logger="fatebook")
+    g.compute_macrostates(n_states=5, n_cells=None, cluster_key="clusters", optimizer="nelder-mead")
+    assert g.macrostates.value_counts().min() == 4
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("stem_1 (4) is the most likely state of fewer than 5 cells" in x for x in msgs), msgs
+    caplog.clear()
+    g.compute_macrostates(n_states=5, n_cells=None, cluster_key="clusters")
+    assert g.macrostates.value_counts().min() >= 70
+    assert not [r for r in caplog.records if "fewer than 5 cells" in r.getMessage()]

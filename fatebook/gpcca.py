@@ -380,27 +380,35 @@ def _anchor_rows(X, idx) -> np.ndarray:
             r = np.zeros(m * m); r[j * m:(j + 1) * m] = X[idx[j]]; r[k * m:(k + 1) * m] = -X[idx[j]]; R.append(r)
     return np.array(R)
 
-def _lp_vertex(X, G, rows, anchors, cap=None):
-    """argmax <G, B> over {B : X B >= 0, B 1 = e_0, anchors . vec(B) >= cap (default 0)}, a vertex, by constraint
-    generation: the LP over the cells `rows` only, then cells it makes negative are added until none is. Returns
-    (B, rows, number of LPs); B is None when no B meets the bounds."""
+def _lp_cells(X, rows, cost, A_more, b_more, bounds):
+    """min cost . x over x = (vec(B) column by column, then any extra variables) subject to X B >= 0, B 1 = e_0 and
+    A_more x <= b_more, by constraint generation: the LP over the cells `rows` only, then cells it makes negative are
+    added until none is. Returns (x, rows, number of LPs); x is None when the LP is infeasible."""
     from scipy.optimize import linprog
-    n, m = X.shape
-    cap = np.zeros(len(anchors)) if cap is None else np.asarray(cap, float)
-    A_eq = sp.csr_matrix(np.kron(np.ones((1, m)), np.eye(m)))           # variables: B column by column
+    n, m = X.shape; extra = len(cost) - m * m
+    pad = (lambda M: M) if extra == 0 else (lambda M: sp.hstack([M, sp.csr_matrix((M.shape[0], extra))], format="csr"))
+    A_eq = pad(sp.csr_matrix(np.kron(np.ones((1, m)), np.eye(m))))
     for k in range(1, 201):
-        A_ub = sp.vstack([-sp.block_diag([sp.csr_matrix(X[rows])] * m), -sp.csr_matrix(anchors)], format="csr")
-        r = linprog(-G.T.ravel(), A_ub=A_ub, b_ub=np.r_[np.zeros(len(rows) * m), -cap], A_eq=A_eq, b_eq=np.eye(m)[0], bounds=(None, None),
-                    method="highs", options=dict(primal_feasibility_tolerance=_LP_TOL, dual_feasibility_tolerance=_LP_TOL))
+        A_ub = sp.vstack([pad(-sp.block_diag([sp.csr_matrix(X[rows])] * m)), A_more], format="csr")
+        r = linprog(cost, A_ub=A_ub, b_ub=np.r_[np.zeros(len(rows) * m), b_more], A_eq=A_eq, b_eq=np.eye(m)[0],
+                    bounds=bounds, method="highs",
+                    options=dict(primal_feasibility_tolerance=_LP_TOL, dual_feasibility_tolerance=_LP_TOL))
         if r.status == 2: return None, rows, k       # infeasible (the caller relaxes its bounds)
         if r.status != 0: raise RuntimeError(f"The vertex optimiser's linear program failed ({r.message}); use optimizer='nelder-mead'.")
-        B = r.x.reshape(m, m).T
-        C = X @ B
+        C = X @ r.x[:m * m].reshape(m, m).T
         bad = C < -1e-9; bad[rows] = False
-        if not bad.any(): return B, rows, k
+        if not bad.any(): return r.x, rows, k
         new = np.concatenate([_stable_smallest(C[:, j], 20) for j in np.flatnonzero(bad.any(axis=0))])
         rows = np.union1d(rows, new[bad[new].any(axis=1)])
     raise RuntimeError("The vertex optimiser's constraint generation did not finish; use optimizer='nelder-mead'.")
+
+def _lp_vertex(X, G, rows, anchors, cap=None):
+    """argmax <G, B> over {B : X B >= 0, B 1 = e_0, anchors . vec(B) >= cap (default 0)}, a vertex (`_lp_cells`).
+    Returns (B, rows, number of LPs); B is None when no B meets the bounds."""
+    m = X.shape[1]
+    cap = np.zeros(len(anchors)) if cap is None else np.asarray(cap, float)
+    x, rows, k = _lp_cells(X, rows, -G.T.ravel(), -sp.csr_matrix(anchors), -cap, (None, None))
+    return (None if x is None else x.reshape(m, m).T), rows, k
 
 def _polish_vertex(X, B, anchors, cap=None, tol: float = 1e-9):
     """The vertex B exactly: solve its active constraints (memberships |chi_ij| < tol, anchor constraints within tol of
@@ -423,24 +431,12 @@ def _polish_vertex(X, B, anchors, cap=None, tol: float = 1e-9):
 
 def _max_lead(X, rows, anchors):
     """The largest lead t that every inner-simplex vertex cell can keep at once: max t over {B : X B >= 0, B 1 = e_0,
-    anchors . vec(B) >= t, t <= 1}, by constraint generation as in `_lp_vertex`. Returns (t, rows)."""
-    from scipy.optimize import linprog
-    n, m = X.shape; na = len(anchors)
-    A_eq = sp.hstack([sp.csr_matrix(np.kron(np.ones((1, m)), np.eye(m))), sp.csr_matrix((m, 1))], format="csr")
+    anchors . vec(B) >= t, t <= 1} (`_lp_cells`, t the one extra variable). Returns (t, rows)."""
+    m = X.shape[1]; na = len(anchors)
     lead = sp.hstack([-sp.csr_matrix(anchors), sp.csr_matrix(np.ones((na, 1)))], format="csr")
-    for k in range(1, 201):
-        A_ub = sp.vstack([sp.hstack([-sp.block_diag([sp.csr_matrix(X[rows])] * m), sp.csr_matrix((len(rows) * m, 1))]), lead],
-                         format="csr")
-        r = linprog(np.r_[np.zeros(m * m), -1.0], A_ub=A_ub, b_ub=np.zeros(A_ub.shape[0]), A_eq=A_eq, b_eq=np.eye(m)[0],
-                    bounds=[(None, None)] * (m * m) + [(None, 1.0)], method="highs",
-                    options=dict(primal_feasibility_tolerance=_LP_TOL, dual_feasibility_tolerance=_LP_TOL))
-        if r.status != 0: raise RuntimeError(f"The vertex optimiser's linear program failed ({r.message}); use optimizer='nelder-mead'.")
-        C = X @ r.x[:-1].reshape(m, m).T
-        bad = C < -1e-9; bad[rows] = False
-        if not bad.any(): return float(r.x[-1]), rows
-        new = np.concatenate([_stable_smallest(C[:, j], 20) for j in np.flatnonzero(bad.any(axis=0))])
-        rows = np.union1d(rows, new[bad[new].any(axis=1)])
-    raise RuntimeError("The vertex optimiser's constraint generation did not finish; use optimizer='nelder-mead'.")
+    x, rows, _ = _lp_cells(X, rows, np.r_[np.zeros(m * m), -1.0], lead, np.zeros(na), [(None, None)] * (m * m) + [(None, 1.0)])
+    if x is None: raise RuntimeError("The vertex optimiser's linear program is infeasible; use optimizer='nelder-mead'.")
+    return float(x[-1]), rows
 
 def _anchors(X, idx, A, margin: float = _ANCHOR_MARGIN, rows=None):
     """The anchor constraints of `vertex_optimize` from the start A: rows a (`_anchor_rows`, a . vec(B) = chi[v_j, j] -
@@ -485,7 +481,6 @@ def vertex_optimize(X, A0, idx=None, maxiter: int|None = None, margin: float|Non
     with _blas_single():
         anchors, cap, uniform, t, rows = _anchors(X, idx, A, margin, rows)
         if t <= 0:
-            from fatebook.core import warn
             warn(f"The {m} inner-simplex vertex cells cannot all be most likely in their own states at once (largest "
                  f"common lead {t:.3g}): the data hardly support {m} macrostates; consider fewer states.")
         # the start may break a bound (a lead below it): then the first step is taken whatever its crispness

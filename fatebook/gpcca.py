@@ -383,7 +383,8 @@ def _anchor_rows(X, idx) -> np.ndarray:
 def _lp_cells(X, rows, cost, A_more, b_more, bounds):
     """min cost . x over x = (vec(B) column by column, then any extra variables) subject to X B >= 0, B 1 = e_0 and
     A_more x <= b_more, by constraint generation: the LP over the cells `rows` only, then cells it makes negative are
-    added until none is. Returns (x, rows, number of LPs); x is None when the LP is infeasible."""
+    added until none is. Returns (x, rows, number of LPs); x is None when the LP is infeasible, or when HiGHS cannot
+    decide (status 4: bounds at the edge of feasibility, e.g. margin=1 on pancreas at 4 and 9 states)."""
     from scipy.optimize import linprog
     n, m = X.shape; extra = len(cost) - m * m
     pad = (lambda M: M) if extra == 0 else (lambda M: sp.hstack([M, sp.csr_matrix((M.shape[0], extra))], format="csr"))
@@ -393,7 +394,7 @@ def _lp_cells(X, rows, cost, A_more, b_more, bounds):
         r = linprog(cost, A_ub=A_ub, b_ub=np.r_[np.zeros(len(rows) * m), b_more], A_eq=A_eq, b_eq=np.eye(m)[0],
                     bounds=bounds, method="highs",
                     options=dict(primal_feasibility_tolerance=_LP_TOL, dual_feasibility_tolerance=_LP_TOL))
-        if r.status == 2: return None, rows, k       # infeasible (the caller relaxes its bounds)
+        if r.status in (2, 4): return None, rows, k   # infeasible or undecided (the caller relaxes its bounds)
         if r.status != 0: raise RuntimeError(f"The vertex optimiser's linear program failed ({r.message}); use optimizer='nelder-mead'.")
         C = X @ r.x[:m * m].reshape(m, m).T
         bad = C < -1e-9; bad[rows] = False
@@ -435,7 +436,8 @@ def _max_lead(X, rows, anchors):
     m = X.shape[1]; na = len(anchors)
     lead = sp.hstack([-sp.csr_matrix(anchors), sp.csr_matrix(np.ones((na, 1)))], format="csr")
     x, rows, _ = _lp_cells(X, rows, np.r_[np.zeros(m * m), -1.0], lead, np.zeros(na), [(None, None)] * (m * m) + [(None, 1.0)])
-    if x is None: raise RuntimeError("The vertex optimiser's linear program is infeasible; use optimizer='nelder-mead'.")
+    if x is None: raise RuntimeError("The vertex optimiser's linear program has no solution HiGHS can find; "
+                                     "use optimizer='nelder-mead'.")
     return float(x[-1]), rows
 
 def _anchors(X, idx, A, margin: float = _ANCHOR_MARGIN, rows=None):
@@ -488,10 +490,12 @@ def vertex_optimize(X, A0, idx=None, maxiter: int|None = None, margin: float|Non
         n_lp, converged = 1, False
         for it in range(1, maxiter + 1):
             B, rows, k = _lp_vertex(X, _trace_grad(A), rows, anchors, cap); n_lp += k
-            if B is None:          # the start's leads lifted to the floor do not fit together: the floor for all
+            if B is None:          # the start's leads lifted to the floor do not fit together (or HiGHS cannot tell):
+                                   # the floor for all
                 cap, F = uniform, -np.inf
                 B, rows, k = _lp_vertex(X, _trace_grad(A), rows, anchors, cap); n_lp += k
-                if B is None: raise RuntimeError("The vertex optimiser's linear program is infeasible; use optimizer='nelder-mead'.")
+                if B is None: raise RuntimeError("The vertex optimiser's linear program has no solution HiGHS can find; "
+                                                 "use a smaller margin or optimizer='nelder-mead'.")
             FB = _trace(B)
             if not FB > F * (1 + 1e-13): converged = True; break     # (F = -inf: never)
             A, F = B, FB

@@ -246,7 +246,7 @@ def _as_T(T) -> sp.csr_matrix:
     "T checked by the one row-stochastic rule (at its own dtype's precision), as float64 CSR."
     return sp.csr_matrix(check_row_stochastic(T if sp.issparse(T) else np.asarray(T)))
 
-def _deflation_input(T, deflate, trans, A, tol=1e-8):
+def _deflation_input(T, deflate, trans, A, tol=1e-8, embed=False):
     """What `_Factor` gets for `deflate`: None; the rows `trans` of an n x d array (A Z is then one product with d
     columns); or, for a tuple (X, R) of Schur vectors and Schur matrix of T (T X = X R), `(Z, A Z)` from the relation
     (`schur_deflation`: no product, only the transitions into the absorbing cells). One product with a random
@@ -255,12 +255,14 @@ def _deflation_input(T, deflate, trans, A, tol=1e-8):
     decides convergence on true residuals (`exact=False`), and rebuilds A Z from products if the relation mispredicts
     one: a relation that holds only approximately costs iterations, never accuracy."""
     if deflate is None: return None
-    if not isinstance(deflate, tuple): return np.asarray(deflate)[trans]
+    if not isinstance(deflate, tuple):
+        if not embed: return np.asarray(deflate)[trans]
+        Z = np.zeros(np.shape(deflate)); Z[trans] = np.asarray(deflate)[trans]; return Z
     X, R = (np.asarray(x, dtype=float) for x in deflate)
     if X.ndim != 2 or R.shape != (X.shape[1], X.shape[1]) or X.shape[0] != T.shape[0]:
         raise ValueError(f"`deflate=(X, R)` needs Schur vectors X (n x d) and the Schur matrix R (d x d) of T; got shapes "
                          f"{X.shape} and {R.shape} for n = {T.shape[0]}.")
-    Z, AZ = schur_deflation(T, X, R, trans)
+    Z, AZ = schur_deflation(T, X, R, trans, embed=embed)
     if not len(trans) or not Z.shape[1]: return Z
     c = np.random.default_rng(0).standard_normal(Z.shape[1])
     az = A @ (Z @ c)
@@ -268,7 +270,14 @@ def _deflation_input(T, deflate, trans, A, tol=1e-8):
     if not err <= min(1e-8, 0.1 * tol): return Z   # not a Schur relation of this T to the solve's accuracy (or NaN)
     return Z, AZ
 
-def _setup(T, terminal, names, irreducible=None):
+_EMBED_MIN, _EMBED_OTHER = 20_000, 0.1   # the embedded system from this many cells, if at most this share is not transient
+
+def _setup(T, terminal, names, irreducible=None, embed=None):
+    """The fate system. Its unknowns are the transient cells `trans` (A = I − T[trans][:, trans]); or, `embedded` (by
+    default from `_EMBED_MIN` cells when at most `_EMBED_OTHER` of them are absorbing or unreachable), all n cells with
+    identity rows for the others (`_IMinus(T, rows=trans)`): no slice of T is taken (at 100,000 cells the slices
+    were 15 % of the fate step, at 1,000,000 cells 3–4 s). S (and `esc`) hold the one-step probabilities into each class
+    (and into the unreachable cells) in the unknowns' rows, summed over only the transitions into those cells."""
     T = _as_T(T)
     n = T.shape[0]
     labels, names = _parse_terminal(terminal, n, names)
@@ -276,12 +285,16 @@ def _setup(T, terminal, names, irreducible=None):
     absorbing = labels >= 0
     unreach = np.zeros(n, bool) if irreducible else unreachable_cells(T, absorbing)   # irreducible: all reach all
     trans = np.flatnonzero(~absorbing & ~unreach)   # transient cells that can reach a terminal state
-    Ind = sp.csr_matrix((np.ones(absorbing.sum()), (np.flatnonzero(absorbing), labels[absorbing])), shape=(n, K))
-    Tt = T[trans]
-    A = _IMinus(Tt[:, trans])                              # I − Q as an operator (the matrix is formed only for LU)
-    S = (Tt @ Ind).toarray()                              # one-step probabilities into each class
-    esc = np.asarray(Tt[:, np.flatnonzero(unreach)].sum(1)).ravel() if unreach.any() else None
-    return T, n, labels, names, K, absorbing, unreach, trans, A, S, esc
+    if embed is None: embed = n >= _EMBED_MIN and n - len(trans) <= _EMBED_OTHER * n
+    A = _IMinus(T, rows=trans) if embed else _IMinus(T[trans][:, trans])   # an operator (the matrix is formed only for LU)
+    cls = np.where(absorbing, labels, np.where(unreach, K, -1))
+    e = np.flatnonzero(cls[T.indices] >= 0)                     # the transitions into absorbing or unreachable cells
+    pos = np.full(n, -1); pos[trans] = trans if embed else np.arange(len(trans))
+    r = pos[np.searchsorted(T.indptr, e, side="right") - 1]; e, r = e[r >= 0], r[r >= 0]   # from transient rows
+    m = A.shape[0]
+    S = np.bincount(r * (K + 1) + cls[T.indices[e]], weights=T.data[e], minlength=m * (K + 1)).reshape(m, K + 1)
+    esc = S[:, K].copy() if unreach.any() else None
+    return T, n, labels, names, K, absorbing, unreach, trans, A, np.ascontiguousarray(S[:, :K]), esc, embed
 
 def fate_probabilities(T, # row-stochastic transition matrix (n x n), sparse or dense
                        terminal, # int array (class >= 0, -1 transient) or dict {name: cell indices or mask}
@@ -299,15 +312,18 @@ def fate_probabilities(T, # row-stochastic transition matrix (n x n), sparse or 
     _check_solver(solver, tol)
     check_choice("unreachable", unreachable, ("nan", "raise", "lineage"))
     t0 = time.perf_counter()
-    T, n, labels, names, K, absorbing, unreach, trans, A, S, esc = _setup(T, terminal, names, irreducible)
+    T, n, labels, names, K, absorbing, unreach, trans, A, S, esc, embed = _setup(T, terminal, names, irreducible)
     nu = int(unreach.sum())
     if nu and unreachable == "raise":
         raise ValueError(f"{nu} transient cell(s) cannot reach any terminal state (cells {cells_str(np.flatnonzero(unreach))}). "
                          "They sit in a closed part of the chain that is not declared terminal; add it as a terminal state, "
                          "or pass unreachable='nan' or 'lineage'.")
     if K == 1 and not nu: warn("Only one terminal state: every cell gets fate probability 1.")
-    F = _Factor(A, solver, tol, show_progress, deflate=_deflation_input(T, deflate, trans, A, tol))
+    F = _Factor(A, solver, tol, show_progress, deflate=_deflation_input(T, deflate, trans, A, tol, embed))
     RHS = S if esc is None else np.column_stack([S, esc])
+    def _lift(x):   # transient-cell values as the solver's unknowns (zero on the other rows when embedded)
+        if not embed: return x
+        y = np.zeros((n,) + x.shape[1:]); y[trans] = x; return y
     derived_res = 0.0
     if RHS.shape[1] == 1: Bt = np.ones((len(trans), 1))  # one target and nothing unreachable: every walk ends there
     else:
@@ -317,9 +333,10 @@ def fate_probabilities(T, # row-stochastic transition matrix (n x n), sparse or 
         d = int(np.argmax(np.abs(S).sum(axis=0)))
         keep = [j for j in range(RHS.shape[1]) if j != d]
         Bt = np.empty((len(trans), RHS.shape[1]))
-        Bt[:, keep] = F.solve(RHS[:, keep]); Bt[:, d] = 1 - Bt[:, keep].sum(axis=1)
+        Xk = F.solve(RHS[:, keep])
+        Bt[:, keep] = Xk[trans] if embed else Xk; Bt[:, d] = 1 - Bt[:, keep].sum(axis=1)
         if len(trans):   # its residual is minus the sum of the others': check it (one product)
-            derived_res = float(np.linalg.norm(S[:, d] - A @ Bt[:, d]) / max(np.linalg.norm(S[:, d]), 1e-300))
+            derived_res = float(np.linalg.norm(S[:, d] - A @ _lift(Bt[:, d])) / max(np.linalg.norm(S[:, d]), 1e-300))
     B = np.zeros((n, K + (esc is not None)))
     B[np.flatnonzero(absorbing), labels[absorbing]] = 1.0
     B[trans] = Bt
@@ -390,7 +407,7 @@ def absorption_times(T, # row-stochastic transition matrix (n x n)
             for x in g: new[labels == cnames.index(x)] = j
             out_names.append(group_name(g, taken=out_names + [c for c in cnames if c not in g]))
         labels, cnames = new, out_names
-    Tc, n, labels, cnames, K, absorbing, unreach, trans, A, S, esc = _setup(Tc, labels, cnames)
+    Tc, n, labels, cnames, K, absorbing, unreach, trans, A, S, esc, _ = _setup(Tc, labels, cnames, embed=False)
     F = _Factor(A, solver, tol, show_progress, deflate=_deflation_input(Tc, deflate, trans, A, tol))
     cols = {}
     if K == 1:

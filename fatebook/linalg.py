@@ -329,7 +329,7 @@ def _deflation(A, Z, AZ=None):
     keep = w > 1e-12 * max(w.max(initial=0.0), 1e-300)   # singular values above 1e-6 of the largest
     if not keep.any(): return None, None
     W = E[:, keep] / np.sqrt(w[keep])
-    C = np.empty((len(AZ), W.shape[1])); rows.mul_into(C, AZ, W)
+    C = np.empty((len(AZ), W.shape[1]), order="F"); rows.mul_into(C, AZ, W)   # (columns contiguous: compiled passes)
     L = np.linalg.cholesky(rows.tmul(C, C))            # second pass (Cholesky QR): orthonormal to rounding
     Li = sla.solve_triangular(L, np.eye(L.shape[0]), lower=True).T
     U = np.empty_like(C); rows.mul_into(U, np.ascontiguousarray(Z), W @ Li)   # U = Z W Li: one pass over Z
@@ -370,6 +370,7 @@ def _block_gmres(A, B, tol, restart, maxiter, M, x0, show, CU=(None, None), exac
     C, U = CU
     d = 0 if C is None else C.shape[1]
     conv = np.zeros(k, bool); n_it = 0; claimed = False; rebuilt = None
+    rows = _Rows(n); Rt = None   # Rt: the last true residual B − A X (a product), while X has not moved since
     bar = progress(total=maxiter, desc="GMRES", show=show)
 
     def _solve(Rr, Qt, beta, j):  # y_c from the triangularised least-squares problem (columns that broke down: fewer steps)
@@ -382,13 +383,14 @@ def _block_gmres(A, B, tol, restart, maxiter, M, x0, show, CU=(None, None), exac
 
     for cycle in range(maxiter):
         R = B.copy() if (cycle == 0 and x0 is None) else B - A @ X   # (X = 0: no product needed)
+        Rt = R
         if d and not exact and claimed:   # the relation's prediction said converged: the true residual decides
             conv = np.linalg.norm(R, axis=0) <= tol * bnorm
             if conv.all(): break
             debug("GMRES: the approximate deflation relation mispredicted the residual; rebuilding it from products.")
             C, U = rebuilt = _deflation(A, U); exact = True; d = 0 if C is None else C.shape[1]
         if d:  # the best correction in span(U) first: x += U C'r leaves r orthogonal to C = A U
-            w = C.T @ R; X += U @ w; R -= C @ w
+            w = C.T @ R; X += U @ w; R -= C @ w; Rt = None
         beta = np.linalg.norm(R, axis=0)
         conv = beta <= tol * bnorm
         if conv.all():
@@ -404,8 +406,8 @@ def _block_gmres(A, B, tol, restart, maxiter, M, x0, show, CU=(None, None), exac
         for j in range(restart):
             W = np.ascontiguousarray((A @ np.ascontiguousarray(Mf(V[:, j].T))).T)  # k x n
             n_it += 1
-            if d:  # operator (I - CC') A M: the deflated directions never enter the Krylov space
-                g = C.T @ W.T; W -= (C @ g).T; G[:, j] = g
+            if d:  # operator (I - CC') A M: the deflated directions never enter the Krylov space (row blocks on threads)
+                g = rows.tmul(C, W.T); rows.sub_mul(W.T, C, g); G[:, j] = g
             w0 = np.linalg.norm(W, axis=1)
             for _ in range(2):  # classical Gram-Schmidt (batched BLAS over columns), repeated if it lost accuracy
                 h = np.matmul(V[:, :j + 1], W[:, :, None])[:, :, 0]          # k x (j+1)
@@ -435,28 +437,32 @@ def _block_gmres(A, B, tol, restart, maxiter, M, x0, show, CU=(None, None), exac
         if d: X -= U @ np.einsum("djk,jk->dk", G[:, :j_end], Y)
         bar.update(1)
     else:
-        conv = np.linalg.norm(B - A @ X, axis=0) <= tol * bnorm * 1.0001
+        Rt = B - A @ X; conv = np.linalg.norm(Rt, axis=0) <= tol * bnorm * 1.0001
     bar.close()
-    return X, conv, dict(iterations=n_it, cycles=cycle + 1, deflation_rank=d, rebuilt=rebuilt)
+    return X, conv, dict(iterations=n_it, cycles=cycle + 1, deflation_rank=d, rebuilt=rebuilt, residual=Rt)
 
 class _IMinus:
     """I − Q as an operator: products X − Q X without forming the matrix (at 50,000 cells forming it cost 60 ms);
-    `.matrix()` for LU. With `cols`, `Q` holds only the rows of the unknowns but every column (m x n, e.g. `T[trans]`)
-    and Q restricted to the unknowns is `Q[:, cols]`: products scatter X into an n-vector instead, so the column
-    slice (a full pass over T that cost as much as the GMRES solve at 100,000 cells) is never taken."""
-    def __init__(self, Q, cols=None):
-        self.Q = sp.csr_matrix(Q); self.cols = None if cols is None else np.asarray(cols)
-        m = self.Q.shape[0]
-        if self.cols is not None and len(self.cols) != m:
-            raise ValueError(f"`cols` must name one column per row of Q ({m}), got {len(self.cols)}.")
+    `.matrix()` for LU. With `rows`, Q is a whole square T and the operator is the *embedded* system of the unknowns
+    `rows`: I − T on those rows, the identity on the others. For a right-hand side that is zero outside `rows` its
+    solution is zero there and, on `rows`, that of I − T[rows][:, rows], so neither slice of T is taken (at 1,000,000
+    cells the column slice cost 3–4 s, as much as the solve) and a product needs no scatter: the other rows of T X
+    are set to zero. Worth it when the other states are few (every column of T is read)."""
+    def __init__(self, Q, rows=None):
+        self.Q = sp.csr_matrix(Q); m = self.Q.shape[0]
+        self.off = None
+        if rows is not None:
+            if self.Q.shape[1] != m: raise ValueError(f"`rows` needs a square matrix, got shape {self.Q.shape}.")
+            on = np.zeros(m, bool); on[np.asarray(rows, dtype=np.int64)] = True; self.off = np.flatnonzero(~on)
         self.shape = (m, m); self._Qp = RowSplit(self.Q)
     def __matmul__(self, X):
-        if self.cols is None: return X - self._Qp @ X
-        X = np.asarray(X)
-        Xf = np.zeros((self.Q.shape[1],) + X.shape[1:], dtype=np.result_type(X.dtype, float)); Xf[self.cols] = X
-        return X - self._Qp @ Xf
+        Y = self._Qp @ X
+        if self.off is not None: Y[self.off] = 0
+        return X - Y
     def matrix(self) -> sp.csr_matrix:
-        Qc = self.Q if self.cols is None else self.Q[:, self.cols]
+        Qc = self.Q
+        if self.off is not None:
+            on = np.ones(self.shape[0]); on[self.off] = 0; Qc = sp.csr_matrix(sp.diags(on) @ Qc)
         return sp.identity(self.shape[0], format="csr") - Qc
 
 class _Factor:
@@ -495,8 +501,9 @@ class _Factor:
     def _gmres(self, B):
         A = self._operator()
         with _blas_single(): X, ok, inf = _block_gmres(A, B, self.tol, 50, 20, None, None, self.show, self._CU, self._exact)
-        self.iterations += inf["iterations"]; self._keep(inf)
+        self.iterations += inf["iterations"]; self._keep(inf); self._res = inf["residual"]
         if not ok.all() and self.M is None:  # escalate: incomplete-LU right preconditioner, built once
+            self._res = None
             try:
                 self.M = spla.spilu(self._mat().tocsc(), drop_tol=1e-4, fill_factor=10); self.solver = "gmres+ilu"
                 with _blas_single():
@@ -512,17 +519,18 @@ class _Factor:
         if one: B = B[:, None]
         n = self.A.shape[0]
         if n == 0: return B.copy()[:, 0] if one else B.copy()
+        self._res = None   # B − A X when the solver already has it (GMRES's final check): no second product
         if self.solver == "direct": X = self._lu().solve(B)
         elif self.solver == "petsc": X = _solve_petsc(self._mat(), B, self.tol, self.show)
         else:
             X, bad = self._gmres(B)
             if bad and self.auto and n <= _FALLBACK_MAX:
                 debug(f"GMRES did not converge for {len(bad)} right-hand side(s); falling back to sparse LU.")
-                self.solver = "direct"; X = self._lu().solve(B)
+                self.solver = "direct"; X = self._lu().solve(B); self._res = None
             elif bad:
                 warn(f"GMRES did not converge for {len(bad)} right-hand side(s) {bad[:5]} (rtol={self.tol}); "
                      "try solver='direct'.")
-        r = np.abs(self.A @ X - B).max() / max(1.0, np.abs(B).max())
+        r = np.abs(self.A @ X - B if self._res is None else self._res).max() / max(1.0, np.abs(B).max())
         self.max_residual = max(self.max_residual, float(r))
         return X[:, 0] if one else X
 
@@ -531,18 +539,21 @@ def schur_deflation(T: sp.spmatrix, # row-stochastic transition matrix (n x n, C
                     X: np.ndarray, # Schur vectors (n x d), T X = X R
                     R: np.ndarray, # Schur matrix (d x d)
                     rows: np.ndarray, # the unknowns of I − T[rows][:, rows] (e.g. the transient cells)
+                    embed: bool = False, # n-row arrays, zero outside `rows`, for the embedded system (`_IMinus(T, rows=rows)`)
                    ) -> tuple[np.ndarray, np.ndarray]:
     "`(Z, A Z)` for A = I − T[rows][:, rows] and Z = X[rows], from the Schur relation without a product with T."
     T = sp.csr_matrix(T); n = T.shape[0]; rows = np.asarray(rows)
     X = np.asarray(X, dtype=float); R = np.asarray(R, dtype=float)
     other = np.ones(n, bool); other[rows] = False
-    AZ = X[rows] - (X @ R)[rows]
+    pos = np.full(n, -1); pos[rows] = rows if embed else np.arange(len(rows))
+    if embed:
+        Z = np.array(X, order="C"); Z[other] = 0; AZ = X - X @ R; AZ[other] = 0
+    else: Z, AZ = np.ascontiguousarray(X[rows]), X[rows] - (X @ R)[rows]
     e = np.flatnonzero(other[T.indices])                       # the transitions into `other` (few: one pass of bools)
-    pos = np.full(n, -1); pos[rows] = np.arange(len(rows))
-    r = pos[np.searchsorted(T.indptr, e, side="right") - 1]    # their rows, as positions among `rows`
+    r = pos[np.searchsorted(T.indptr, e, side="right") - 1]    # their rows, as positions among the unknowns
     e, r = e[r >= 0], r[r >= 0]
     if len(e): np.add.at(AZ, r, T.data[e, None] * X[T.indices[e]])
-    return np.ascontiguousarray(X[rows]), AZ
+    return Z, AZ
 
 # %% ../nbs/01a_linalg.ipynb #f178b05d
 def _strong_components(T):

@@ -407,22 +407,26 @@ def absorption_times(T, # row-stochastic transition matrix (n x n)
             for x in g: new[labels == cnames.index(x)] = j
             out_names.append(group_name(g, taken=out_names + [c for c in cnames if c not in g]))
         labels, cnames = new, out_names
-    Tc, n, labels, cnames, K, absorbing, unreach, trans, A, S, esc, _ = _setup(Tc, labels, cnames, embed=False)
-    F = _Factor(A, solver, tol, show_progress, deflate=_deflation_input(Tc, deflate, trans, A, tol))
+    Tc, n, labels, cnames, K, absorbing, unreach, trans, A, S, esc, embed = _setup(Tc, labels, cnames)
+    F = _Factor(A, solver, tol, show_progress, deflate=_deflation_input(Tc, deflate, trans, A, tol, embed))
+    u = (lambda x: x[trans]) if embed else (lambda x: x)   # the transient cells' rows of the solver's unknowns
     cols = {}
     if K == 1:
-        t = F.solve(np.ones(len(trans)))
-        leak = F.solve(esc) > 1e-12 if esc is not None else np.zeros(len(trans), bool)
+        one = np.zeros(n) if embed else np.ones(len(trans))
+        if embed: one[trans] = 1.0                       # (a right-hand side is zero outside the transient cells)
+        tu = F.solve(one); t = u(tu)
+        leak = u(F.solve(esc)) > 1e-12 if esc is not None else np.zeros(len(trans), bool)
         mean = np.full(n, np.inf); mean[absorbing] = 0; mean[trans] = np.where(leak, np.inf, t)
         cols[f"{cnames[0]}_mean"] = mean
         if calculate_variance:
-            z = F.solve(t)
+            z = u(F.solve(tu))
             var = np.full(n, np.nan); var[absorbing] = 0; var[trans] = np.where(leak, np.nan, 2 * z - t - t ** 2)
             cols[f"{cnames[0]}_var"] = var
-    else:
-        Bt = F.solve(S)
-        Z = F.solve(Bt)
-        W = F.solve(Z) if calculate_variance else None
+    else:   # each solve's solution is zero outside the transient cells, so it is the next right-hand side as it is
+        Bu = F.solve(S)
+        Zu = F.solve(Bu)
+        W = u(F.solve(Zu)) if calculate_variance else None
+        Bt, Z = u(Bu), u(Zu)
         pos = Bt > 1e-14
         with np.errstate(divide="ignore", invalid="ignore"):
             M = np.where(pos, Z / np.where(pos, Bt, 1), np.inf)

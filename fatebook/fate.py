@@ -256,6 +256,9 @@ def _deflation_input(T, deflate, trans, A, tol=1e-8, embed=False):
     one: a relation that holds only approximately costs iterations, never accuracy."""
     if deflate is None: return None
     if not isinstance(deflate, tuple):
+        if np.ndim(deflate) not in (1, 2) or np.shape(deflate)[0] != T.shape[0]:
+            raise ValueError(f"`deflate` must hold one row per cell (n = {T.shape[0]}, e.g. Schur vectors n x d), got "
+                             f"shape {np.shape(deflate)}.")
         if not embed: return np.asarray(deflate)[trans]
         Z = np.zeros(np.shape(deflate)); Z[trans] = np.asarray(deflate)[trans]; return Z
     X, R = (np.asarray(x, dtype=float) for x in deflate)

@@ -455,6 +455,9 @@ class _IMinus:
             if self.Q.shape[1] != m: raise ValueError(f"`rows` needs a square matrix, got shape {self.Q.shape}.")
             on = np.zeros(m, bool); on[np.asarray(rows, dtype=np.int64)] = True; self.off = np.flatnonzero(~on)
         self.shape = (m, m); self._Qp = RowSplit(self.Q)
+    @property
+    def n_unknowns(self) -> int:   # the system's real size (the embedded one's other rows are trivial)
+        return self.shape[0] - (0 if self.off is None else len(self.off))
     def __matmul__(self, X):
         Y = self._Qp @ X
         if self.off is not None: Y[self.off] = 0
@@ -468,7 +471,8 @@ class _IMinus:
 class _Factor:
     "A sparse system A X = B set up once; `.solve(B)` for any number of right-hand sides; `.solver` says what ran."
     def __init__(self, A, solver="auto", tol=1e-10, show_progress=None, deflate=None):
-        self.A = A if isinstance(A, _IMinus) else sp.csr_matrix(A); n = self.A.shape[0]
+        self.A = A if isinstance(A, _IMinus) else sp.csr_matrix(A)
+        n = self.n_unknowns = getattr(self.A, "n_unknowns", self.A.shape[0])   # what the size rules below refer to
         self.deflate = deflate; self.iterations = 0
         if solver not in ("auto", "direct", "gmres", "petsc"):
             raise ValueError(f"Unknown solver {solver!r}; choose 'auto', 'direct', 'gmres' or 'petsc'.")
@@ -500,7 +504,9 @@ class _Factor:
 
     def _gmres(self, B):
         A = self._operator()
-        with _blas_single(): X, ok, inf = _block_gmres(A, B, self.tol, 50, 20, None, None, self.show, self._CU, self._exact)
+        M = None if self.M is None else self.M.solve   # an ILU built by an earlier solve serves this one from the start
+        with _blas_single(): X, ok, inf = _block_gmres(A, B, self.tol, 50, 20 if M is None else 50, M, None, self.show,
+                                                       self._CU, self._exact)
         self.iterations += inf["iterations"]; self._keep(inf); self._res = inf["residual"]
         if not ok.all() and self.M is None:  # escalate: incomplete-LU right preconditioner, built once
             self._res = None
@@ -524,7 +530,7 @@ class _Factor:
         elif self.solver == "petsc": X = _solve_petsc(self._mat(), B, self.tol, self.show)
         else:
             X, bad = self._gmres(B)
-            if bad and self.auto and n <= _FALLBACK_MAX:
+            if bad and self.auto and self.n_unknowns <= _FALLBACK_MAX:
                 debug(f"GMRES did not converge for {len(bad)} right-hand side(s); falling back to sparse LU.")
                 self.solver = "direct"; X = self._lu().solve(B); self._res = None
             elif bad:

@@ -565,6 +565,8 @@ def schur_deflation(T: sp.spmatrix, # row-stochastic transition matrix (n x n, C
 def _strong_components(T):
     "(T as CSR without stored zeros, number of strongly connected components, component label of every state)."
     T = sp.csr_matrix(T) if sp.issparse(T) else sp.csr_matrix(np.asarray(T, dtype=float))
+    if not T.has_canonical_format: T = T.copy(); T.sum_duplicates()   # scipy's strong components never return on
+                                                                       # rows with duplicate entries (scipy 1.17)
     if T.nnz and not np.all(T.data != 0): T = T.copy(); T.eliminate_zeros()   # stored zeros are not transitions
     nc, lab = connected_components(T, directed=True, connection="strong")
     return T, nc, lab

@@ -623,3 +623,32 @@ def test_h5ad_round_trip_keeps_user_names(tmp_path, dg):
     assert g2.fate_probabilities.names == ["Granule mature,0, Astrocytes β"]
     g2.rename_terminal_states({"Astrocytes β": "Astro"})
     assert g2.fate_probabilities.names == ["Granule mature,0, Astro"]
+
+
+def test_duplicate_entries_in_T_do_not_hang():
+    """A CSR T with duplicate entries in its rows (a user's own construction; `csr_matrix((data, indices, indptr))`
+    keeps them): scipy 1.17's strongly connected components never returned on it, even at 5 states, so
+    `unreachable_cells`, `recurrent_classes` and `fate_probabilities` hung (found in review). Run in a subprocess with
+    a timeout, so that a regression fails instead of hanging CI; the results equal those of the summed matrix."""
+    import subprocess, sys, textwrap
+    code = textwrap.dedent("""
+        import numpy as np, scipy.sparse as sp
+        from fatebook.fate import fate_probabilities, unreachable_cells
+        from fatebook.linalg import recurrent_classes
+        n = 50; rng = np.random.default_rng(0)
+        rows = np.repeat(np.arange(n), 4); cols = rng.integers(n, size=4 * n)
+        r2, c2 = np.r_[rows, rows], np.r_[cols, cols]; o = np.argsort(r2, kind="stable")
+        ip = np.r_[0, np.cumsum(np.bincount(r2, minlength=n))]
+        G = sp.csr_matrix((np.full(8 * n, 1 / 8), c2[o], ip), shape=(n, n))   # every entry stored twice
+        H = G.copy(); H.sum_duplicates()
+        assert not G.has_canonical_format and np.allclose(G.sum(1), 1)
+        cl_g, tr_g = recurrent_classes(G); cl_h, tr_h = recurrent_classes(H)
+        assert [list(c) for c in cl_g] == [list(c) for c in cl_h] and (tr_g == tr_h).all()
+        lab = np.full(n, -1); lab[:3] = [0, 1, 1]
+        assert (unreachable_cells(G, lab >= 0) == unreachable_cells(H, lab >= 0)).all()
+        Bg, _ = fate_probabilities(G, lab, unreachable="lineage"); Bh, _ = fate_probabilities(H, lab, unreachable="lineage")
+        assert np.allclose(np.asarray(Bg), np.asarray(Bh), atol=1e-12)
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]

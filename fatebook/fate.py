@@ -251,10 +251,15 @@ def _deflation_input(T, deflate, trans, A, tol=1e-8, embed=False):
     columns); or, for a tuple (X, R) of Schur vectors and Schur matrix of T (T X = X R), `(Z, A Z)` from the relation
     (`schur_deflation`: no product, only the transitions into the absorbing cells). One product with a random
     combination of the columns checks that the relation holds for this T to a tenth of the solve's `tol` (at most
-    1e-8): Schur vectors of another matrix, of a stale one, or not finite, fall back to the product. GMRES then still
+    1e-8): Schur vectors of another matrix or of a stale one fall back to the product; directions that are not finite
+    are dropped with a warning (no deflation). GMRES then still
     decides convergence on true residuals (`exact=False`), and rebuilds A Z from products if the relation mispredicts
     one: a relation that holds only approximately costs iterations, never accuracy."""
     if deflate is None: return None
+    if not all(np.all(np.isfinite(np.asarray(x, dtype=float))) for x in (deflate if isinstance(deflate, tuple) else (deflate,))):
+        warn("The deflation directions (`deflate`) are not finite (NaN or inf); solving without them (slower, the same "
+             "answer). Recompute the Schur decomposition if they came from one.")
+        return None
     if not isinstance(deflate, tuple):
         if np.ndim(deflate) not in (1, 2) or np.shape(deflate)[0] != T.shape[0]:
             raise ValueError(f"`deflate` must hold one row per cell (n = {T.shape[0]}, e.g. Schur vectors n x d), got "

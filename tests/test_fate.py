@@ -339,3 +339,26 @@ def test_pancreas_solvers_agree_and_schur_backends(pancreas_T):
 
 def forbidden_from_eigs(lam):
     return [m for m in range(2, len(lam)) if abs(lam[m - 1].imag) > 1e-12 and np.isclose(lam[m - 1], np.conj(lam[m]))]
+
+
+@pytest.mark.parametrize("embed", [False, True])
+def test_non_finite_deflation_is_dropped_with_a_warning(embed, monkeypatch):
+    """Schur vectors with a NaN (a broken decomposition) used to reach the deflation basis and stop the solve with
+    LinAlgError('Eigenvalues did not converge') (found in review); they are now dropped with a warning, and the fates
+    are those of the undeflated solve. Both systems (sliced and embedded, forced through the thresholds)."""
+    from helpers import capture_log
+    import fatebook.fate as F
+    from fatebook.linalg import knn_chain
+    from fatebook.schur import sorted_schur
+    if embed: monkeypatch.setattr(F, "_EMBED_MIN", 0); monkeypatch.setattr(F, "_EMBED_OTHER", 1.0)
+    T, t, b = knn_chain(2000, n_branches=3, bias=20.0, seed=1)
+    top = np.argsort(t)[-60:]; lab = np.full(2000, -1); lab[top] = b[top]
+    sr = sorted_schur(T, 8, method="arpack")
+    ref, _ = F.fate_probabilities(T, lab, solver="gmres", tol=1e-10)
+    Xn = sr.vectors.copy(); Xn[7, 3] = np.nan
+    for d in ((Xn, sr.matrix), Xn, (sr.vectors, np.where(np.eye(len(sr.matrix)) > 0, np.inf, sr.matrix))):
+        with capture_log() as log:
+            B, inf = F.fate_probabilities(T, lab, solver="gmres", tol=1e-10, deflate=d)
+        assert any("not finite" in m for m in log), log
+        np.testing.assert_allclose(np.asarray(B), np.asarray(ref), atol=1e-8)
+        assert np.isnan(Xn[7, 3]) and np.isfinite(sr.vectors).all()   # the inputs are not changed

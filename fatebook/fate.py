@@ -13,7 +13,7 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import breadth_first_order
 from .core import (warn, check_row_stochastic, cells_str, palette, to_hex, mean_color, as_name, split_keys,
                            group_name, check_choice, check_range)
-from .linalg import _Factor, _IMinus, _strong_components, _component_edges, schur_deflation
+from .linalg import _Factor, _IMinus, _strong_components, _component_edges, schur_deflation, _into
 
 # %% auto #0
 __all__ = ['Lineage', 'unreachable_cells', 'fate_probabilities', 'gamblers_ruin', 'absorption_times']
@@ -256,17 +256,19 @@ def _deflation_input(T, deflate, trans, A, tol=1e-8, embed=False):
     decides convergence on true residuals (`exact=False`), and rebuilds A Z from products if the relation mispredicts
     one: a relation that holds only approximately costs iterations, never accuracy."""
     if deflate is None: return None
-    if not all(np.all(np.isfinite(np.asarray(x, dtype=float))) for x in (deflate if isinstance(deflate, tuple) else (deflate,))):
+    parts = tuple(np.asarray(x, dtype=float) for x in (deflate if isinstance(deflate, tuple) else (deflate,)))
+    if not all(np.isfinite(x).all() for x in parts):
         warn("The deflation directions (`deflate`) are not finite (NaN or inf); solving without them (slower, the same "
              "answer). Recompute the Schur decomposition if they came from one.")
         return None
     if not isinstance(deflate, tuple):
-        if np.ndim(deflate) not in (1, 2) or np.shape(deflate)[0] != T.shape[0]:
+        D = parts[0]
+        if D.ndim not in (1, 2) or D.shape[0] != T.shape[0]:
             raise ValueError(f"`deflate` must hold one row per cell (n = {T.shape[0]}, e.g. Schur vectors n x d), got "
-                             f"shape {np.shape(deflate)}.")
-        if not embed: return np.asarray(deflate)[trans]
-        Z = np.zeros(np.shape(deflate)); Z[trans] = np.asarray(deflate)[trans]; return Z
-    X, R = (np.asarray(x, dtype=float) for x in deflate)
+                             f"shape {D.shape}.")
+        if not embed: return D[trans]
+        Z = np.zeros(D.shape); Z[trans] = D[trans]; return Z
+    X, R = parts
     if X.ndim != 2 or R.shape != (X.shape[1], X.shape[1]) or X.shape[0] != T.shape[0]:
         raise ValueError(f"`deflate=(X, R)` needs Schur vectors X (n x d) and the Schur matrix R (d x d) of T; got shapes "
                          f"{X.shape} and {R.shape} for n = {T.shape[0]}.")
@@ -296,9 +298,8 @@ def _setup(T, terminal, names, irreducible=None, embed=None):
     if embed is None: embed = n >= _EMBED_MIN and n - len(trans) <= _EMBED_OTHER * n
     A = _IMinus(T, rows=trans) if embed else _IMinus(T[trans][:, trans])   # an operator (the matrix is formed only for LU)
     cls = np.where(absorbing, labels, np.where(unreach, K, -1))
-    e = np.flatnonzero(cls[T.indices] >= 0)                     # the transitions into absorbing or unreachable cells
     pos = np.full(n, -1); pos[trans] = trans if embed else np.arange(len(trans))
-    r = pos[np.searchsorted(T.indptr, e, side="right") - 1]; e, r = e[r >= 0], r[r >= 0]   # from transient rows
+    e, r = _into(T, cls >= 0, pos)                              # transient rows -> absorbing or unreachable cells
     m = A.shape[0]
     S = np.bincount(r * (K + 1) + cls[T.indices[e]], weights=T.data[e], minlength=m * (K + 1)).reshape(m, K + 1)
     esc = S[:, K].copy() if unreach.any() else None
@@ -329,9 +330,7 @@ def fate_probabilities(T, # row-stochastic transition matrix (n x n), sparse or 
     if K == 1 and not nu: warn("Only one terminal state: every cell gets fate probability 1.")
     F = _Factor(A, solver, tol, show_progress, deflate=_deflation_input(T, deflate, trans, A, tol, embed))
     RHS = S if esc is None else np.column_stack([S, esc])
-    def _lift(x):   # transient-cell values as the solver's unknowns (zero on the other rows when embedded)
-        if not embed: return x
-        y = np.zeros((n,) + x.shape[1:]); y[trans] = x; return y
+    sel = trans if embed else slice(None)   # the transient cells among the solver's unknowns
     derived_res = 0.0
     if RHS.shape[1] == 1: Bt = np.ones((len(trans), 1))  # one target and nothing unreachable: every walk ends there
     else:
@@ -341,10 +340,10 @@ def fate_probabilities(T, # row-stochastic transition matrix (n x n), sparse or 
         d = int(np.argmax(np.abs(S).sum(axis=0)))
         keep = [j for j in range(RHS.shape[1]) if j != d]
         Bt = np.empty((len(trans), RHS.shape[1]))
-        Xk = F.solve(RHS[:, keep])
-        Bt[:, keep] = Xk[trans] if embed else Xk; Bt[:, d] = 1 - Bt[:, keep].sum(axis=1)
+        Bt[:, keep] = F.solve(RHS[:, keep])[sel]; Bt[:, d] = 1 - Bt[:, keep].sum(axis=1)
         if len(trans):   # its residual is minus the sum of the others': check it (one product)
-            derived_res = float(np.linalg.norm(S[:, d] - A @ _lift(Bt[:, d])) / max(np.linalg.norm(S[:, d]), 1e-300))
+            bd = np.zeros(A.shape[0]); bd[sel] = Bt[:, d]   # (zero on the embedded system's other rows)
+            derived_res = float(np.linalg.norm(S[:, d] - A @ bd) / max(np.linalg.norm(S[:, d]), 1e-300))
     B = np.zeros((n, K + (esc is not None)))
     B[np.flatnonzero(absorbing), labels[absorbing]] = 1.0
     B[trans] = Bt
@@ -417,24 +416,23 @@ def absorption_times(T, # row-stochastic transition matrix (n x n)
         labels, cnames = new, out_names
     Tc, n, labels, cnames, K, absorbing, unreach, trans, A, S, esc, embed = _setup(Tc, labels, cnames)
     F = _Factor(A, solver, tol, show_progress, deflate=_deflation_input(Tc, deflate, trans, A, tol, embed))
-    u = (lambda x: x[trans]) if embed else (lambda x: x)   # the transient cells' rows of the solver's unknowns
+    sel = trans if embed else slice(None)   # the transient cells among the solver's unknowns
     cols = {}
     if K == 1:
-        one = np.zeros(n) if embed else np.ones(len(trans))
-        if embed: one[trans] = 1.0                       # (a right-hand side is zero outside the transient cells)
-        tu = F.solve(one); t = u(tu)
-        leak = u(F.solve(esc)) > 1e-12 if esc is not None else np.zeros(len(trans), bool)
+        one = np.zeros(A.shape[0]); one[sel] = 1.0       # (a right-hand side is zero outside the transient cells)
+        tu = F.solve(one); t = tu[sel]
+        leak = F.solve(esc)[sel] > 1e-12 if esc is not None else np.zeros(len(trans), bool)
         mean = np.full(n, np.inf); mean[absorbing] = 0; mean[trans] = np.where(leak, np.inf, t)
         cols[f"{cnames[0]}_mean"] = mean
         if calculate_variance:
-            z = u(F.solve(tu))
+            z = F.solve(tu)[sel]
             var = np.full(n, np.nan); var[absorbing] = 0; var[trans] = np.where(leak, np.nan, 2 * z - t - t ** 2)
             cols[f"{cnames[0]}_var"] = var
     else:   # each solve's solution is zero outside the transient cells, so it is the next right-hand side as it is
         Bu = F.solve(S)
         Zu = F.solve(Bu)
-        W = u(F.solve(Zu)) if calculate_variance else None
-        Bt, Z = u(Bu), u(Zu)
+        W = F.solve(Zu)[sel] if calculate_variance else None
+        Bt, Z = Bu[sel], Zu[sel]
         pos = Bt > 1e-14
         with np.errstate(divide="ignore", invalid="ignore"):
             M = np.where(pos, Z / np.where(pos, Bt, 1), np.inf)

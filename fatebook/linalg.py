@@ -115,7 +115,7 @@ class _Rows:
                     e = min(b, c + _CHUNK); acc = acc + V[c:e].T @ Z[c:e]; acc2 = acc2 + Z[c:e].T @ Z[c:e]
                 return acc, np.triu(acc2)
         r = self.run(g); C, G = sum(x[0] for x in r), sum(x[1] for x in r)
-        return C, G + np.triu(G, 1).T
+        return C, _sym_upper(G)
     def sub_solve(self, out, Z, V, C, W, gram: bool = False):
         """out = (Z - V C) W for an upper triangular W (out may be Z, not V), and with `gram` also Vᵀ out and outᵀ out
         of the new rows while they are in cache: one pass over V."""
@@ -136,7 +136,7 @@ class _Rows:
         r = self.run(g)
         if not gram: return None
         C2, G = sum(x[0] for x in r), sum(x[1] for x in r)
-        return C2, G + np.triu(G, 1).T
+        return C2, _sym_upper(G)
     def _pass(self, out, V, C, sub: bool, gram=None):
         """One pass over V in chunks of rows whose temporaries stay in cache: out -= V C (`sub`) or out = V C, and with
         `gram` 'V' or 'out' also Vᵀ out or outᵀ out of the new rows while they are in cache (summed over blocks)."""
@@ -149,7 +149,7 @@ class _Rows:
             acc = self.run(g)
             if not gram: return None
             acc = sum(acc)
-            return acc if gram == "V" else acc + np.triu(acc, 1).T      # (the kernel sums the upper triangle of outᵀ out)
+            return acc if gram == "V" else _sym_upper(acc)      # (the kernel sums the upper triangle of outᵀ out)
         def f(a, b):
             acc = 0.0
             for c in range(a, b, _CHUNK):
@@ -177,6 +177,8 @@ class _Rows:
         self._pass(out, V, C, False)
 
 _CHUNK = 4096   # rows per chunk of the tall products: a 4096 x 40 temporary is 1.3 MB
+
+def _sym_upper(G): return G + np.triu(G, 1).T   # the symmetric matrix whose upper triangle the passes summed
 
 # Compiled passes (numba, which scvelo brings along) for the narrow products of the s-step Krylov basis: out ∓= V C with
 # C of a few columns, then Vᵀ out or outᵀ out while the rows are in cache. BLAS handles these skinny shapes poorly
@@ -503,13 +505,14 @@ class _Factor:
         return self.lu
 
     def _gmres(self, B):
+        "(X, unconverged columns, B − A X when GMRES's last check computed it for this X, else None)."
         A = self._operator()
         M = None if self.M is None else self.M.solve   # an ILU built by an earlier solve serves this one from the start
         with _blas_single(): X, ok, inf = _block_gmres(A, B, self.tol, 50, 20 if M is None else 50, M, None, self.show,
                                                        self._CU, self._exact)
-        self.iterations += inf["iterations"]; self._keep(inf); self._res = inf["residual"]
+        self.iterations += inf["iterations"]; self._keep(inf); res = inf["residual"]
         if not ok.all() and self.M is None:  # escalate: incomplete-LU right preconditioner, built once
-            self._res = None
+            res = None
             try:
                 self.M = spla.spilu(self._mat().tocsc(), drop_tol=1e-4, fill_factor=10); self.solver = "gmres+ilu"
                 with _blas_single():
@@ -518,25 +521,25 @@ class _Factor:
                 self.iterations += inf2["iterations"]; self._keep(inf2)
                 X[:, ~ok] = X2; ok[~ok] = ok2
             except RuntimeError: warn("ILU factorisation failed; no preconditioner.")
-        return X, list(np.flatnonzero(~ok))
+        return X, list(np.flatnonzero(~ok)), res
 
     def solve(self, B):
         B = np.asarray(B, dtype=float); one = B.ndim == 1
         if one: B = B[:, None]
         n = self.A.shape[0]
         if n == 0: return B.copy()[:, 0] if one else B.copy()
-        self._res = None   # B − A X when the solver already has it (GMRES's final check): no second product
+        res = None   # B − A X when the solver already has it (GMRES's final check): no second product
         if self.solver == "direct": X = self._lu().solve(B)
         elif self.solver == "petsc": X = _solve_petsc(self._mat(), B, self.tol, self.show)
         else:
-            X, bad = self._gmres(B)
+            X, bad, res = self._gmres(B)
             if bad and self.auto and self.n_unknowns <= _FALLBACK_MAX:
                 debug(f"GMRES did not converge for {len(bad)} right-hand side(s); falling back to sparse LU.")
-                self.solver = "direct"; X = self._lu().solve(B); self._res = None
+                self.solver = "direct"; X = self._lu().solve(B); res = None
             elif bad:
                 warn(f"GMRES did not converge for {len(bad)} right-hand side(s) {bad[:5]} (rtol={self.tol}); "
                      "try solver='direct'.")
-        r = np.abs(self.A @ X - B if self._res is None else self._res).max() / max(1.0, np.abs(B).max())
+        r = np.abs(self.A @ X - B if res is None else res).max() / max(1.0, np.abs(B).max())
         self.max_residual = max(self.max_residual, float(r))
         return X[:, 0] if one else X
 
@@ -555,11 +558,16 @@ def schur_deflation(T: sp.spmatrix, # row-stochastic transition matrix (n x n, C
     if embed:
         Z = np.array(X, order="C"); Z[other] = 0; AZ = X - X @ R; AZ[other] = 0
     else: Z, AZ = np.ascontiguousarray(X[rows]), X[rows] - (X @ R)[rows]
-    e = np.flatnonzero(other[T.indices])                       # the transitions into `other` (few: one pass of bools)
-    r = pos[np.searchsorted(T.indptr, e, side="right") - 1]    # their rows, as positions among the unknowns
-    e, r = e[r >= 0], r[r >= 0]
+    e, r = _into(T, other, pos)                                # the transitions into `other` (few)
     if len(e): np.add.at(AZ, r, T.data[e, None] * X[T.indices[e]])
     return Z, AZ
+
+def _into(T: sp.csr_matrix, target: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The stored transitions of CSR T into the states `target` (boolean mask) from the rows with `pos` >= 0: their
+    positions in `T.data` / `T.indices`, and `pos` of their rows. One pass of booleans over the non-zeros."""
+    e = np.flatnonzero(target[T.indices])
+    r = pos[np.searchsorted(T.indptr, e, side="right") - 1]
+    return e[r >= 0], r[r >= 0]
 
 # %% ../nbs/01a_linalg.ipynb #f178b05d
 def _strong_components(T):

@@ -251,13 +251,13 @@ def _deflation_input(T, deflate, trans, A, tol=1e-8, embed=False):
     columns); or, for a tuple (X, R) of Schur vectors and Schur matrix of T (T X = X R), `(Z, A Z)` from the relation
     (`schur_deflation`: no product, only the transitions into the absorbing cells). One product with a random
     combination of the columns checks that the relation holds for this T to a tenth of the solve's `tol` (at most
-    1e-8): Schur vectors of another matrix or of a stale one fall back to the product; directions that are not finite
-    are dropped with a warning (no deflation). GMRES then still
+    1e-8): Schur vectors of another matrix, of a stale one, or with a Schur matrix that is not finite, fall back to the
+    product; directions (vectors) that are not finite are dropped with a warning (no deflation). GMRES then still
     decides convergence on true residuals (`exact=False`), and rebuilds A Z from products if the relation mispredicts
     one: a relation that holds only approximately costs iterations, never accuracy."""
     if deflate is None: return None
     parts = tuple(np.asarray(x, dtype=float) for x in (deflate if isinstance(deflate, tuple) else (deflate,)))
-    if not all(np.isfinite(x).all() for x in parts):
+    if not np.isfinite(parts[0]).all():   # (a non-finite Schur matrix fails the relation check below: products)
         warn("The deflation directions (`deflate`) are not finite (NaN or inf); solving without them (slower, the same "
              "answer). Recompute the Schur decomposition if they came from one.")
         return None
@@ -272,11 +272,12 @@ def _deflation_input(T, deflate, trans, A, tol=1e-8, embed=False):
     if X.ndim != 2 or R.shape != (X.shape[1], X.shape[1]) or X.shape[0] != T.shape[0]:
         raise ValueError(f"`deflate=(X, R)` needs Schur vectors X (n x d) and the Schur matrix R (d x d) of T; got shapes "
                          f"{X.shape} and {R.shape} for n = {T.shape[0]}.")
-    Z, AZ = schur_deflation(T, X, R, trans, embed=embed)
-    if not len(trans) or not Z.shape[1]: return Z
-    c = np.random.default_rng(0).standard_normal(Z.shape[1])
-    az = A @ (Z @ c)
-    err = np.abs(az - AZ @ c).max() / max(np.abs(az).max(), 1e-300)
+    with np.errstate(invalid="ignore", over="ignore"):   # a non-finite R gives a NaN err: the check below rejects it
+        Z, AZ = schur_deflation(T, X, R, trans, embed=embed)
+        if not len(trans) or not Z.shape[1]: return Z
+        c = np.random.default_rng(0).standard_normal(Z.shape[1])
+        az = A @ (Z @ c)
+        err = np.abs(az - AZ @ c).max() / max(np.abs(az).max(), 1e-300)
     if not err <= min(1e-8, 0.1 * tol): return Z   # not a Schur relation of this T to the solve's accuracy (or NaN)
     return Z, AZ
 

@@ -345,7 +345,8 @@ def forbidden_from_eigs(lam):
 def test_non_finite_deflation_is_dropped_with_a_warning(embed, monkeypatch):
     """Schur vectors with a NaN (a broken decomposition) used to reach the deflation basis and stop the solve with
     LinAlgError('Eigenvalues did not converge') (found in review); they are now dropped with a warning, and the fates
-    are those of the undeflated solve. Both systems (sliced and embedded, forced through the thresholds)."""
+    are those of the undeflated solve. A non-finite Schur matrix with finite vectors keeps the vectors (the relation
+    fails its check and A Z comes from a product). Both systems (sliced and embedded, forced through the thresholds)."""
     from helpers import capture_log
     import fatebook.fate as F
     from fatebook.linalg import knn_chain
@@ -356,9 +357,17 @@ def test_non_finite_deflation_is_dropped_with_a_warning(embed, monkeypatch):
     sr = sorted_schur(T, 8, method="arpack")
     ref, _ = F.fate_probabilities(T, lab, solver="gmres", tol=1e-10)
     Xn = sr.vectors.copy(); Xn[7, 3] = np.nan
-    for d in ((Xn, sr.matrix), Xn, (sr.vectors, np.where(np.eye(len(sr.matrix)) > 0, np.inf, sr.matrix))):
+    for d in ((Xn, sr.matrix), Xn):
         with capture_log() as log:
             B, inf = F.fate_probabilities(T, lab, solver="gmres", tol=1e-10, deflate=d)
         assert any("not finite" in m for m in log), log
         np.testing.assert_allclose(np.asarray(B), np.asarray(ref), atol=1e-8)
         assert np.isnan(Xn[7, 3]) and np.isfinite(sr.vectors).all()   # the inputs are not changed
+    # finite vectors with a non-finite Schur matrix: the relation fails its check, the vectors are still used (A Z by
+    # a product), without a warning, and with as few iterations as the plain vectors
+    Ri = np.where(np.eye(len(sr.matrix)) > 0, np.inf, sr.matrix)
+    with capture_log() as log:
+        B, inf = F.fate_probabilities(T, lab, solver="gmres", tol=1e-10, deflate=(sr.vectors, Ri))
+    assert not any("not finite" in m for m in log), log
+    np.testing.assert_allclose(np.asarray(B), np.asarray(ref), atol=1e-8)
+    assert inf["iterations"] == F.fate_probabilities(T, lab, solver="gmres", tol=1e-10, deflate=sr.vectors)[1]["iterations"]

@@ -791,7 +791,8 @@ class GPCCA(BaseEstimator):
             raise ValueError(f"n_cells={n_cells} is out of range: {m} states x {n_cells} cells > {self.n_obs} cells; "
                              f"use n_cells <= {self.n_obs // m} or n_cells=None.")
 
-    def _choose_n_states(self, lo: int, hi: int, criterion: str, optimizer: str = "vertex", basis: str = "given"):
+    def _choose_n_states(self, lo: int, hi: int, criterion: str, optimizer: str = "vertex", basis: str = "given",
+                         margin: float|None = None):
         forb = list((self.eigendecomposition or {}).get("forbidden", []))
         skipped = {k: "it would split a complex-conjugate pair of eigenvalues" for k in range(lo, hi + 1) if k in forb}
         if lo == 2 and criterion == "minchi":
@@ -812,7 +813,7 @@ class GPCCA(BaseEstimator):
             return best, None
         res = {}
         for k in progress(cand, desc="GPCCA per n_states"):
-            r = gpcca_memberships(self.schur_vectors, k, optimizer=optimizer, basis=basis)
+            r = gpcca_memberships(self.schur_vectors, k, optimizer=optimizer, basis=basis, margin=margin)
             empty = int((np.bincount(_most_likely(r.chi), minlength=k) == 0).sum())   # empty, or wins no cell
             res[k] = (r.crispness if empty == 0 else -r.crispness, r)
         best = max(res, key=lambda k: res[k][0])
@@ -828,7 +829,8 @@ class GPCCA(BaseEstimator):
                             on_forbidden: str = "raise",     # n_states splitting a complex pair: 'raise' or 'next'
                             criterion: str = "minchi",       # choosing from a range: 'minchi' (CellRank) or 'crispness'
                             optimizer: str = "vertex",       # 'vertex' (converged, backend-independent), 'nelder-mead' (CellRank's) or 'lbfgs'
-                            basis: str = "given"):           # for 'nelder-mead'/'lbfgs': 'given' (CellRank's path) or 'canonical' (any basis of the subspace)
+                            basis: str = "given",            # for 'nelder-mead'/'lbfgs': 'given' (CellRank's path) or 'canonical' (any basis of the subspace)
+                            margin: float|None = None):      # for 'vertex': the lead (0-1) each state's vertex cell keeps in it (None: 0.5, see `vertex_optimize`)
         """Fuzzy macrostates by GPCCA, their top cells, names and colours, and the coarse-grained chain.
 
         Every parameter is checked before any work; a failure leaves the estimator and the AnnData as they were.
@@ -842,6 +844,9 @@ class GPCCA(BaseEstimator):
         check_choice("criterion", criterion, ("minchi", "crispness"))
         check_choice("optimizer", optimizer, ("vertex", "nelder-mead", "nm", "lbfgs", "l-bfgs", "gradient"))
         check_choice("basis", basis, ("given", "canonical"))
+        margin = check_range("margin", margin, 0, 1, none_ok=True, hint="It is a lead in membership, from 0 to 1; None for the default 0.5.")
+        if margin is not None and optimizer != "vertex":
+            raise ValueError(f"margin={margin} applies to optimizer='vertex' only, not {optimizer!r}; leave margin=None.")
         check_int("n_cells", n_cells, 1, none_ok=True, hint="Or None to assign every cell to its most likely macrostate.")
         X = self.schur_vectors
         rng_ = _n_states_range(n_states)
@@ -851,7 +856,7 @@ class GPCCA(BaseEstimator):
                 raise ValueError(f"n_states=[{rng_[0]}, {rng_[1]}] is out of range: with {X.shape[1]} Schur vectors n_states "
                                  f"is at most {X.shape[1] - 1}; call `compute_schur(n_components={rng_[1] + 1})` or more first.")
             self._check_n_cells(n_cells, rng_[1])
-            n_states, pre = self._choose_n_states(*rng_, criterion=criterion, optimizer=optimizer, basis=basis)
+            n_states, pre = self._choose_n_states(*rng_, criterion=criterion, optimizer=optimizer, basis=basis, margin=margin)
         elif n_states is None:
             n_states = int((self.eigendecomposition or {}).get("eigengap", 1)) + 1
             if n_states < 2: n_states = 2
@@ -861,7 +866,8 @@ class GPCCA(BaseEstimator):
         m = self._check_n_states(n_states, on_forbidden)
         self._check_n_cells(n_cells, m)
         with timed() as t:
-            res = pre if pre is not None and pre.chi.shape[1] == m else gpcca_memberships(X, m, optimizer=optimizer, basis=basis)
+            res = pre if pre is not None and pre.chi.shape[1] == m else gpcca_memberships(X, m, optimizer=optimizer, basis=basis,
+                                                                                         margin=margin)
         chi = res.chi
         nonempty = int((chi.sum(0) > 1e-12).sum())
         if nonempty < m: warn(f"Only {nonempty} of {m} membership columns are non-empty: the chain has fewer macrostates.")
@@ -924,6 +930,7 @@ class GPCCA(BaseEstimator):
         if stat is not None: coarse["stat_dist"] = stat
         self._write("uns", Key.uns.coarse(bw), coarse)
         self._set_params("macrostates", dict(n_states=m, n_cells=n_cells, cluster_key=cluster_key, optimizer=res.optimizer, basis=basis,
+                                             **({} if res.optimizer != "vertex" else dict(margin=_ANCHOR_MARGIN if margin is None else margin)),
                                              crispness=res.crispness, min_chi=res.min_chi, n_fev=res.n_fev, converged=res.converged))
         sizes = ", ".join(f"{nm} ({c})" for nm, c in zip(names, counts))
         info(f"Macrostates (n_states={m}, crispness {res.crispness:.3f}, {t.text}): {sizes}"

@@ -560,6 +560,7 @@ def _schur_krylov(P, m, which, tol, ncv=None, maxiter=None, seed=0):
     E.setWhichEigenpairs(SLEPc.EPS.Which.LARGEST_REAL if which == "LR" else SLEPc.EPS.Which.LARGEST_MAGNITUDE)
     E.setTolerances(tol=tol or 1e-15, max_it=maxiter or PETSc.DEFAULT)
     x0, _ = A.createVecs(); x0.setArray(as_rng(seed).random(n) + 0.5); E.setInitialSpace([x0])
+    E.setFromOptions()   # PETSc/SLEPc options (-eps_monitor, -eps_ncv ...) apply, as in fatebook.distributed
     E.solve()
     nconv = E.getConverged()
     if nconv < m:

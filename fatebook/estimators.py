@@ -563,13 +563,23 @@ class BaseEstimator:
         """Fate (absorption) probabilities: for every cell, the probability to reach each terminal state first (SPEC §6).
 
         Writes: `obsm[Key.obsm.fate_probs]` (n x k array), `uns['..._names']`, `uns['..._colors']`."""
-        from fatebook.fate import fate_probabilities
+        from fatebook.fate import fate_probabilities, _FATE_ERR
         classes, colors, groups = self._terminal_classes(keys)
         rc = getattr(self, "_rc", None)   # known irreducible (one closed class holding every cell): nothing is unreachable
         irr = rc is not None and len(rc[0]) == 1 and not rc[1].any()
-        lin, rep = fate_probabilities(self._T, classes, solver=solver, tol=tol, unreachable=unreachable,
-                                      show_progress=show_progress, colors=colors, deflate=self._slow_directions(),
-                                      irreducible=irr or None)
+        # terminal states left out of `keys` are transient in this solve: the usual cause of a badly conditioned one
+        used = {x for g in groups for x in g}
+        left = [as_name(c) for c in self.terminal_states.cat.categories if as_name(c) not in used]
+        hint = ("" if not left else f" Here the terminal state(s) {', '.join(left)} are left out of `keys`, so they are "
+                f"transient in this solve: keep them as a lineage of their own, e.g. keys={[*map(', '.join, groups), ', '.join(left)]}.")
+        try:
+            lin, rep = fate_probabilities(self._T, classes, solver=solver, tol=tol, unreachable=unreachable,
+                                          show_progress=show_progress, colors=colors, deflate=self._slow_directions(),
+                                          irreducible=irr or None)
+        except RuntimeError as e:
+            if hint and "certified only" in str(e): raise RuntimeError(f"{e}{hint}") from None
+            raise
+        if hint and rep.get("error_bound", 0) > _FATE_ERR: warn(hint.strip())
         B, names, colors = np.asarray(lin, dtype=float), list(lin.names), list(lin.colors)
         n_bad = int(rep.get("n_unreachable", 0))
         self._reset(fates=True)

@@ -483,7 +483,7 @@ class _Factor:
         self.tol = tol
         self.show = show_progress if show_progress is not None else (None if n > 20_000 else False)
         self.lu = self.M = self._op = None; self._CU = (None, None); self._exact = True; self.rebuilt = False
-        self.max_residual = 0.0
+        self.max_residual = self.last_residual = self.rough_residual = 0.0; self.estimate_iterations = 0
 
     def _operator(self):   # A as used by GMRES, and the deflation basis: built once, shared by every solve
         if self._op is None:
@@ -504,43 +504,56 @@ class _Factor:
         if self.lu is None: self.lu = spla.splu(self._mat().tocsc(), permc_spec="COLAMD")
         return self.lu
 
-    def _gmres(self, B):
-        "(X, unconverged columns, B − A X when GMRES's last check computed it for this X, else None)."
-        A = self._operator()
+    def _gmres(self, B, tol, estimate=False, rough=0):
+        """(X, unconverged columns, B − A X when GMRES's last check computed it for this X, else None); `tol` per column.
+        The last `rough` columns never count as unconverged (no escalation for them)."""
+        A = self._operator(); k = B.shape[1]
         M = None if self.M is None else self.M.solve   # an ILU built by an earlier solve serves this one from the start
-        with _blas_single(): X, ok, inf = _block_gmres(A, B, self.tol, 50, 20 if M is None else 50, M, None, self.show,
-                                                       self._CU, self._exact)
-        self.iterations += inf["iterations"]; self._keep(inf); res = inf["residual"]
+        with _blas_single(): X, ok, inf = _block_gmres(A, B, tol, 50, 20 if M is None else 50, M, None,
+                                                       False if estimate else self.show, self._CU, self._exact)
+        self._keep(inf); res = inf["residual"]
+        if estimate:   # a rough solve (an error bound's ingredient): no escalation, counted apart
+            self.estimate_iterations += inf["iterations"]; return X, [], res
+        self.iterations += inf["iterations"]; ok[k - rough:] = True
         if not ok.all() and self.M is None:  # escalate: incomplete-LU right preconditioner, built once
             res = None
             try:
                 self.M = spla.spilu(self._mat().tocsc(), drop_tol=1e-4, fill_factor=10); self.solver = "gmres+ilu"
                 with _blas_single():
-                    X2, ok2, inf2 = _block_gmres(A, B[:, ~ok], self.tol, 50, 50, self.M.solve, X[:, ~ok], self.show,
+                    X2, ok2, inf2 = _block_gmres(A, B[:, ~ok], tol[~ok], 50, 50, self.M.solve, X[:, ~ok], self.show,
                                                  self._CU, self._exact)
                 self.iterations += inf2["iterations"]; self._keep(inf2)
                 X[:, ~ok] = X2; ok[~ok] = ok2
             except RuntimeError: warn("ILU factorisation failed; no preconditioner.")
         return X, list(np.flatnonzero(~ok)), res
 
-    def solve(self, B):
+    def solve(self, B, tol=None, estimate=False, rough=0, rough_tol=0.3):
+        """X with A X ≈ B (B: m or m x k). `last_residual` is max |A X − B| / max(1, max |B|), `max_residual` the largest
+        over solves. `estimate=True`: a rough solve to `tol` (iterative solvers) that is not counted in `iterations` or
+        `max_residual`, never escalates or warns (an unconverged one is simply returned: check `last_residual`).
+        `rough`: the last `rough` columns are such rough solves (to `rough_tol`) riding along with the others (GMRES
+        reads A and the deflation basis once per iteration for all columns); their residual is `rough_residual`."""
         B = np.asarray(B, dtype=float); one = B.ndim == 1
         if one: B = B[:, None]
-        n = self.A.shape[0]
+        n, k = self.A.shape[0], B.shape[1]
         if n == 0: return B.copy()[:, 0] if one else B.copy()
+        tol = np.full(k, self.tol if tol is None else tol); tol[k - rough:] = np.maximum(tol[k - rough:], rough_tol)
         res = None   # B − A X when the solver already has it (GMRES's final check): no second product
         if self.solver == "direct": X = self._lu().solve(B)
-        elif self.solver == "petsc": X = _solve_petsc(self._mat(), B, self.tol, self.show)
+        elif self.solver == "petsc": X = _solve_petsc(self._mat(), B, float(tol.min()), self.show)
+        elif estimate: X, _, res = self._gmres(B, tol, estimate=True)
         else:
-            X, bad, res = self._gmres(B)
+            X, bad, res = self._gmres(B, tol, rough=rough)
             if bad and self.auto and self.n_unknowns <= _FALLBACK_MAX:
                 debug(f"GMRES did not converge for {len(bad)} right-hand side(s); falling back to sparse LU.")
                 self.solver = "direct"; X = self._lu().solve(B); res = None
             elif bad:
                 warn(f"GMRES did not converge for {len(bad)} right-hand side(s) {bad[:5]} (rtol={self.tol}); "
                      "try solver='direct'.")
-        r = np.abs(self.A @ X - B if res is None else res).max() / max(1.0, np.abs(B).max())
-        self.max_residual = max(self.max_residual, float(r))
+        r = np.abs(self.A @ X - B if res is None else res).max(axis=0) / max(1.0, np.abs(B).max())
+        self.last_residual = float(r[:k - rough].max(initial=0.0))
+        self.rough_residual = float(r[k - rough:].max(initial=0.0))
+        if not estimate: self.max_residual = max(self.max_residual, self.last_residual)
         return X[:, 0] if one else X
 
 # %% ../nbs/01a_linalg.ipynb #0afb7567

@@ -12,7 +12,7 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 from .core import info, warn, debug, optional_import, check_row_stochastic, cells_str, palette, Key
 from .schur import SchurResult, sort_real_schur, schur_eigenvalues, forbidden_n_states, eigengap
-from .fate import Lineage, _parse_terminal
+from .fate import Lineage, _parse_terminal, _FATE_ERR, _STEPS_TOL, _ill_conditioned
 
 # %% auto #0
 __all__ = ['petsc', 'row_block', 'matrix_shape', 'read_rows', 'write_csr', 'petsc_matrix', 'distributed_schur',
@@ -323,6 +323,28 @@ def distributed_schur(T_rows, # this rank's row block of the row-stochastic n x 
 # %% ../nbs/04a_distributed.ipynb #f06443a2
 _REASONS = {-3: "reached max_it", -4: "diverged (residual grew)", -5: "breakdown", -9: "NaN/Inf", -11: "preconditioner failed"}
 
+def _certify(C, A, ksp, x, b, B, lab, absorbing, r0, tol, maxiter, MPI):
+    """(bound of max |B - B̂|, of the largest mean number of steps to absorption, the 5 cells with the most), as
+    `fatebook.fate._fate_error`: max t from a rough solve of (I - Q) t = 1 (t <= t̂ / (1 - rho)), times the largest
+    max-norm residual of the fates (x (K - 1): the heaviest lineage becomes 1 minus the others). K + 2 products."""
+    r = A.createVecLeft(); K = B.shape[1]; tr = ~absorbing
+    res = 0.0
+    for k in range(K):
+        x.setArray(B[:, k]); A.mult(x, r)
+        res = max(res, float(np.abs((lab == k) - r.getArray()).max(initial=0.0)))
+    res = C.comm.allreduce(res, op=MPI.MAX)
+    b.setArray(tr.astype(float))
+    for rt in (max(tol, _STEPS_TOL), max(tol, 1e-3)):   # rough first; tighter if its max-norm residual is not below 0.95
+        x.set(0.0); ksp.setTolerances(rtol=rt, atol=0.0, max_it=maxiter); ksp.solve(b, x); A.mult(x, r)
+        rho = C.comm.allreduce(float(np.abs(tr - r.getArray()).max(initial=0.0)), op=MPI.MAX)
+        if rho < 0.95: break
+    ksp.setTolerances(rtol=tol, atol=0.0, max_it=maxiter); r.destroy()
+    t = np.abs(x.getArray())
+    steps = C.comm.allreduce(float(t.max(initial=0.0)), op=MPI.MAX) / (1 - rho) if rho < 1 else np.inf
+    top = np.argsort(-t, kind="stable")[:5]
+    cand = sorted(sum(C.comm.allgather([(float(t[i]), int(r0 + i)) for i in top]), []), key=lambda p: -p[0])[:5]
+    return steps * res * max(K - 1, 1), steps, np.array([i for _, i in cand])
+
 def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x n T (scipy CSR), or a distributed PETSc Mat
                       labels_rows: np.ndarray, # this rank's terminal labels: class 0..K-1, -1 for transient cells
                       names: list|None = None, # lineage names (default '0', '1', ...)
@@ -388,13 +410,15 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
         if show_progress and C.rank == 0:
             print(f"[fatebook.distributed] fates: {names[k]!r} in {it} GMRES iterations, {time.perf_counter() - t:.1f} s",
                   file=sys.stderr, flush=True)
+    err, steps, slow = _certify(C, A, ksp, x, b, B, lab, absorbing, r0, tol, maxiter, MPI)
     for o in (ksp, A, x, b): o.destroy()
+    why = "" if err <= _FATE_ERR else _ill_conditioned(err, steps, slow, False)
     tr = ~absorbing
     Bt = B[tr]
     lo = C.comm.allreduce(float(Bt.min(initial=np.inf)), op=MPI.MIN)
     if lo < -check_sum_tol:
         raise RuntimeError(f"Fate probabilities have negative entries (min {lo:.2e}) after PETSc GMRES (residual "
-                           f"{max(res):.1e}); use a smaller `tol`.")
+                           f"{max(res):.1e}). " + (why or "Use a smaller `tol`."))
     rs = Bt.sum(1)
     bad = np.flatnonzero(np.abs(rs - 1) > check_sum_tol)
     bad_all = np.concatenate(C.comm.allgather(r0 + np.flatnonzero(tr)[bad])) if C.size > 1 else np.flatnonzero(tr)[bad]
@@ -403,7 +427,8 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
         raise RuntimeError(f"Fate probabilities of {len(bad_all)} cell(s) do not sum to 1 (range [{lo_s:.6f}, {hi_s:.6f}]; cells "
                            f"{cells_str(np.sort(bad_all))}): they cannot reach a terminal state with probability 1 (a closed "
                            "part of the chain that is not terminal), or the solve is inaccurate. Find them with "
-                           "`fatebook.fate.unreachable_cells` on one machine and declare that part terminal, or lower `tol`.")
+                           "`fatebook.fate.unreachable_cells` on one machine and declare that part terminal, or lower `tol`."
+                           + (" " + why if why else ""))
     Bt = np.clip(Bt, 0, None)
     d = int(np.argmax(C.sum(Bt.sum(0))))   # as fatebook.fate: the heaviest lineage is 1 minus the others
     keep = [j for j in range(K) if j != d]
@@ -411,8 +436,10 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
     B[tr] = Bt
     B[absorbing] = 0.0; B[np.flatnonzero(absorbing), lab[absorbing]] = 1.0
     n_trans = int(C.sum(float(tr.sum())))
+    if why and C.rank == 0: warn(why)
     inf = dict(solver="petsc-mpi", pc="bjacobi/ilu(0)", iterations=its, residual=max(res), n_transient=n_trans, n_unreachable=0,
-               names=names, ranks=C.size, rows=(r0, r1), seconds=round(time.perf_counter() - t0, 3))
+               names=names, ranks=C.size, rows=(r0, r1), error_bound=err, max_mean_steps=steps,
+               seconds=round(time.perf_counter() - t0, 3))
     return B, inf
 
 # %% ../nbs/04a_distributed.ipynb #80a34cf4

@@ -322,7 +322,7 @@ def _fate_error(F, one, t, rho, sel, trans, n_solved):
     top = np.argpartition(-tt, min(4, len(tt) - 1))[:5]; slow = trans[top[np.argsort(-tt[top], kind="stable")]]
     return steps * F.max_residual * max(n_solved, 1), steps, slow
 
-def _ill_conditioned(err, steps, slow, F) -> str:
+def _ill_conditioned(err, steps, slow, direct_ok: bool) -> str:
     "The message for fates whose certified error exceeds `_FATE_ERR`."
     return (f"The fate probabilities are certified only to ±{err:.1e}: walks from some cells take up to {steps:.1e} "
             f"steps on average to reach a terminal state (cells {cells_str(slow)}), so a tiny residual of the linear "
@@ -330,7 +330,7 @@ def _ill_conditioned(err, steps, slow, F) -> str:
             "end of a branch whose terminal state is not among the targets, or a cluster joined to the rest by very few "
             "transitions. Declare that part a terminal state (with an estimator: keep its terminal state in `keys`, merged "
             "with others as 'A, B' if you do not need it on its own)"
-            + (", or use solver='direct'." if F.solver != "direct" and F.n_unknowns <= _FALLBACK_MAX else "."))
+            + (", or use solver='direct'." if direct_ok else "."))
 
 def fate_probabilities(T, # row-stochastic transition matrix (n x n), sparse or dense
                        terminal, # int array (class >= 0, -1 transient) or dict {name: cell indices or mask}
@@ -390,7 +390,7 @@ def fate_probabilities(T, # row-stochastic transition matrix (n x n), sparse or 
             debug(f"Fate probabilities certified only to {err:.1e}; solving again with tol={F.tol:.1e}.")
         if redo:
             F.max_residual = 0.0; Bt, derived_res, err, steps, slow = _solve()
-    why = "" if err <= _FATE_ERR else _ill_conditioned(err, steps, slow, F)
+    why = "" if err <= _FATE_ERR else _ill_conditioned(err, steps, slow, F.solver != "direct" and F.n_unknowns <= _FALLBACK_MAX)
     B = np.zeros((n, K + (esc is not None)))
     B[np.flatnonzero(absorbing), labels[absorbing]] = 1.0
     B[trans] = Bt

@@ -562,6 +562,10 @@ class BaseEstimator:
                                    show_progress: bool|None = None):
         """Fate (absorption) probabilities: for every cell, the probability to reach each terminal state first (SPEC §6).
 
+        The result is certified: `params['fate_probabilities']['error_bound']` bounds its error (see
+        `fatebook.fate.fate_probabilities`); above 1e-3 a warning names the slowest cells, and when terminal states are
+        left out of `keys` (transient in this solve, a usual cause) it shows the keys that keep them as a lineage.
+
         Writes: `obsm[Key.obsm.fate_probs]` (n x k array), `uns['..._names']`, `uns['..._colors']`."""
         from fatebook.fate import fate_probabilities, _FATE_ERR
         classes, colors, groups = self._terminal_classes(keys)
@@ -591,10 +595,11 @@ class BaseEstimator:
         self._write("uns", Key.colors(key), np.array(colors, dtype=object))
         self._set_params("fate_probabilities", dict(keys=keys, groups=groups, solver=solver, tol=tol, unreachable=unreachable,
                                                     n_unreachable=n_bad, backend=rep.get("solver"),
-                                                    iterations=rep.get("iterations")))
+                                                    iterations=rep.get("iterations"), error_bound=rep.get("error_bound")))
         it = f", {rep['iterations']} iterations" if rep.get("iterations") else ""
         info(f"Fate probabilities towards {len(names)} lineage(s) ({', '.join(names)}) for {self.n_obs} cells: "
-             f"{rep.get('solver')} solver{it}, residual {rep.get('residual', 0):.1e}, {rep.get('seconds', 0):.2g} s"
+             f"{rep.get('solver')} solver{it}, residual {rep.get('residual', 0):.1e}, certified to ±{rep.get('error_bound', 0):.0e}, "
+             f"{rep.get('seconds', 0):.2g} s"
              + (f"; {n_bad} cell(s) cannot reach any terminal state (NaN)" if n_bad else "") + ".")
         return self
 

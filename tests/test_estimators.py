@@ -311,3 +311,33 @@ def test_a_float32_transition_matrix_in_obsp_works_end_to_end(dentate_gyrus_path
     g.set_terminal_states_from_macrostates().compute_fate_probabilities()
     np.testing.assert_allclose(np.asarray(g.fate_probabilities).sum(1), 1, atol=1e-12)
     assert a.obsp["fb_T_fwd"].dtype == np.float32 and (a.obsp["fb_T_fwd"] != T32).nnz == 0
+
+
+def test_fates_with_keys_leaving_out_nearly_closed_terminal_states(caplog):
+    """A terminal state left out of `keys` is transient in the solve; a (nearly) closed one makes the system so badly
+    conditioned that a small residual hides a large error (the 100,000-cell pipeline with keys=['root_0', 'C_4'] of 4
+    terminal macrostates: 'negative entries -0.34' and the advice solver='direct', an LU of 100,000 cells). The fates'
+    certified error (fatebook.fate: the mean number of steps to absorption times the residual) catches it: GMRES raises
+    (negative entries) with the slow cells and the keys that keep the left-out states as a lineage; 'auto' (sparse LU
+    at this size) is not certified either and warns the same; with those keys the fates are certified."""
+    import logging
+    from fatebook.linalg import slow_chain
+    from fatebook.kernels import PrecomputedKernel
+    from fatebook.estimators import GPCCA
+    T, t, lab = slow_chain(3000, "blocks", n_blocks=6, eps=1e-9, seed=0)   # 6 blobs in a row, joined by 1e-9
+    a = ad.AnnData(obs=pd.DataFrame({"clusters": pd.Categorical([f"blob{x}" for x in lab])},
+                                    index=[f"c{i}" for i in range(T.shape[0])]))
+    g = GPCCA(PrecomputedKernel(matrix=T, adata=a))
+    g.set_terminal_states({f"blob{j}": np.flatnonzero(lab == j)[:30] for j in range(6)})
+    keep = "keys=['blob0', 'blob5', 'blob1, blob2, blob3, blob4']"
+    with pytest.raises(RuntimeError, match=r"certified only.*blob1, blob2, blob3, blob4 are left out of `keys`") as e:
+        g.compute_fate_probabilities(keys=["blob0", "blob5"], solver="gmres")
+    assert keep in str(e.value) and g.fate_probabilities is None                  # nothing written
+    with caplog.at_level(logging.WARNING, logger="fatebook"):
+        g.compute_fate_probabilities(keys=["blob0", "blob5"])
+    assert "certified only" in caplog.text and keep in caplog.text
+    assert g._fate_report["solver"] == "direct" and g._fate_report["error_bound"] > 1e-3
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fatebook"):
+        g.compute_fate_probabilities(keys=["blob0", "blob5", "blob1, blob2, blob3, blob4"])
+    assert "certified" not in caplog.text and g._fate_report["error_bound"] < 1e-5

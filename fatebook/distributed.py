@@ -412,13 +412,13 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
                   file=sys.stderr, flush=True)
     err, steps, slow = _certify(C, A, ksp, x, b, B, lab, absorbing, r0, tol, maxiter, MPI)
     for o in (ksp, A, x, b): o.destroy()
-    why = "" if err <= _FATE_ERR else _ill_conditioned(err, steps, slow, False)
+    why = "" if err <= _FATE_ERR else _ill_conditioned(err, steps, slow, False, estimator=False)
     tr = ~absorbing
     Bt = B[tr]
     lo = C.comm.allreduce(float(Bt.min(initial=np.inf)), op=MPI.MIN)
     if lo < -check_sum_tol:
         raise RuntimeError(f"Fate probabilities have negative entries (min {lo:.2e}) after PETSc GMRES (residual "
-                           f"{max(res):.1e}). " + (why or "Use a smaller `tol`."))
+                           f"{max(res):.1e}). " + (why + " Or use a smaller `tol`." if why else "Use a smaller `tol`."))
     rs = Bt.sum(1)
     bad = np.flatnonzero(np.abs(rs - 1) > check_sum_tol)
     bad_all = np.concatenate(C.comm.allgather(r0 + np.flatnonzero(tr)[bad])) if C.size > 1 else np.flatnonzero(tr)[bad]

@@ -574,8 +574,9 @@ class BaseEstimator:
         # terminal states left out of `keys` are transient in this solve: the usual cause of a badly conditioned one
         used = {x for g in groups for x in g}
         left = [as_name(c) for c in self.terminal_states.cat.categories if as_name(c) not in used]
-        hint = ("" if not left else f" Here the terminal state(s) {', '.join(left)} are left out of `keys`, so they are "
-                f"transient in this solve: keep them as a lineage of their own, e.g. keys={[*map(', '.join, groups), ', '.join(left)]}.")
+        hint = ("" if not left else f" The terminal state(s) {', '.join(left)} are left out of `keys`, so they are "
+                "transient in this solve; if they are (nearly) closed, as terminal states usually are, keep them as a "
+                f"lineage of their own, e.g. keys={[*map(', '.join, groups), ', '.join(left)]}.")
         try:
             lin, rep = fate_probabilities(self._T, classes, solver=solver, tol=tol, unreachable=unreachable,
                                           show_progress=show_progress, colors=colors, deflate=self._slow_directions(),

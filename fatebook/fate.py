@@ -310,26 +310,32 @@ _FATE_ERR = 1e-3    # certified error of the fates (absolute) above which the so
 _STEPS_TOL = 0.3    # the rough solve that bounds the mean number of steps to absorption (rho < 0.95 accepted)
 _TOL_MIN = 1e-12    # the smallest GMRES tolerance tried for the bound (a 100,000-cell chain needing 3e-13: 240 s, 1,387 iterations)
 
-def _fate_error(F, one, t, rho, sel, trans, n_solved):
+def _fate_error(F, one, t, rho, sel, trans, res):
     """(bound of max |B - B̂|, bound of the largest mean number of steps to absorption, the cells with the most steps).
     (I - Q)⁻¹ >= 0 entrywise (Q substochastic), so ||(I - Q)⁻¹||_inf = max t for t = (I - Q)⁻¹ 1, the mean number of
     steps to absorption; a rough solve t̂ with rho = ||1 - (I - Q) t̂||_inf < 1 bounds it: max t <= max t̂ / (1 - rho).
-    `t`, `rho`: the rough solve that rode along with the fates (`_Factor.solve(rough=1)`). The fates' residual is at
-    most `F.max_residual` per solved column, and the derived column's is minus their sum."""
+    `t`, `rho`: the rough solve that rode along with the fates (`_Factor.solve(rough=1)`); `res`: the largest max-norm
+    residual of any lineage, the derived one included (its residual is minus the others' sum only where T's rows sum to
+    1 exactly: a float32 T's rows are off by ~1e-8, found in review: error 2.5e-7 against a bound of 2.3e-8 without it).
+    An unbounded estimate (rho >= 1 after a tighter solve too) gives inf."""
     if rho >= 0.95:   # the rough solve did not get there (its 2-norm stop is not the max-norm): a tighter one
         t = F.solve(one, tol=max(F.tol, 1e-3), estimate=True); rho = F.last_residual
     tt = np.abs(t[sel]); steps = float(tt.max() / (1 - rho)) if rho < 1 else np.inf
     top = np.argpartition(-tt, min(4, len(tt) - 1))[:5]; slow = trans[top[np.argsort(-tt[top], kind="stable")]]
-    return steps * F.max_residual * max(n_solved, 1), steps, slow
+    return steps * res, steps, slow
 
-def _ill_conditioned(err, steps, slow, direct_ok: bool) -> str:
-    "The message for fates whose certified error exceeds `_FATE_ERR`."
-    return (f"The fate probabilities are certified only to ±{err:.1e}: walks from some cells take up to {steps:.1e} "
-            f"steps on average to reach a terminal state (cells {cells_str(slow)}), so a tiny residual of the linear "
-            "system can hide a large error. Such cells sit in a nearly closed part of the chain that is not terminal: the "
-            "end of a branch whose terminal state is not among the targets, or a cluster joined to the rest by very few "
-            "transitions. Declare that part a terminal state (with an estimator: keep its terminal state in `keys`, merged "
-            "with others as 'A, B' if you do not need it on its own)"
+def _ill_conditioned(err, steps, slow, direct_ok: bool, estimator: bool = True) -> str:
+    "The message for fates whose certified error exceeds `_FATE_ERR` (or could not be bounded: inf)."
+    what = (f"are certified only to ±{err:.1e}: walks from some cells take up to {steps:.1e} steps on average to reach "
+            f"a terminal state (cells {cells_str(slow)}), so a tiny residual of the linear system can hide a large error"
+            if np.isfinite(steps) else "could not be certified: the mean number of steps to reach a terminal state could "
+            f"not be bounded (the rough solve for it did not converge; slowest cells so far {cells_str(slow)}), and where "
+            "it is huge a tiny residual of the linear system can hide a large error")
+    return (f"The fate probabilities {what}. Such cells sit in a nearly closed part of the chain that is not "
+            "terminal: the end of a branch whose terminal state is not among the targets, or a cluster joined to the rest "
+            "by very few transitions. Declare that part a terminal state"
+            + (" (with an estimator: keep its terminal state in `keys`, merged with others as 'A, B' if you do not need it "
+               "on its own)" if estimator else "")
             + (", or use solver='direct'." if direct_ok else "."))
 
 def fate_probabilities(T, # row-stochastic transition matrix (n x n), sparse or dense
@@ -372,22 +378,26 @@ def fate_probabilities(T, # row-stochastic transition matrix (n x n), sparse or 
         Bt = np.empty((len(trans), RHS.shape[1]))
         X = F.solve(np.column_stack([RHS[:, keep], one]), rough=1, rough_tol=_STEPS_TOL)
         Bt[:, keep] = X[sel, :-1]; Bt[:, d] = 1 - Bt[:, keep].sum(axis=1)
-        bd = np.zeros(A.shape[0]); bd[sel] = Bt[:, d]   # its residual is minus the sum of the others': check it (one product)
-        dres = float(np.linalg.norm(S[:, d] - A @ bd) / max(np.linalg.norm(S[:, d]), 1e-300))
-        return (Bt, dres) + _fate_error(F, one, X[:, -1], F.rough_residual, sel, trans, len(keep))
+        bd = np.zeros(A.shape[0]); bd[sel] = Bt[:, d]   # its residual is minus the others' sum where rows sum to 1 exactly:
+        rd = S[:, d] - A @ bd                            # checked (one product), and part of the bound
+        dres = float(np.linalg.norm(rd) / max(np.linalg.norm(S[:, d]), 1e-300))
+        return (Bt, dres) + _fate_error(F, one, X[:, -1], F.rough_residual, sel, trans,
+                                        max(F.max_residual, float(np.abs(rd).max(initial=0.0))))
 
-    # certified accuracy: |B - B̂| <= ||(I - Q)^-1||_inf ||R||_inf, R the residual (the derived lineage's is minus the sum
-    # of the others'). A small residual alone says nothing where walks take very long to be absorbed (a nearly closed
-    # part of the chain that is not terminal): 3,000 cells in 4 blobs joined by 1e-6, GMRES at residual 4e-9 was off by 0.9.
+    # certified accuracy: |B - B̂| <= ||(I - Q)^-1||_inf ||R||_inf, R the residual (the derived lineage's is measured too).
+    # A small residual alone says nothing where walks take very long to be absorbed (a nearly closed part of the chain
+    # that is not terminal): 3,000 cells in 4 blobs joined by 1e-6, GMRES at residual 4e-9 was off by 0.9.
     Bt, derived_res, err, steps, slow = _solve()
     if err > _FATE_ERR and F.solver != "direct":
         redo = F.auto and F.n_unknowns <= _FALLBACK_MAX   # sparse LU, affordable at this size
         if redo:
             debug(f"Fate probabilities certified only to {err:.1e} by {F.solver}; solving by sparse LU.")
             F.solver = "direct"
-        elif F.tol * _FATE_ERR / err / 10 >= _TOL_MIN:      # else a residual small enough for the bound, if affordable
-            redo, F.tol = True, F.tol * _FATE_ERR / err / 10
-            debug(f"Fate probabilities certified only to {err:.1e}; solving again with tol={F.tol:.1e}.")
+        elif F.tol > _TOL_MIN:                             # else a residual small enough for the bound, if affordable
+            new = F.tol * _FATE_ERR / err / 10 if np.isfinite(err) else _TOL_MIN   # (unbounded: the smallest, once)
+            if new >= _TOL_MIN:
+                redo, F.tol = True, new
+                debug(f"Fate probabilities certified only to {err:.1e}; solving again with tol={F.tol:.1e}.")
         if redo:
             F.max_residual = 0.0; Bt, derived_res, err, steps, slow = _solve()
     why = "" if err <= _FATE_ERR else _ill_conditioned(err, steps, slow, F.solver != "direct" and F.n_unknowns <= _FALLBACK_MAX)

@@ -376,8 +376,8 @@ def _block_gmres(A, B, tol, restart, maxiter, M, x0, show, CU=(None, None), exac
     bar = progress(total=maxiter, desc="GMRES", show=show)
 
     def _solve(Rr, Qt, beta, j):  # y_c from the triangularised least-squares problem (columns that broke down: fewer steps)
-        Y = np.zeros((j, k))
-        for c in range(k):
+        Y = np.zeros((j, Rr.shape[0]))
+        for c in range(Rr.shape[0]):
             d_ = np.abs(np.diagonal(Rr[c, :j, :j]))
             jc = j if np.all(d_ > 1e-14 * max(d_.max(initial=0.0), 1e-300)) else int(np.argmin(d_ > 1e-14 * max(d_.max(initial=0.0), 1e-300)))
             if jc: Y[:jc, c] = sla.solve_triangular(Rr[c, :jc, :jc], beta[c] * Qt[c, :jc, 0])
@@ -399,10 +399,13 @@ def _block_gmres(A, B, tol, restart, maxiter, M, x0, show, CU=(None, None), exac
             if not d or exact: break
             claimed = True; continue   # (next cycle: the true residual)
         claimed = False
-        V = np.empty((k, restart + 1, n)); H = np.zeros((restart + 1, restart, k))  # V[c, j]: j-th basis vector of column c (rows are written before they are read)
-        G = np.zeros((d, restart, k))                                              # G[:, j, c] = C' A M v_j (deflated part)
-        Qt = np.zeros((k, restart + 1, restart + 1)); Qt[:, 0, 0] = 1.0   # accumulated Givens rotations, per column
-        Rr = np.zeros((k, restart, restart))                                 # H rotated to upper triangular
+        # the columns not yet converged (a column that converged in an earlier cycle, e.g. a rough one, rides no more)
+        act = np.flatnonzero(~conv); ka = len(act)
+        R, beta, tb = R[:, act], beta[act], (tol * bnorm)[act] if np.ndim(tol) else tol * bnorm[act]
+        V = np.empty((ka, restart + 1, n)); H = np.zeros((restart + 1, restart, ka))  # V[c, j]: j-th basis vector of column c (rows are written before they are read)
+        G = np.zeros((d, restart, ka))                                              # G[:, j, c] = C' A M v_j (deflated part)
+        Qt = np.zeros((ka, restart + 1, restart + 1)); Qt[:, 0, 0] = 1.0   # accumulated Givens rotations, per column
+        Rr = np.zeros((ka, restart, restart))                                 # H rotated to upper triangular
         V[:, 0] = (R / np.where(beta > 0, beta, 1.0)).T
         j_end = restart
         for j in range(restart):
@@ -432,11 +435,12 @@ def _block_gmres(A, B, tol, restart, maxiter, M, x0, show, CU=(None, None), exac
             q0, q1 = Qt[:, j, :j + 2].copy(), Qt[:, j + 1, :j + 2].copy()
             Qt[:, j, :j + 2] = cs[:, None] * q0 + sn[:, None] * q1
             Qt[:, j + 1, :j + 2] = -sn[:, None] * q0 + cs[:, None] * q1
-            if np.all(np.abs(Qt[:, j + 1, 0]) * beta <= 0.5 * tol * bnorm) or not live.any():
+            if np.all(np.abs(Qt[:, j + 1, 0]) * beta <= 0.5 * tb) or not live.any():
                 j_end = j + 1; claimed = True; break
         Y = _solve(Rr, Qt, beta, j_end)
-        X += Mf(np.matmul(Y.T[:, None, :], V[:, :j_end])[:, 0, :].T)
-        if d: X -= U @ np.einsum("djk,jk->dk", G[:, :j_end], Y)
+        Xa = Mf(np.matmul(Y.T[:, None, :], V[:, :j_end])[:, 0, :].T)
+        if d: Xa -= U @ np.einsum("djk,jk->dk", G[:, :j_end], Y)
+        X[:, act] += Xa
         bar.update(1)
     else:
         Rt = B - A @ X; conv = np.linalg.norm(Rt, axis=0) <= tol * bnorm * 1.0001

@@ -318,8 +318,9 @@ def _fate_error(F, one, t, rho, sel, trans, res):
     residual of any lineage, the derived one included (its residual is minus the others' sum only where T's rows sum to
     1 exactly: a float32 T's rows are off by ~1e-8, found in review: error 2.5e-7 against a bound of 2.3e-8 without it).
     An unbounded estimate (rho >= 1 after a tighter solve too) gives inf."""
-    if rho >= 0.95:   # the rough solve did not get there (its 2-norm stop is not the max-norm): a tighter one
-        t = F.solve(one, tol=max(F.tol, 1e-3), estimate=True); rho = F.last_residual
+    for tl in (0.03, 1e-3):   # the rough solve did not get there (its 2-norm stop is not the max-norm): go on from it
+        if rho < 0.95: break   # (1,000,000 cells: rho 1.85 after the batch; 0.03 from t̂ gets below, 1e-3 from 0 took 3.7 s)
+        t = F.solve(one, tol=max(F.tol, tl), estimate=True, x0=t); rho = F.last_residual
     tt = np.abs(t[sel]); steps = float(tt.max() / (1 - rho)) if rho < 1 else np.inf
     top = np.argpartition(-tt, min(4, len(tt) - 1))[:5]; slow = trans[top[np.argsort(-tt[top], kind="stable")]]
     return steps * res, steps, slow

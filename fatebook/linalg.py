@@ -508,12 +508,12 @@ class _Factor:
         if self.lu is None: self.lu = spla.splu(self._mat().tocsc(), permc_spec="COLAMD")
         return self.lu
 
-    def _gmres(self, B, tol, estimate=False, rough=0):
+    def _gmres(self, B, tol, estimate=False, rough=0, x0=None):
         """(X, unconverged columns, B − A X when GMRES's last check computed it for this X, else None); `tol` per column.
-        The last `rough` columns never count as unconverged (no escalation for them)."""
+        The last `rough` columns never count as unconverged (no escalation for them). `x0`: a start (estimates only)."""
         A = self._operator(); k = B.shape[1]
         M = None if self.M is None else self.M.solve   # an ILU built by an earlier solve serves this one from the start
-        with _blas_single(): X, ok, inf = _block_gmres(A, B, tol, 50, 20 if M is None else 50, M, None,
+        with _blas_single(): X, ok, inf = _block_gmres(A, B, tol, 50, 20 if M is None else 50, M, x0,
                                                        False if estimate else self.show, self._CU, self._exact)
         self._keep(inf); res = inf["residual"]
         if estimate:   # a rough solve (an error bound's ingredient): no escalation, counted apart
@@ -531,12 +531,13 @@ class _Factor:
             except RuntimeError: warn("ILU factorisation failed; no preconditioner.")
         return X, list(np.flatnonzero(~ok)), res
 
-    def solve(self, B, tol=None, estimate=False, rough=0, rough_tol=0.3):
+    def solve(self, B, tol=None, estimate=False, rough=0, rough_tol=0.3, x0=None):
         """X with A X ≈ B (B: m or m x k). `last_residual` is max |A X − B| / max(1, max |B|), `max_residual` the largest
         over solves. `estimate=True`: a rough solve to `tol` (iterative solvers) that is not counted in `iterations` or
         `max_residual`, never escalates or warns (an unconverged one is simply returned: check `last_residual`).
         `rough`: the last `rough` columns are such rough solves (to `rough_tol`) riding along with the others (GMRES
-        reads A and the deflation basis once per iteration for all columns); their residual is `rough_residual`."""
+        reads A and the deflation basis once per iteration for all columns); their residual is `rough_residual`.
+        `x0`: a start for an `estimate` by GMRES (e.g. an earlier rough solution), same shape as B."""
         B = np.asarray(B, dtype=float); one = B.ndim == 1
         if one: B = B[:, None]
         n, k = self.A.shape[0], B.shape[1]
@@ -545,7 +546,7 @@ class _Factor:
         res = None   # B − A X when the solver already has it (GMRES's final check): no second product
         if self.solver == "direct": X = self._lu().solve(B)
         elif self.solver == "petsc": X = _solve_petsc(self._mat(), B, float(tol.min()), self.show)
-        elif estimate: X, _, res = self._gmres(B, tol, estimate=True)
+        elif estimate: X, _, res = self._gmres(B, tol, estimate=True, x0=None if x0 is None else np.reshape(x0, B.shape))
         else:
             X, bad, res = self._gmres(B, tol, rough=rough)
             if bad and self.auto and self.n_unknowns <= _FALLBACK_MAX:

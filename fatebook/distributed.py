@@ -326,7 +326,9 @@ _REASONS = {-3: "reached max_it", -4: "diverged (residual grew)", -5: "breakdown
 def _certify(C, A, ksp, x, b, B, lab, absorbing, r0, tol, maxiter, MPI):
     """(bound of max |B - B̂|, of the largest mean number of steps to absorption, the 5 cells with the most), as
     `fatebook.fate._fate_error`: max t from a rough solve of (I - Q) t = 1 (t <= t̂ / (1 - rho)), times the largest
-    max-norm residual of the fates (x (K - 1): the heaviest lineage becomes 1 minus the others). K + 2 products."""
+    max-norm residual of the solved fates (K + 2 products). The caller adds max |row sum - 1| of the solved fates: the
+    heaviest lineage becomes 1 minus the others, which moves it by that (rows of T sum to 1 only to rounding), up to the
+    clipped negatives (each below `check_sum_tol`)."""
     r = A.createVecLeft(); K = B.shape[1]; tr = ~absorbing
     res = 0.0
     for k in range(K):
@@ -343,7 +345,7 @@ def _certify(C, A, ksp, x, b, B, lab, absorbing, r0, tol, maxiter, MPI):
     steps = C.comm.allreduce(float(t.max(initial=0.0)), op=MPI.MAX) / (1 - rho) if rho < 1 else np.inf
     top = np.argsort(-t, kind="stable")[:5]
     cand = sorted(sum(C.comm.allgather([(float(t[i]), int(r0 + i)) for i in top]), []), key=lambda p: -p[0])[:5]
-    return steps * res * max(K - 1, 1), steps, np.array([i for _, i in cand])
+    return steps * res, steps, np.array([i for _, i in cand])
 
 def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x n T (scipy CSR), or a distributed PETSc Mat
                       labels_rows: np.ndarray, # this rank's terminal labels: class 0..K-1, -1 for transient cells
@@ -412,14 +414,15 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
                   file=sys.stderr, flush=True)
     err, steps, slow = _certify(C, A, ksp, x, b, B, lab, absorbing, r0, tol, maxiter, MPI)
     for o in (ksp, A, x, b): o.destroy()
-    why = "" if err <= _FATE_ERR else _ill_conditioned(err, steps, slow, False, estimator=False)
     tr = ~absorbing
     Bt = B[tr]
+    rs = Bt.sum(1)
+    err += C.comm.allreduce(float(np.abs(rs - 1).max(initial=0.0)), op=MPI.MAX)   # (the derived lineage's shift)
+    why = "" if err <= _FATE_ERR else _ill_conditioned(err, steps, slow, False, estimator=False)
     lo = C.comm.allreduce(float(Bt.min(initial=np.inf)), op=MPI.MIN)
     if lo < -check_sum_tol:
         raise RuntimeError(f"Fate probabilities have negative entries (min {lo:.2e}) after PETSc GMRES (residual "
                            f"{max(res):.1e}). " + (why + " Or use a smaller `tol`." if why else "Use a smaller `tol`."))
-    rs = Bt.sum(1)
     bad = np.flatnonzero(np.abs(rs - 1) > check_sum_tol)
     bad_all = np.concatenate(C.comm.allgather(r0 + np.flatnonzero(tr)[bad])) if C.size > 1 else np.flatnonzero(tr)[bad]
     if len(bad_all):

@@ -582,7 +582,7 @@ class BaseEstimator:
                                           show_progress=show_progress, colors=colors, deflate=self._slow_directions(),
                                           irreducible=irr or None)
         except RuntimeError as e:
-            if hint and "certified only" in str(e): raise RuntimeError(f"{e}{hint}") from None
+            if hint and "certified" in str(e): raise RuntimeError(f"{e}{hint}") from None   # (bounded or not)
             raise
         if hint and rep.get("error_bound", 0) > _FATE_ERR: warn(hint.strip())
         B, names, colors = np.asarray(lin, dtype=float), list(lin.names), list(lin.colors)

@@ -401,7 +401,7 @@ def _block_gmres(A, B, tol, restart, maxiter, M, x0, show, CU=(None, None), exac
         claimed = False
         # the columns not yet converged (a column that converged in an earlier cycle, e.g. a rough one, rides no more)
         act = np.flatnonzero(~conv); ka = len(act)
-        R, beta, tb = R[:, act], beta[act], (tol * bnorm)[act] if np.ndim(tol) else tol * bnorm[act]
+        R, beta, tb = R[:, act], beta[act], (tol * bnorm)[act]
         V = np.empty((ka, restart + 1, n)); H = np.zeros((restart + 1, restart, ka))  # V[c, j]: j-th basis vector of column c (rows are written before they are read)
         G = np.zeros((d, restart, ka))                                              # G[:, j, c] = C' A M v_j (deflated part)
         Qt = np.zeros((ka, restart + 1, restart + 1)); Qt[:, 0, 0] = 1.0   # accumulated Givens rotations, per column

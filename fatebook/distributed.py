@@ -12,7 +12,7 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 from .core import info, warn, debug, optional_import, check_row_stochastic, cells_str, palette, Key
 from .schur import SchurResult, sort_real_schur, schur_eigenvalues, forbidden_n_states, eigengap
-from .fate import Lineage, _parse_terminal, _FATE_ERR, _STEPS_TOL, _ill_conditioned
+from .fate import Lineage, _parse_terminal, _FATE_ERR, _STEPS_TOL, _STEPS_MIN, _SMOOTH, _ill_conditioned
 
 # %% auto #0
 __all__ = ['petsc', 'row_block', 'matrix_shape', 'read_rows', 'write_csr', 'petsc_matrix', 'distributed_schur',
@@ -325,24 +325,41 @@ _REASONS = {-3: "reached max_it", -4: "diverged (residual grew)", -5: "breakdown
 
 def _certify(C, A, ksp, x, b, B, lab, absorbing, r0, tol, maxiter, MPI):
     """(bound of max |B - B̂|, of the largest mean number of steps to absorption, the 5 cells with the most), as
-    `fatebook.fate._fate_error`: max t from a rough solve of (I - Q) t = 1 (t <= t̂ / (1 - rho)), times the largest
-    max-norm residual of the solved fates (K + 2 products). The caller adds max |row sum - 1| of the solved fates: the
+    `fatebook.fate._fate_error`: max t from a rough solve u of (I - Q) t = 1 by `fatebook.fate._steps_bound`'s rule
+    (max t <= max u / c for c = min (I - Q) u over the transient rows, the one-sided residual; while c < `_STEPS_MIN`, up
+    to `_SMOOTH` Richardson steps, then tighter solves going on from u), times the largest max-norm residual of the
+    solved fates (K + 2 products, and the smoothing's). The caller adds max |row sum - 1| of the solved fates: the
     heaviest lineage becomes 1 minus the others, which moves it by that (rows of T sum to 1 only to rounding), up to the
     clipped negatives (each below `check_sum_tol`)."""
-    r = A.createVecLeft(); K = B.shape[1]; tr = ~absorbing
+    r = A.createVecLeft(); K = B.shape[1]; tr = ~absorbing; one = tr.astype(float)
     res = 0.0
     for k in range(K):
         x.setArray(B[:, k]); A.mult(x, r)
         res = max(res, float(np.abs((lab == k) - r.getArray()).max(initial=0.0)))
     res = C.comm.allreduce(res, op=MPI.MAX)
-    b.setArray(tr.astype(float))
-    for rt in (max(tol, _STEPS_TOL), max(tol, 1e-3)):   # rough first; tighter if its max-norm residual is not below 0.95
-        x.set(0.0); ksp.setTolerances(rtol=rt, atol=0.0, max_it=maxiter); ksp.solve(b, x); A.mult(x, r)
-        rho = C.comm.allreduce(float(np.abs(tr - r.getArray()).max(initial=0.0)), op=MPI.MAX)
-        if rho < 0.95: break
-    ksp.setTolerances(rtol=tol, atol=0.0, max_it=maxiter); r.destroy()
-    t = np.abs(x.getArray())
-    steps = C.comm.allreduce(float(t.max(initial=0.0)), op=MPI.MAX) / (1 - rho) if rho < 1 else np.inf
+
+    def bound(u, smooth):   # (steps, u, c) over all ranks, as fatebook.fate._steps_bound
+        u = np.where(tr, u, 0.0); best, bu, bc = np.inf, u, -np.inf
+        for i in range(smooth + 1):
+            x.setArray(u); A.mult(x, r); w = r.getArray().copy()
+            c = C.comm.allreduce(float(w[tr].min(initial=np.inf)), op=MPI.MIN)
+            mu = C.comm.allreduce(float(u[tr].max(initial=-np.inf)), op=MPI.MAX)
+            if c > 0 and mu / c < best: best, bu, bc = mu / c, u, c
+            if c >= _STEPS_MIN or i == smooth: break
+            u = u + (one - w)
+        return best, bu, bc
+
+    b.setArray(one); x.set(0.0)
+    ksp.setTolerances(rtol=max(tol, _STEPS_TOL), atol=0.0, max_it=maxiter); ksp.solve(b, x)
+    steps, t, c = bound(x.getArray().copy(), _SMOOTH)
+    ksp.setInitialGuessNonzero(True)   # tighter solves go on from the smoothed t̂
+    for rt in (0.03, 1e-3):
+        if c >= _STEPS_MIN: break
+        x.setArray(t); ksp.setTolerances(rtol=max(tol, rt), atol=0.0, max_it=maxiter); ksp.solve(b, x)
+        s2, t2, c2 = bound(x.getArray().copy(), 0)
+        if s2 < steps: steps, t, c = s2, t2, c2
+    ksp.setInitialGuessNonzero(False); ksp.setTolerances(rtol=tol, atol=0.0, max_it=maxiter); r.destroy()
+    t = np.abs(t)
     top = np.argsort(-t, kind="stable")[:5]
     cand = sorted(sum(C.comm.allgather([(float(t[i]), int(r0 + i)) for i in top]), []), key=lambda p: -p[0])[:5]
     return steps * res, steps, np.array([i for _, i in cand])

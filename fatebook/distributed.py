@@ -12,7 +12,7 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 from .core import info, warn, debug, optional_import, check_row_stochastic, cells_str, palette, Key
 from .schur import SchurResult, sort_real_schur, schur_eigenvalues, forbidden_n_states, eigengap
-from .fate import Lineage, _parse_terminal, _FATE_ERR, _STEPS_TOL, _STEPS_MIN, _SMOOTH, _ill_conditioned
+from .fate import Lineage, _parse_terminal, _FATE_ERR, _STEPS_TOL, _STEPS_MIN, _SMOOTH, _ill_conditioned, FatesNotCertified
 
 # %% auto #0
 __all__ = ['petsc', 'row_block', 'matrix_shape', 'read_rows', 'write_csr', 'petsc_matrix', 'distributed_schur',
@@ -438,13 +438,13 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
     why = "" if err <= _FATE_ERR else _ill_conditioned(err, steps, slow, False, estimator=False)
     lo = C.comm.allreduce(float(Bt.min(initial=np.inf)), op=MPI.MIN)
     if lo < -check_sum_tol:
-        raise RuntimeError(f"Fate probabilities have negative entries (min {lo:.2e}) after PETSc GMRES (residual "
+        raise (FatesNotCertified if why else RuntimeError)(f"Fate probabilities have negative entries (min {lo:.2e}) after PETSc GMRES (residual "
                            f"{max(res):.1e}). " + (why + " Or use a smaller `tol`." if why else "Use a smaller `tol`."))
     bad = np.flatnonzero(np.abs(rs - 1) > check_sum_tol)
     bad_all = np.concatenate(C.comm.allgather(r0 + np.flatnonzero(tr)[bad])) if C.size > 1 else np.flatnonzero(tr)[bad]
     if len(bad_all):
         lo_s, hi_s = C.comm.allreduce(float(rs.min(initial=1)), op=MPI.MIN), C.comm.allreduce(float(rs.max(initial=1)), op=MPI.MAX)
-        raise RuntimeError(f"Fate probabilities of {len(bad_all)} cell(s) do not sum to 1 (range [{lo_s:.6f}, {hi_s:.6f}]; cells "
+        raise (FatesNotCertified if why else RuntimeError)(f"Fate probabilities of {len(bad_all)} cell(s) do not sum to 1 (range [{lo_s:.6f}, {hi_s:.6f}]; cells "
                            f"{cells_str(np.sort(bad_all))}): they cannot reach a terminal state with probability 1 (a closed "
                            "part of the chain that is not terminal), or the solve is inaccurate. Find them with "
                            "`fatebook.fate.unreachable_cells` on one machine and declare that part terminal, or lower `tol`."

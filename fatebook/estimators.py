@@ -567,7 +567,7 @@ class BaseEstimator:
         left out of `keys` (transient in this solve, a usual cause) it shows the keys that keep them as a lineage.
 
         Writes: `obsm[Key.obsm.fate_probs]` (n x k array), `uns['..._names']`, `uns['..._colors']`."""
-        from fatebook.fate import fate_probabilities, _FATE_ERR
+        from fatebook.fate import fate_probabilities, _FATE_ERR, FatesNotCertified
         classes, colors, groups = self._terminal_classes(keys)
         rc = getattr(self, "_rc", None)   # known irreducible (one closed class holding every cell): nothing is unreachable
         irr = rc is not None and len(rc[0]) == 1 and not rc[1].any()
@@ -581,8 +581,8 @@ class BaseEstimator:
             lin, rep = fate_probabilities(self._T, classes, solver=solver, tol=tol, unreachable=unreachable,
                                           show_progress=show_progress, colors=colors, deflate=self._slow_directions(),
                                           irreducible=irr or None)
-        except RuntimeError as e:
-            if hint and "certified" in str(e): raise RuntimeError(f"{e}{hint}") from None   # (bounded or not)
+        except FatesNotCertified as e:
+            if hint: raise FatesNotCertified(f"{e}{hint}") from None
             raise
         if hint and rep.get("error_bound", 0) > _FATE_ERR: warn(hint.strip())
         B, names, colors = np.asarray(lin, dtype=float), list(lin.names), list(lin.colors)

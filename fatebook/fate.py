@@ -16,7 +16,7 @@ from .core import (warn, debug, check_row_stochastic, cells_str, palette, to_hex
 from .linalg import _Factor, _IMinus, _strong_components, _component_edges, schur_deflation, _into, _FALLBACK_MAX
 
 # %% auto #0
-__all__ = ['Lineage', 'unreachable_cells', 'fate_probabilities', 'gamblers_ruin', 'absorption_times']
+__all__ = ['Lineage', 'unreachable_cells', 'FatesNotCertified', 'fate_probabilities', 'gamblers_ruin', 'absorption_times']
 
 # %% ../nbs/04_fate.ipynb #a184e27c
 class Lineage(np.ndarray):
@@ -346,6 +346,9 @@ def _fate_error(F, one, t, sel, trans, res):
     top = np.argpartition(-tt, min(4, len(tt) - 1))[:5]; slow = trans[top[np.argsort(-tt[top], kind="stable")]]
     return steps * res, steps, slow
 
+class FatesNotCertified(RuntimeError):
+    "Fate probabilities out of range (negative, or rows not summing to 1) where their certified error exceeds 1e-3: the message says why."
+
 def _ill_conditioned(err, steps, slow, direct_ok: bool, estimator: bool = True) -> str:
     "The message for fates whose certified error exceeds `_FATE_ERR` (or could not be bounded: inf)."
     what = (f"are certified only to ±{err:.1e}: walks from some cells take up to {steps:.1e} steps on average to reach "
@@ -428,13 +431,15 @@ def fate_probabilities(T, # row-stochastic transition matrix (n x n), sparse or 
     B[trans] = Bt
     # validation (no normalisation): small negatives are roundoff, large ones are an error
     if len(trans) and Bt.min() < -check_sum_tol:
-        raise RuntimeError(f"Fate probabilities have negative entries (min {Bt.min():.2e}) after the {F.solver} solve "
+        raise (FatesNotCertified if why else RuntimeError)(
+                           f"Fate probabilities have negative entries (min {Bt.min():.2e}) after the {F.solver} solve "
                            f"(residual {F.max_residual:.1e}). " + (why or "Try solver='direct'."))
     B[trans] = np.clip(B[trans], 0, None)
     rs = B[trans].sum(1)
     bad = np.abs(rs - 1) > check_sum_tol
     if bad.any():
-        raise RuntimeError(f"Fate probabilities of {bad.sum()} cell(s) do not sum to 1 (range [{rs.min():.6f}, {rs.max():.6f}]) "
+        raise (FatesNotCertified if why else RuntimeError)(
+                           f"Fate probabilities of {bad.sum()} cell(s) do not sum to 1 (range [{rs.min():.6f}, {rs.max():.6f}]) "
                            f"after the {F.solver} solve (residual {F.max_residual:.1e}). "
                            + (why or "Try solver='direct' or a smaller tol."))
     if why: warn(why)

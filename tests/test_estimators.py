@@ -330,7 +330,8 @@ def test_fates_with_keys_leaving_out_nearly_closed_terminal_states(caplog):
     g = GPCCA(PrecomputedKernel(matrix=T, adata=a))
     g.set_terminal_states({f"blob{j}": np.flatnonzero(lab == j)[:30] for j in range(6)})
     keep = "keys=['blob0', 'blob5', 'blob1, blob2, blob3, blob4']"
-    with pytest.raises(RuntimeError, match=r"certified only.*blob1, blob2, blob3, blob4 are left out of `keys`") as e:
+    from fatebook.fate import FatesNotCertified
+    with pytest.raises(FatesNotCertified, match=r"certified only.*blob1, blob2, blob3, blob4 are left out of `keys`") as e:
         g.compute_fate_probabilities(keys=["blob0", "blob5"], solver="gmres")
     assert keep in str(e.value) and g.fate_probabilities is None                  # nothing written
     with caplog.at_level(logging.WARNING, logger="fatebook"):

@@ -329,6 +329,16 @@ def _steps_bound(A, u, one, sel, smooth: int = _SMOOTH) -> tuple[float, np.ndarr
         u = u + (one - w)
     return best, bu, bc
 
+def _max_steps(F, t, one, sel) -> tuple[float, np.ndarray]:
+    "(bound of max t, the estimate of t it came from) from a rough t̂ (`_steps_bound`), solving more tightly from it if needed."
+    steps, t, c = _steps_bound(F.A, t, one, sel)
+    for tl in (0.03, 1e-3):   # smoothing did not get there: go on from t̂ with GMRES (from 0 at 1e-3: 3.7 s at 1 M cells)
+        if c >= _STEPS_MIN: break
+        t = F.solve(one, tol=max(F.tol, tl), estimate=True, x0=t)
+        s2, t2, c2 = _steps_bound(F.A, t, one, sel, smooth=0)
+        if s2 < steps: steps, t, c = s2, t2, c2
+    return steps, t
+
 def _fate_error(F, one, t, sel, trans, res):
     """(bound of max |B - B̂|, bound of the largest mean number of steps to absorption, the cells with the most steps).
     (I - Q)⁻¹ >= 0 entrywise (Q substochastic), so ||(I - Q)⁻¹||_inf = max t for t = (I - Q)⁻¹ 1, the mean number of
@@ -336,12 +346,7 @@ def _fate_error(F, one, t, sel, trans, res):
     fates (`_Factor.solve(rough=1)`); `res`: the largest max-norm residual of any lineage, the derived one included (its
     residual is minus the others' sum only where T's rows sum to 1 exactly: a float32 T's rows are off by ~1e-8, found in
     review: error 2.5e-7 against a bound of 2.3e-8 without it). An unbounded estimate (after tighter solves too) gives inf."""
-    steps, t, c = _steps_bound(F.A, t, one, sel)
-    for tl in (0.03, 1e-3):   # smoothing did not get there: go on from t̂ with GMRES (from 0 at 1e-3: 3.7 s at 1 M cells)
-        if c >= _STEPS_MIN: break
-        t = F.solve(one, tol=max(F.tol, tl), estimate=True, x0=t)
-        s2, t2, c2 = _steps_bound(F.A, t, one, sel, smooth=0)
-        if s2 < steps: steps, t, c = s2, t2, c2
+    steps, t = _max_steps(F, t, one, sel)
     tt = np.abs(t[sel])
     top = np.argpartition(-tt, min(4, len(tt) - 1))[:5]; slow = trans[top[np.argsort(-tt[top], kind="stable")]]
     return steps * res, steps, slow
@@ -479,6 +484,30 @@ def gamblers_ruin(N: int = 10, # states 0..N; 0 and N are absorbing
     return sp.csr_matrix((vals, (rows, cols)), shape=(N + 1, N + 1))
 
 # %% ../nbs/04_fate.ipynb #8a5b7426
+_TIME_REL = 1e-2   # absorption times whose certified relative error exceeds this are NaN
+
+class _Supersolution:
+    """Cell-by-cell error bounds for solves with I - Q. (I - Q)⁻¹ >= 0, so a vector E with (I - Q) E >= G >= 0 on the
+    transient rows bounds (I - Q)⁻¹ G from above. `bound(G)` solves roughly (relative residual 1e-2, from GMRES: not
+    itself a bound) and adds γ u, u a positive vector with (I - Q) u >= c > 0 (`_max_steps`) and γ = (the rough solve's
+    largest positive residual) / c: the result is a bound, close to the true (I - Q)⁻¹ G where the solve is good. Where
+    the worst case max t ||G||∞ is 10-100x what a cell's own walks see (a tiny fate probability far from the lineage),
+    this keeps the cell."""
+    def __init__(self, F, t, one, sel):
+        self.F, self.one, self.sel = F, one, sel
+        self.steps, self.u = _max_steps(F, t, one, sel)
+        s = self.steps   # c = max u / steps; no transient cell (steps 0): nothing to bound
+        self.c = float(self.u[sel].max(initial=0.0)) / s if 0 < s < np.inf else (1.0 if s == 0 else 0.0)
+    def bound(self, G):   # G >= 0: n or n x k, zero outside the transient rows
+        vec = np.ndim(G) == 1
+        G = np.where(self.one[:, None] > 0, G[:, None] if vec else G, 0.0)
+        if not np.isfinite(self.steps) or self.c <= 0: E = np.full(G.shape, np.inf)
+        else:
+            E = self.F.solve(G, tol=max(self.F.tol, 1e-2), estimate=True) * self.one[:, None]
+            rho = G - self.F.A @ E
+            E = E + self.u[:, None] * (np.maximum(rho[self.sel].max(axis=0, initial=0.0), 0.0) / self.c)[None, :]
+        return E[:, 0] if vec else E
+
 def absorption_times(T, # row-stochastic transition matrix (n x n)
                      terminal, # int array (class >= 0, -1 transient) or dict {name: cell indices or mask}
                      calculate_variance: bool = False, # also return `{name}_var` columns
@@ -489,7 +518,9 @@ def absorption_times(T, # row-stochastic transition matrix (n x n)
                      show_progress: bool|None = None,
                      deflate: np.ndarray|tuple|None = None, # n x d slow directions for GMRES (e.g. Schur vectors), or (X, R) with T X = X R
                     ) -> pd.DataFrame:
-    "Mean (and variance of the) number of steps to absorption, conditioned per lineage when there are several."
+    """Mean (and variance of the) number of steps to absorption, conditioned per lineage when there are several.
+    Values whose certified error exceeds 1% are NaN, with a warning: a conditional time divides the solve's error by the
+    probability of reaching that lineage, so it is undetermined where that probability is tiny."""
     _check_solver(solver, tol)
     Tc = _as_T(T)
     n = Tc.shape[0]
@@ -505,31 +536,69 @@ def absorption_times(T, # row-stochastic transition matrix (n x n)
     F = _Factor(A, solver, tol, show_progress, deflate=_deflation_input(Tc, deflate, trans, A, tol, embed))
     sel = trans if embed else slice(None)   # the transient cells among the solver's unknowns
     cols = {}
+    one = np.zeros(A.shape[0]); one[sel] = 1.0           # (a right-hand side is zero outside the transient cells)
+    # certified errors, cell by cell: |X - X̂| <= (I - Q)⁻¹ (|R| + the error of the right-hand side), R the solve's residual
+    # (`_err_bound`), so that a value whose error bound exceeds `_TIME_REL` of it is reported as NaN
     if K == 1:
-        one = np.zeros(A.shape[0]); one[sel] = 1.0       # (a right-hand side is zero outside the transient cells)
         tu = F.solve(one); t = tu[sel]
         leak = F.solve(esc)[sel] > 1e-12 if esc is not None else np.zeros(len(trans), bool)
+        sb = _Supersolution(F, tu, one, sel)
+        Et = sb.bound(np.abs(one - A @ tu))
         mean = np.full(n, np.inf); mean[absorbing] = 0; mean[trans] = np.where(leak, np.inf, t)
+        bad_m = (~leak & ~(Et[sel] <= _TIME_REL * np.abs(t)))[:, None]; mean[trans[bad_m[:, 0]]] = np.nan
         cols[f"{cnames[0]}_mean"] = mean
+        bad_v = np.zeros_like(bad_m)
         if calculate_variance:
-            z = F.solve(tu)[sel]
-            var = np.full(n, np.nan); var[absorbing] = 0; var[trans] = np.where(leak, np.nan, 2 * z - t - t ** 2)
+            zu = F.solve(tu); z = zu[sel]
+            dz = sb.bound(np.abs(tu - A @ zu) + Et)[sel]; dt = Et[sel]
+            v = 2 * z - t - t ** 2; dv = 2 * dz + dt * (1 + 2 * np.abs(t) + dt)
+            bad_v = (~leak & (~(dv <= _TIME_REL * np.abs(v)) | bad_m[:, 0]))[:, None]
+            var = np.full(n, np.nan); var[absorbing] = 0; var[trans] = np.where(leak | bad_v[:, 0], np.nan, v)
             cols[f"{cnames[0]}_var"] = var
+        bmax, dBmax = np.full(1, np.nan), 0.0
     else:   # each solve's solution is zero outside the transient cells, so it is the next right-hand side as it is
         Bu = F.solve(S)
         Zu = F.solve(Bu)
-        W = F.solve(Zu)[sel] if calculate_variance else None
-        Bt, Z = Bu[sel], Zu[sel]
+        sb = _Supersolution(F, Zu.sum(axis=1), one, sel)   # (I - Q) sum_j z_j = sum_j b_j ~ 1: a rough t, to bound with
+        EB = sb.bound(np.abs(S - A @ Bu))                  # |B - B̂| <= (I - Q)⁻¹ |R_B|
+        EZ = sb.bound(np.abs(Bu - A @ Zu) + EB)            # |Z - Ẑ| <= (I - Q)⁻¹ (|R_Z| + |B - B̂|)
+        W = F.solve(Zu) if calculate_variance else None
+        EW = sb.bound(np.abs(Zu - A @ W) + EZ)[sel] if calculate_variance else None
+        Bt, Z, dB, dZ = Bu[sel], Zu[sel], EB[sel], EZ[sel]
+        W = W[sel] if calculate_variance else None
         pos = Bt > 1e-14
         with np.errstate(divide="ignore", invalid="ignore"):
             M = np.where(pos, Z / np.where(pos, Bt, 1), np.inf)
             V = np.where(pos, 2 * W / np.where(pos, Bt, 1) - M - M ** 2, np.nan) if calculate_variance else None
+            # M - M̂ = (Z - Ẑ) / B + M̂ (B̂ - B) / B with B >= B̂ - |B - B̂|: a bound wherever B̂ > |B - B̂|
+            lo = np.where(Bt > dB, Bt - dB, np.nan)
+            dM = (dZ + np.abs(M) * dB) / lo
+            bad_m = pos & ~(dM <= _TIME_REL * np.abs(M))
+            bad_v = np.zeros_like(bad_m)
+            if calculate_variance:
+                dV = 2 * (EW + np.abs(W / np.where(pos, Bt, 1)) * dB) / lo + dM * (1 + 2 * np.abs(M) + dM)
+                bad_v = pos & (bad_m | ~(dV <= _TIME_REL * np.abs(V))); V = np.where(bad_v, np.nan, V)
+            M = np.where(bad_m, np.nan, M)
+            bad = bad_m | bad_v
+            bmax = np.array([Bt[bad[:, j], j].max() if bad[:, j].any() else np.nan for j in range(K)])
+        dBmax = float(dB.max(initial=0.0))
         for j, nm in enumerate(cnames):
             mean = np.full(n, np.inf); mean[labels == j] = 0; mean[trans] = M[:, j]
             cols[f"{nm}_mean"] = mean
             if calculate_variance:
                 var = np.full(n, np.nan); var[labels == j] = 0; var[trans] = V[:, j]
                 cols[f"{nm}_var"] = var
+    if bad_m.any() or bad_v.any():
+        nm_, nv_ = bad_m.sum(axis=0), bad_v.sum(axis=0)
+        per = "; ".join(f"{c!r}: {a:,} mean(s)" + (f", {b:,} variance(s)" if calculate_variance else "")
+                        for c, a, b in zip(cnames, nm_, nv_) if a or b)
+        why = (f" They belong to cells that reach the lineage with a probability below ~{np.nanmax(bmax):.0e}: a "
+               f"conditional time divides the solve's error (the fate probabilities are certified to ±{dBmax:.0e}) by that "
+               "probability." if K > 1 and np.isfinite(bmax).any() else
+               " The walks from these cells take very long to be absorbed, so a small residual hides a large error.")
+        warn(f"Absorption times not determined to {_TIME_REL:.0%} by this solve are NaN: {per} of {len(trans):,} transient "
+             f"cells.{why} A smaller `tol`" + (" (or solver='direct')" if F.solver != "direct" and F.n_unknowns <= _FALLBACK_MAX else "")
+             + " determines more of them.")
     df = pd.DataFrame(cols)
     if calculate_variance:  # roundoff can make tiny variances slightly negative
         df[[c for c in df if c.endswith("_var")]] = df[[c for c in df if c.endswith("_var")]].clip(lower=0)

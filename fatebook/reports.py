@@ -1170,15 +1170,18 @@ def show_figure(fig):
     display(fig); plt.close(fig)
 
 def absorption_time_figure(fa, basis: str = "umap", dpi: int = 100):
-    "Mean time to absorption (steps of the chain) on the embedding, one panel per lineage; `fa` a `FateAnalysis` after `compute_fates`."
+    """Mean time to absorption (steps of the chain) on the embedding, one panel per lineage; `fa` a `FateAnalysis` after
+    `compute_fates`. Cells without a time (never absorbed there: inf; not determined: NaN) are light grey."""
     import matplotlib.pyplot as plt
     df = fa.g.absorption_times
     E = np.asarray(fa.adata.obsm[f"X_{basis}"])[:, :2]
     cols = [c for c in df.columns if c.endswith("_mean")]
     fig, axes = plt.subplots(1, len(cols), figsize=(3.6*len(cols), 3.2), dpi=dpi, layout="constrained", squeeze=False)
     for ax, c in zip(axes[0], cols):
-        v = df[c].to_numpy(dtype=float); o = np.argsort(np.nan_to_num(v))
-        sc_ = ax.scatter(E[o, 0], E[o, 1], c=v[o], s=max(2, 3000/len(v)), cmap="viridis", linewidths=0, rasterized=True)
+        v = df[c].to_numpy(dtype=float); ok = np.isfinite(v); o = np.flatnonzero(ok)[np.argsort(v[ok])]
+        s_ = max(2, 3000/len(v))
+        ax.scatter(E[~ok, 0], E[~ok, 1], c="#dedede", s=s_, linewidths=0, rasterized=True)
+        sc_ = ax.scatter(E[o, 0], E[o, 1], c=v[o], s=s_, cmap="viridis", linewidths=0, rasterized=True)
         fig.colorbar(sc_, ax=ax, shrink=0.7, label="mean steps")
         ax.set_title(f"time to absorption: {c[:-5]}", fontsize=10); ax.set_xticks([]); ax.set_yticks([])
     return fig

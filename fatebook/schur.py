@@ -367,6 +367,7 @@ _SSTEP_S = 4   # products per block. The monomial block's errors grow ~5-10x per
                # 6 gave true residuals of 1e-8-7e-8 on 1,000-cell weakly coupled blocks (slow_chain 'blocks', the relation
                # A V = V H drifting while its own estimate said 1e-16), 4 gave <= 1e-10 on 36 slow chains (1,000-4,000
                # cells, 3 kinds, 4 seeds); 8 lost accuracy on a 50,000-cell chain (5e-10), 10 much more (2e-7)
+_SSTEP_SHIFT_MIN = 0.25   # the block is built from A - σ I (σ = mean diagonal) when σ is at least this: lazy chains
 _SSTEP_PIP = True         # block Gram-Schmidt in the Pythagorean form (BCGS-PIP2): 3 passes over the basis per block, not 5
 _SSTEP_PIP_MIN = 1e-8     # ... when every column's part outside the basis is >= 1e-4 of the block's norm (else the old form)
 _SSTEP_RETRY = 100       # a true residual above this many times the tolerance: repeat with blocks of 2 products
@@ -400,6 +401,12 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
     tol = _SSTEP_TOL if tol is None else tol
     budget = _SSTEP_BUDGET if maxiter is None else int(maxiter)
     A = RowSplit(P) if sp.issparse(P) else P
+    # a lazy chain (T = a I + (1 - a) P, a near 1) has every eigenvalue within 1 - a of a: the monomial block A^i v is
+    # then nearly one vector and the Krylov information drowns in rounding (a = 0.99: the wanted set was missed). The
+    # Krylov space of A - σ I is the same, so the block is built from it, σ the mean diagonal (T's own; 0 for kNN chains)
+    sigma = (float(P.diagonal().mean()) if sp.issparse(P) else float(np.diag(P).mean()) if isinstance(P, np.ndarray)
+             else 0.0)   # (an operator with only `@`: no shift)
+    sigma = sigma if sigma >= _SSTEP_SHIFT_MIN else 0.0
     rng = as_rng(seed)
     V = np.empty((n, mb + 1), order="F"); H = np.zeros((mb + 1, mb))      # A V[:, :p] = V[:, :p+1] H[:p+1, :p]
     draw = (lambda f: f(n)) if order is None else (lambda f: f(n)[order])   # random vectors in the cells' own order
@@ -416,7 +423,10 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
                 if nmv >= budget: raise SchurNotConverged(_sstep_budget_msg(budget, state, k, tol, m))
                 se = min(s, mb - p)
                 z = V[:, p]
-                for i in range(se): Z[:, i] = A @ z; z = Z[:, i]           # monomial block z_i = A^i v_p
+                for i in range(se):                                          # monomial block z_i = (A - σ I)^i v_p
+                    Z[:, i] = A @ z
+                    if sigma: Z[:, i] -= sigma * z
+                    z = Z[:, i]
                 nmv += se; bar.update(se)
                 Zs, Vp = Z[:, :se], V[:, :p + 1]
                 # block classical Gram-Schmidt, twice, in three passes over V (the bulk of the memory traffic), each
@@ -460,6 +470,7 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
                 Zout = np.zeros((p + 1 + se, se)); Zout[:p + 1] = C; Zout[p + 1:] = Rz
                 Zin = np.zeros((p + se, se)); Zin[p, 0] = 1.0; Zin[:, 1:] = Zout[:p + se, :se - 1]
                 Yb = Zout - H[:p + 1 + se, :p] @ Zin[:p]
+                if sigma: Yb[:p + se] += sigma * Zin                         # A [v_p, z_1..] = [z_1..z_s] + σ [v_p, z_1..]
                 H[:p + 1 + se, p:p + se] = sla.solve_triangular(Zin[p:p + se], Yb.T, trans="T", lower=False).T
                 p += se
             it += 1

@@ -454,12 +454,12 @@ def as_rng(seed=None) -> np.random.Generator:
     return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
 def fmt_value(v) -> str:
-    """Format a parameter for a repr: floats to 3 decimal places, or to 3 significant digits below 0.001 (a tolerance of
-    1e-08 or an error bound of 2e-07 must not read 0.0), always as Python floats; the rest with `repr`."""
+    """Format a parameter for a repr: floats to 3 decimal places, or to 3 significant digits below 1 (a tolerance of
+    1e-08 or an error bound of 1.4e-03 must not read 0.0 or 0.001), always as Python floats; the rest with `repr`."""
     if isinstance(v, (bool, np.bool_)): return repr(bool(v))
     if isinstance(v, (float, np.floating)):
-        v = float(v)
-        return repr(float(f"{v:.3g}") if 0 < abs(v) < 1e-3 else round(v, 3))
+        v = float(v) + 0.0   # (-0.0 reads 0.0)
+        return repr(float(f"{v:.3g}") if 0 < abs(v) < 1 else round(v, 3))
     if isinstance(v, (np.integer,)): return repr(int(v))
     return repr(v)
 

@@ -12,7 +12,7 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 from .core import info, warn, debug, optional_import, check_row_stochastic, cells_str, palette, Key
 from .schur import SchurResult, sort_real_schur, schur_eigenvalues, forbidden_n_states, eigengap
-from .fate import Lineage, _parse_terminal, _FATE_ERR, _STEPS_TOL, _STEPS_MIN, _SMOOTH, _ill_conditioned, FatesNotCertified
+from .fate import Lineage, _parse_terminal, _FATE_ERR, _STEPS_TOL, _STEPS_MIN, _STEPS_GOOD, _SMOOTH, _ill_conditioned, FatesNotCertified
 
 # %% auto #0
 __all__ = ['petsc', 'row_block', 'matrix_shape', 'read_rows', 'write_csr', 'petsc_matrix', 'distributed_schur',
@@ -326,8 +326,8 @@ _REASONS = {-3: "reached max_it", -4: "diverged (residual grew)", -5: "breakdown
 def _certify(C, A, ksp, x, b, B, lab, absorbing, r0, tol, maxiter, MPI):
     """(bound of max |B - B̂|, of the largest mean number of steps to absorption, the 5 cells with the most), as
     `fatebook.fate._fate_error`: max t from a rough solve u of (I - Q) t = 1 by `fatebook.fate._steps_bound`'s rule
-    (max t <= max u / c for c = min (I - Q) u over the transient rows, the one-sided residual; while c < `_STEPS_MIN`, up
-    to `_SMOOTH` Richardson steps, then tighter solves going on from u), times the largest max-norm residual of the
+    (max t <= max u / c for c = min (I - Q) u over the transient rows, the one-sided residual; while c < `_STEPS_GOOD`,
+    up to `_SMOOTH` Richardson steps, then, if c < `_STEPS_MIN`, tighter solves going on from u), times the largest max-norm residual of the
     solved fates (K + 2 products, and the smoothing's). The caller adds max |row sum - 1| of the solved fates: the
     heaviest lineage becomes 1 minus the others, which moves it by that (rows of T sum to 1 only to rounding), up to the
     clipped negatives (each below `check_sum_tol`)."""
@@ -345,7 +345,7 @@ def _certify(C, A, ksp, x, b, B, lab, absorbing, r0, tol, maxiter, MPI):
             c = C.comm.allreduce(float(w[tr].min(initial=np.inf)), op=MPI.MIN)
             mu = C.comm.allreduce(float(u[tr].max(initial=-np.inf)), op=MPI.MAX)
             if c > 0 and mu / c < best: best, bu, bc = mu / c, u, c
-            if c >= _STEPS_MIN or i == smooth: break
+            if c >= _STEPS_GOOD or i == smooth: break
             u = u + (one - w)
         return best, bu, bc
 

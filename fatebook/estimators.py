@@ -645,9 +645,11 @@ class BaseEstimator:
         self.absorption_times = df
         self._write("obsm", Key.obsm.absorption_times(self.backward), df)
         self._set_params("absorption_times", dict(keys=keys, calculate_variance=calculate_variance, solver=solver, tol=tol))
-        mean = df[[c for c in df if c.endswith("_mean")]].replace(np.inf, np.nan)
+        def med(v):   # over the cells with a time (not the lineage's own cells, 0; not inf or NaN)
+            v = v[np.isfinite(v) & (v > 0)]
+            return f"{np.median(v):.3g}" if len(v) else "not determined"
         info(f"Absorption times towards {', '.join(classes)} in {t.text}: median over cells "
-             + ", ".join(f"{c[:-5]} {np.nanmedian(mean[c]):.3g}" for c in mean) + " steps.")
+             + ", ".join(f"{c[:-5]} {med(df[c].to_numpy(float))}" for c in df if c.endswith("_mean")) + " steps.")
         return self
 
     @_atomic

@@ -309,6 +309,7 @@ def _setup(T, terminal, names, irreducible=None, embed=None):
 _FATE_ERR = 1e-3    # certified error of the fates (absolute) above which the solve is redone (LU or a smaller tol), then warned
 _STEPS_TOL = 0.3    # the rough solve that bounds the mean number of steps to absorption
 _STEPS_MIN = 0.05   # ... accepted once (I - Q) t̂ >= this on every transient row (the bound at most 20x max t̂)
+_STEPS_GOOD = 0.5   # ... smoothed (products only) until this: accepting 0.07 left a bound 13x max t (found in review)
 _SMOOTH = 3         # Richardson steps on t̂ before a tighter solve (1,000,000 cells: one step, 0.08 s, did what a 1.0 s solve did)
 _TOL_MIN = 1e-12    # the smallest GMRES tolerance tried for the bound (a 100,000-cell chain needing 3e-13: 240 s, 1,387 iterations)
 
@@ -316,16 +317,17 @@ def _steps_bound(A, u, one, sel, smooth: int = _SMOOTH) -> tuple[float, np.ndarr
     """(bound of max t, the vector u it comes from, c) for t = (I - Q)⁻¹ 1, the mean number of steps to absorption.
     (I - Q)⁻¹ >= 0 entrywise, so (I - Q) u >= c > 0 on every transient row gives t <= u / c, i.e. max t <= max u / c
     (inf if c <= 0). One-sided: only a residual 1 - (I - Q) u above 0 weakens it. `A`: the system's operator (its rows
-    outside `sel`, where `one` is 0, are identity rows: u is set to 0 there). While c < `_STEPS_MIN`, up to `smooth`
+    outside `sel`, where `one` is 0, are identity rows: u is set to 0 there). While c < `_STEPS_GOOD`, up to `smooth`
     Richardson steps u <- u + (1 - (I - Q) u) (one product each) even out the isolated spikes that a 2-norm stop leaves
-    in the residual (1,000,000 cells: a rough GMRES t̂ with residual 1.5 on 3 cells; one step made c = 0.55)."""
+    in the residual (1,000,000 cells: a rough GMRES t̂ with residual 1.5 on 3 cells; one step made c = 0.55), and go on
+    while c < `_STEPS_GOOD` (a 2,000-cell kNN chain: c = 0.07 after one step, bound 471 for max t = 35; 0.68 after two)."""
     u = np.where(one > 0, u, 0.0)
     best, bu, bc = np.inf, u, -np.inf
     for i in range(smooth + 1):
         w = A @ u
         c = float(w[sel].min(initial=np.inf))
         if c > 0 and (mu := float(u[sel].max(initial=0.0)) / c) < best: best, bu, bc = mu, u, c
-        if c >= _STEPS_MIN or i == smooth: break
+        if c >= _STEPS_GOOD or i == smooth: break
         u = u + (one - w)
     return best, bu, bc
 
@@ -488,7 +490,7 @@ _TIME_REL = 1e-2   # absorption times whose certified relative error exceeds thi
 
 class _Supersolution:
     """Cell-by-cell error bounds for solves with I - Q. (I - Q)⁻¹ >= 0, so a vector E with (I - Q) E >= G >= 0 on the
-    transient rows bounds (I - Q)⁻¹ G from above. `bound(G)` solves roughly (relative residual 1e-2, from GMRES: not
+    transient rows bounds (I - Q)⁻¹ G from above. `bound(G)` solves roughly (relative residual 1e-6, from GMRES: not
     itself a bound) and adds γ u, u a positive vector with (I - Q) u >= c > 0 (`_max_steps`) and γ = (the rough solve's
     largest positive residual) / c: the result is a bound, close to the true (I - Q)⁻¹ G where the solve is good. Where
     the worst case max t ||G||∞ is 10-100x what a cell's own walks see (a tiny fate probability far from the lineage),
@@ -503,10 +505,92 @@ class _Supersolution:
         G = np.where(self.one[:, None] > 0, G[:, None] if vec else G, 0.0)
         if not np.isfinite(self.steps) or self.c <= 0: E = np.full(G.shape, np.inf)
         else:
-            E = self.F.solve(G, tol=max(self.F.tol, 1e-2), estimate=True) * self.one[:, None]
+            E = self.F.solve(G, tol=max(self.F.tol, 1e-6), estimate=True) * self.one[:, None]
             rho = G - self.F.A @ E
             E = E + self.u[:, None] * (np.maximum(rho[self.sel].max(axis=0, initial=0.0), 0.0) / self.c)[None, :]
         return E[:, 0] if vec else E
+
+def _reaching(T, labels, K) -> np.ndarray:
+    """n x K booleans: can a walk from each cell reach terminal class j before any other terminal cell (a path of
+    transitions through non-terminal cells)? Exactly where the fate probability B[:, j] > 0: a conditional time is
+    `inf` ("never absorbed there") only then, whatever the solver says. One pass for the strongly connected components
+    (walks end at terminal cells) and a search on the components' graph per class."""
+    T = sp.csr_matrix(T)
+    Ts, nc, lab = _strong_components(sp.csr_matrix(sp.diags((labels < 0).astype(float)) @ T))
+    src, dst = _component_edges(Ts, lab)
+    out = np.zeros((T.shape[0], K), bool)
+    for j in range(K):
+        tgt = np.unique(lab[labels == j])
+        G = sp.csr_matrix((np.ones(len(src) + len(tgt)), (np.r_[dst, np.full(len(tgt), nc)], np.r_[src, tgt])),
+                          shape=(nc + 1, nc + 1))
+        seen = np.zeros(nc + 1, bool); seen[breadth_first_order(G, nc, directed=True, return_predecessors=False)] = True
+        out[:, j] = seen[lab]
+    return out
+
+def _abs_times(F, A, S, esc, one, sel, n, trans, absorbing, labels, cnames, K, reach, variance):
+    """The absorption-time columns and their certificate: (cols, bad means, bad variances (n_trans x K), why, failed):
+    `failed` when the solve as a whole is badly determined (fates certified worse than `_FATE_ERR`, or unconditional
+    times worse than `_TIME_REL`), `why` the explanation for the warning."""
+    cols = {}
+    if K == 1:
+        tu = F.solve(one); t = tu[sel]
+        leak = F.solve(esc)[sel] > 1e-12 if esc is not None else np.zeros(len(trans), bool)
+        sb = _Supersolution(F, tu, one, sel)
+        Et = sb.bound(np.abs(one - A @ tu))
+        mean = np.full(n, np.inf); mean[absorbing] = 0; mean[trans] = np.where(leak, np.inf, t)
+        bad_m = (~leak & ~(Et[sel] <= _TIME_REL * np.abs(t)))[:, None]; mean[trans[bad_m[:, 0]]] = np.nan
+        cols[f"{cnames[0]}_mean"] = mean
+        bad_v = np.zeros_like(bad_m)
+        if variance:
+            zu = F.solve(tu); z = zu[sel]
+            dz = sb.bound(np.abs(tu - A @ zu) + Et)[sel]; dt = Et[sel]
+            v = 2 * z - t - t ** 2; dv = 2 * dz + dt * (1 + 2 * np.abs(t) + dt)
+            bad_v = (~leak & (~(dv <= _TIME_REL * np.abs(v)) | bad_m[:, 0]))[:, None]
+            var = np.full(n, np.nan); var[absorbing] = 0; var[trans] = np.where(leak | bad_v[:, 0], np.nan, v)
+            cols[f"{cnames[0]}_var"] = var
+        why = (f" Walks from some cells take up to {sb.steps:.1e} steps to be absorbed, which amplifies the solve's "
+               f"residual (tol={F.tol:g}) as much: where that is huge, a nearly closed part of the chain is not "
+               "terminal." if bad_m.any() else "")
+        return cols, bad_m, bad_v, why, bool(bad_m.any())
+    Bu = F.solve(S)
+    Zu = F.solve(Bu)
+    sb = _Supersolution(F, Zu.sum(axis=1), one, sel)   # (I - Q) sum_j z_j = sum_j b_j ~ 1: a rough t, to bound with
+    EB = sb.bound(np.abs(S - A @ Bu))                  # |B - B̂| <= (I - Q)⁻¹ |R_B|
+    EZ = sb.bound(np.abs(Bu - A @ Zu) + EB)            # |Z - Ẑ| <= (I - Q)⁻¹ (|R_Z| + |B - B̂|)
+    W = F.solve(Zu) if variance else None
+    EW = sb.bound(np.abs(Zu - A @ W) + EZ)[sel] if variance else None
+    Bt, Z, dB, dZ = Bu[sel], Zu[sel], EB[sel], EZ[sel]
+    W = W[sel] if variance else None
+    never = ~reach                                     # no path to the class: B = 0 exactly, the time is inf
+    with np.errstate(divide="ignore", invalid="ignore"):
+        M = np.where(never, np.inf, Z / Bt)
+        V = np.where(never, np.nan, 2 * W / Bt - M - M ** 2) if variance else None
+        # M - M̂ = (Z - Ẑ) / B + M̂ (B̂ - B) / B with B >= B̂ - |B - B̂|: a bound wherever B̂ > |B - B̂|
+        lo = np.where(Bt > dB, Bt - dB, np.nan)
+        dM = (dZ + np.abs(M) * dB) / lo
+        bad_m = ~never & ~(dM <= _TIME_REL * np.abs(M))
+        bad_v = np.zeros_like(bad_m)
+        if variance:
+            dV = 2 * (EW + np.abs(W / Bt) * dB) / lo + dM * (1 + 2 * np.abs(M) + dM)
+            bad_v = ~never & (bad_m | ~(dV <= _TIME_REL * np.abs(V))); V = np.where(bad_v, np.nan, V)
+        M = np.where(bad_m, np.nan, M)
+    for j, nm in enumerate(cnames):
+        mean = np.full(n, np.inf); mean[labels == j] = 0; mean[trans] = M[:, j]
+        cols[f"{nm}_mean"] = mean
+        if variance:
+            var = np.full(n, np.nan); var[labels == j] = 0; var[trans] = V[:, j]
+            cols[f"{nm}_var"] = var
+    err = float(dB.max(initial=0.0))
+    bad = bad_m | bad_v
+    bmax = max((float(Bt[bad[:, j], j].max()) for j in range(K) if bad[:, j].any()), default=0.0)
+    why = (f" The fate probabilities of this solve are certified only to ±{err:.0e} (tol={F.tol:g}; walks from some cells "
+           f"take up to {sb.steps:.1e} steps to be absorbed, which amplifies the residual as much: where that is huge, a "
+           "nearly closed part of the chain is not terminal), so the times that divide by them are not determined."
+           if err > _FATE_ERR else "")
+    return cols, bad_m, bad_v, why or (f" They belong to cells that reach the lineage with a probability below "
+                                       f"~{max(bmax, 1e-300):.0e}: a conditional time divides the solve's error (the fate "
+                                       f"probabilities are certified to ±{err:.0e}) by that probability." if bad.any() else ""), \
+        err > _FATE_ERR
 
 def absorption_times(T, # row-stochastic transition matrix (n x n)
                      terminal, # int array (class >= 0, -1 transient) or dict {name: cell indices or mask}
@@ -522,7 +606,7 @@ def absorption_times(T, # row-stochastic transition matrix (n x n)
     Values whose certified error exceeds 1% are NaN, with a warning: a conditional time divides the solve's error by the
     probability of reaching that lineage, so it is undetermined where that probability is tiny."""
     _check_solver(solver, tol)
-    Tc = _as_T(T)
+    Tc = T if sp.issparse(T) else np.asarray(T)   # (checked by `_setup`, at T's own precision: float32 accepted)
     n = Tc.shape[0]
     labels, cnames = _parse_terminal(terminal, n, names)
     if keys is not None:
@@ -535,70 +619,25 @@ def absorption_times(T, # row-stochastic transition matrix (n x n)
     Tc, n, labels, cnames, K, absorbing, unreach, trans, A, S, esc, embed = _setup(Tc, labels, cnames)
     F = _Factor(A, solver, tol, show_progress, deflate=_deflation_input(Tc, deflate, trans, A, tol, embed))
     sel = trans if embed else slice(None)   # the transient cells among the solver's unknowns
-    cols = {}
     one = np.zeros(A.shape[0]); one[sel] = 1.0           # (a right-hand side is zero outside the transient cells)
     # certified errors, cell by cell: |X - X̂| <= (I - Q)⁻¹ (|R| + the error of the right-hand side), R the solve's residual
-    # (`_err_bound`), so that a value whose error bound exceeds `_TIME_REL` of it is reported as NaN
-    if K == 1:
-        tu = F.solve(one); t = tu[sel]
-        leak = F.solve(esc)[sel] > 1e-12 if esc is not None else np.zeros(len(trans), bool)
-        sb = _Supersolution(F, tu, one, sel)
-        Et = sb.bound(np.abs(one - A @ tu))
-        mean = np.full(n, np.inf); mean[absorbing] = 0; mean[trans] = np.where(leak, np.inf, t)
-        bad_m = (~leak & ~(Et[sel] <= _TIME_REL * np.abs(t)))[:, None]; mean[trans[bad_m[:, 0]]] = np.nan
-        cols[f"{cnames[0]}_mean"] = mean
-        bad_v = np.zeros_like(bad_m)
-        if calculate_variance:
-            zu = F.solve(tu); z = zu[sel]
-            dz = sb.bound(np.abs(tu - A @ zu) + Et)[sel]; dt = Et[sel]
-            v = 2 * z - t - t ** 2; dv = 2 * dz + dt * (1 + 2 * np.abs(t) + dt)
-            bad_v = (~leak & (~(dv <= _TIME_REL * np.abs(v)) | bad_m[:, 0]))[:, None]
-            var = np.full(n, np.nan); var[absorbing] = 0; var[trans] = np.where(leak | bad_v[:, 0], np.nan, v)
-            cols[f"{cnames[0]}_var"] = var
-        bmax, dBmax = np.full(1, np.nan), 0.0
-    else:   # each solve's solution is zero outside the transient cells, so it is the next right-hand side as it is
-        Bu = F.solve(S)
-        Zu = F.solve(Bu)
-        sb = _Supersolution(F, Zu.sum(axis=1), one, sel)   # (I - Q) sum_j z_j = sum_j b_j ~ 1: a rough t, to bound with
-        EB = sb.bound(np.abs(S - A @ Bu))                  # |B - B̂| <= (I - Q)⁻¹ |R_B|
-        EZ = sb.bound(np.abs(Bu - A @ Zu) + EB)            # |Z - Ẑ| <= (I - Q)⁻¹ (|R_Z| + |B - B̂|)
-        W = F.solve(Zu) if calculate_variance else None
-        EW = sb.bound(np.abs(Zu - A @ W) + EZ)[sel] if calculate_variance else None
-        Bt, Z, dB, dZ = Bu[sel], Zu[sel], EB[sel], EZ[sel]
-        W = W[sel] if calculate_variance else None
-        pos = Bt > 1e-14
-        with np.errstate(divide="ignore", invalid="ignore"):
-            M = np.where(pos, Z / np.where(pos, Bt, 1), np.inf)
-            V = np.where(pos, 2 * W / np.where(pos, Bt, 1) - M - M ** 2, np.nan) if calculate_variance else None
-            # M - M̂ = (Z - Ẑ) / B + M̂ (B̂ - B) / B with B >= B̂ - |B - B̂|: a bound wherever B̂ > |B - B̂|
-            lo = np.where(Bt > dB, Bt - dB, np.nan)
-            dM = (dZ + np.abs(M) * dB) / lo
-            bad_m = pos & ~(dM <= _TIME_REL * np.abs(M))
-            bad_v = np.zeros_like(bad_m)
-            if calculate_variance:
-                dV = 2 * (EW + np.abs(W / np.where(pos, Bt, 1)) * dB) / lo + dM * (1 + 2 * np.abs(M) + dM)
-                bad_v = pos & (bad_m | ~(dV <= _TIME_REL * np.abs(V))); V = np.where(bad_v, np.nan, V)
-            M = np.where(bad_m, np.nan, M)
-            bad = bad_m | bad_v
-            bmax = np.array([Bt[bad[:, j], j].max() if bad[:, j].any() else np.nan for j in range(K)])
-        dBmax = float(dB.max(initial=0.0))
-        for j, nm in enumerate(cnames):
-            mean = np.full(n, np.inf); mean[labels == j] = 0; mean[trans] = M[:, j]
-            cols[f"{nm}_mean"] = mean
-            if calculate_variance:
-                var = np.full(n, np.nan); var[labels == j] = 0; var[trans] = V[:, j]
-                cols[f"{nm}_var"] = var
+    # (`_Supersolution`); a value whose error bound exceeds `_TIME_REL` of it is reported as NaN
+    reach = _reaching(Tc, labels, K)[trans] if K > 1 else None   # B > 0 exactly where a path leads to the class
+    while True:
+        cols, bad_m, bad_v, why, failed = _abs_times(F, A, S, esc, one, sel, n, trans, absorbing, labels, cnames, K,
+                                                     reach, calculate_variance)
+        # 'auto': a badly determined solve is redone by sparse LU where affordable, as for the fate probabilities
+        if not (failed and F.auto and F.solver != "direct" and F.n_unknowns <= _FALLBACK_MAX): break
+        debug(f"Absorption times: {why.strip()} Solving by sparse LU."); F.solver = "direct"
     if bad_m.any() or bad_v.any():
         nm_, nv_ = bad_m.sum(axis=0), bad_v.sum(axis=0)
         per = "; ".join(f"{c!r}: {a:,} mean(s)" + (f", {b:,} variance(s)" if calculate_variance else "")
                         for c, a, b in zip(cnames, nm_, nv_) if a or b)
-        why = (f" They belong to cells that reach the lineage with a probability below ~{np.nanmax(bmax):.0e}: a "
-               f"conditional time divides the solve's error (the fate probabilities are certified to ±{dBmax:.0e}) by that "
-               "probability." if K > 1 and np.isfinite(bmax).any() else
-               " The walks from these cells take very long to be absorbed, so a small residual hides a large error.")
+        how = ("Sparse LU (solver='direct') is as accurate as this gets: declare nearly closed parts of the chain "
+               "terminal states." if F.solver == "direct" else "A smaller `tol`"
+               + (" (or solver='direct')" if F.n_unknowns <= _FALLBACK_MAX else "") + " determines more of them.")
         warn(f"Absorption times not determined to {_TIME_REL:.0%} by this solve are NaN: {per} of {len(trans):,} transient "
-             f"cells.{why} A smaller `tol`" + (" (or solver='direct')" if F.solver != "direct" and F.n_unknowns <= _FALLBACK_MAX else "")
-             + " determines more of them.")
+             f"cells.{why} {how}")
     df = pd.DataFrame(cols)
     if calculate_variance:  # roundoff can make tiny variances slightly negative
         df[[c for c in df if c.endswith("_var")]] = df[[c for c in df if c.endswith("_var")]].clip(lower=0)

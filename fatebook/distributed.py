@@ -12,7 +12,7 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 from .core import info, warn, debug, optional_import, check_row_stochastic, cells_str, palette, Key
 from .schur import SchurResult, sort_real_schur, schur_eigenvalues, forbidden_n_states, eigengap
-from .fate import Lineage, _parse_terminal, _FATE_ERR, _STEPS_TOL, _STEPS_MIN, _STEPS_GOOD, _SMOOTH, _ill_conditioned, FatesNotCertified
+from .fate import Lineage, _parse_terminal, _FATE_ERR, _STEPS_TOL, _max_steps, _ill_conditioned, FatesNotCertified
 
 # %% auto #0
 __all__ = ['petsc', 'row_block', 'matrix_shape', 'read_rows', 'write_csr', 'petsc_matrix', 'distributed_schur',
@@ -323,11 +323,17 @@ def distributed_schur(T_rows, # this rank's row block of the row-stochastic n x 
 # %% ../nbs/04a_distributed.ipynb #f06443a2
 _REASONS = {-3: "reached max_it", -4: "diverged (residual grew)", -5: "breakdown", -9: "NaN/Inf", -11: "preconditioner failed"}
 
+class _PetscOp:
+    "`op @ u`: this rank's rows of A u for a distributed PETSc Mat A, through the work vectors x and r (a copy)."
+    def __init__(self, A, x, r): self.A, self.x, self.r = A, x, r
+    def __matmul__(self, u): self.x.setArray(u); self.A.mult(self.x, self.r); return self.r.getArray().copy()
+
 def _certify(C, A, ksp, x, b, B, lab, absorbing, r0, tol, maxiter, MPI):
     """(bound of max |B - B̂|, of the largest mean number of steps to absorption, the 5 cells with the most), as
-    `fatebook.fate._fate_error`: max t from a rough solve u of (I - Q) t = 1 by `fatebook.fate._steps_bound`'s rule
-    (max t <= max u / c for c = min (I - Q) u over the transient rows, the one-sided residual; while c < `_STEPS_GOOD`,
-    up to `_SMOOTH` Richardson steps, then, if c < `_STEPS_MIN`, tighter solves going on from u), times the largest max-norm residual of the
+    `fatebook.fate._fate_error`: max t from a rough solve u of (I - Q) t = 1 by `fatebook.fate._max_steps` (max t <=
+    max u / c for c = min (I - Q) u over the transient rows, the one-sided residual; while c < `_STEPS_GOOD`, up to
+    `_SMOOTH` Richardson steps, then, if c < `_STEPS_MIN`, tighter KSP solves going on from u; min and max over all
+    ranks), times the largest max-norm residual of the
     solved fates (K + 2 products, and the smoothing's). The caller adds max |row sum - 1| of the solved fates: the
     heaviest lineage becomes 1 minus the others, which moves it by that (rows of T sum to 1 only to rounding), up to the
     clipped negatives (each below `check_sum_tol`)."""
@@ -338,26 +344,15 @@ def _certify(C, A, ksp, x, b, B, lab, absorbing, r0, tol, maxiter, MPI):
         res = max(res, float(np.abs((lab == k) - r.getArray()).max(initial=0.0)))
     res = C.comm.allreduce(res, op=MPI.MAX)
 
-    def bound(u, smooth):   # (steps, u, c) over all ranks, as fatebook.fate._steps_bound
-        u = np.where(tr, u, 0.0); best, bu, bc = np.inf, u, -np.inf
-        for i in range(smooth + 1):
-            x.setArray(u); A.mult(x, r); w = r.getArray().copy()
-            c = C.comm.allreduce(float(w[tr].min(initial=np.inf)), op=MPI.MIN)
-            mu = C.comm.allreduce(float(u[tr].max(initial=-np.inf)), op=MPI.MAX)
-            if c > 0 and mu / c < best: best, bu, bc = mu / c, u, c
-            if c >= _STEPS_GOOD or i == smooth: break
-            u = u + (one - w)
-        return best, bu, bc
+    def resolve(t, rt):   # a tighter KSP solve of (I - Q) t = 1, going on from t̂
+        x.setArray(t); ksp.setTolerances(rtol=max(tol, rt), atol=0.0, max_it=maxiter); ksp.solve(b, x)
+        return x.getArray().copy()
 
     b.setArray(one); x.set(0.0)
     ksp.setTolerances(rtol=max(tol, _STEPS_TOL), atol=0.0, max_it=maxiter); ksp.solve(b, x)
-    steps, t, c = bound(x.getArray().copy(), _SMOOTH)
-    ksp.setInitialGuessNonzero(True)   # tighter solves go on from the smoothed t̂
-    for rt in (0.03, 1e-3):
-        if c >= _STEPS_MIN: break
-        x.setArray(t); ksp.setTolerances(rtol=max(tol, rt), atol=0.0, max_it=maxiter); ksp.solve(b, x)
-        s2, t2, c2 = bound(x.getArray().copy(), 0)
-        if s2 < steps: steps, t, c = s2, t2, c2
+    ksp.setInitialGuessNonzero(True)
+    steps, t = _max_steps(_PetscOp(A, x, r), x.getArray().copy(), one, tr, resolve,
+                          lambda v, op: C.comm.allreduce(v, op=MPI.MIN if op == "min" else MPI.MAX))
     ksp.setInitialGuessNonzero(False); ksp.setTolerances(rtol=tol, atol=0.0, max_it=maxiter); r.destroy()
     t = np.abs(t)
     top = np.argsort(-t, kind="stable")[:5]

@@ -215,6 +215,14 @@ def _parse_terminal(terminal, n, names=None):
     if len(names) != k: raise ValueError(f"Got {len(names)} names for {k} terminal classes.")
     return labels, names
 
+def _reaching_components(src, dst, nc: int, tgt) -> np.ndarray:
+    """Which of `nc` components (edges `src` -> `dst` between them) can reach one of the components `tgt`: a reverse
+    breadth-first search from a super-source (index nc) pointing at them."""
+    G = sp.csr_matrix((np.ones(len(src) + len(tgt)), (np.r_[dst, np.full(len(tgt), nc)], np.r_[src, tgt])),
+                      shape=(nc + 1, nc + 1))
+    seen = np.zeros(nc + 1, bool); seen[breadth_first_order(G, nc, directed=True, return_predecessors=False)] = True
+    return seen[:nc]
+
 def unreachable_cells(T, # transition matrix (n x n), sparse or dense
                       absorbing_mask: np.ndarray, # boolean mask of the absorbing (terminal) cells
                      ) -> np.ndarray:
@@ -225,15 +233,9 @@ def unreachable_cells(T, # transition matrix (n x n), sparse or dense
     if a.shape != (n,): raise ValueError(f"`absorbing_mask` must have length {n}, got {a.shape}.")
     hit = np.zeros(nc + 1, bool); hit[lab[a]] = True
     if hit[:nc].all(): return np.zeros(n, bool)   # every component holds an absorbing cell (e.g. one irreducible chain)
-    # reverse BFS on the graph of components, from a super-source (index nc) pointing at every component with an
-    # absorbing cell: what it reaches can reach an absorbing cell
+    # reverse search on the graph of components from those with an absorbing cell: what it reaches can reach one
     src, dst = _component_edges(T, lab)
-    tgt = np.flatnonzero(hit[:nc])
-    G = sp.csr_matrix((np.ones(len(src) + len(tgt)), (np.r_[dst, np.full(len(tgt), nc)], np.r_[src, tgt])),
-                      shape=(nc + 1, nc + 1))
-    reached = np.zeros(nc + 1, bool)
-    reached[breadth_first_order(G, nc, directed=True, return_predecessors=False)] = True
-    return ~reached[lab] & ~a
+    return ~_reaching_components(src, dst, nc, np.flatnonzero(hit[:nc]))[lab] & ~a
 
 # %% ../nbs/04_fate.ipynb #3a84d3be
 _SOLVERS = ("auto", "direct", "gmres", "petsc")
@@ -313,33 +315,41 @@ _STEPS_GOOD = 0.5   # ... smoothed (products only) until this: accepting 0.07 le
 _SMOOTH = 3         # Richardson steps on t̂ before a tighter solve (1,000,000 cells: one step, 0.08 s, did what a 1.0 s solve did)
 _TOL_MIN = 1e-12    # the smallest GMRES tolerance tried for the bound (a 100,000-cell chain needing 3e-13: 240 s, 1,387 iterations)
 
-def _steps_bound(A, u, one, sel, smooth: int = _SMOOTH) -> tuple[float, np.ndarray, float]:
+def _steps_bound(A, u, one, sel, smooth: int = _SMOOTH, reduce=None) -> tuple[float, np.ndarray, float]:
     """(bound of max t, the vector u it comes from, c) for t = (I - Q)⁻¹ 1, the mean number of steps to absorption.
     (I - Q)⁻¹ >= 0 entrywise, so (I - Q) u >= c > 0 on every transient row gives t <= u / c, i.e. max t <= max u / c
     (inf if c <= 0). One-sided: only a residual 1 - (I - Q) u above 0 weakens it. `A`: the system's operator (its rows
     outside `sel`, where `one` is 0, are identity rows: u is set to 0 there). While c < `_STEPS_GOOD`, up to `smooth`
     Richardson steps u <- u + (1 - (I - Q) u) (one product each) even out the isolated spikes that a 2-norm stop leaves
     in the residual (1,000,000 cells: a rough GMRES t̂ with residual 1.5 on 3 cells; one step made c = 0.55), and go on
-    while c < `_STEPS_GOOD` (a 2,000-cell kNN chain: c = 0.07 after one step, bound 471 for max t = 35; 0.68 after two)."""
+    while c < `_STEPS_GOOD` (a 2,000-cell kNN chain: c = 0.07 after one step, bound 471 for max t = 35; 0.68 after two).
+    `reduce(value, 'min' | 'max')`: the global min / max of a rank's value when the rows are distributed (MPI)."""
+    red = reduce or (lambda v, op: v)
     u = np.where(one > 0, u, 0.0)
     best, bu, bc = np.inf, u, -np.inf
     for i in range(smooth + 1):
         w = A @ u
-        c = float(w[sel].min(initial=np.inf))
-        if c > 0 and (mu := float(u[sel].max(initial=0.0)) / c) < best: best, bu, bc = mu, u, c
+        c, mu = red(float(w[sel].min(initial=np.inf)), "min"), red(float(u[sel].max(initial=0.0)), "max")
+        if c > 0 and mu / c < best: best, bu, bc = mu / c, u, c
         if c >= _STEPS_GOOD or i == smooth: break
         u = u + (one - w)
     return best, bu, bc
 
-def _max_steps(F, t, one, sel) -> tuple[float, np.ndarray]:
-    "(bound of max t, the estimate of t it came from) from a rough t̂ (`_steps_bound`), solving more tightly from it if needed."
-    steps, t, c = _steps_bound(F.A, t, one, sel)
-    for tl in (0.03, 1e-3):   # smoothing did not get there: go on from t̂ with GMRES (from 0 at 1e-3: 3.7 s at 1 M cells)
+def _max_steps(A, t, one, sel, resolve, reduce=None) -> tuple[float, np.ndarray]:
+    """(bound of max t, the estimate of t it came from) from a rough t̂ (`_steps_bound`); `resolve(t̂, rtol)` solves
+    (I - Q) t = 1 more tightly, going on from t̂, if smoothing did not get there (GMRES from 0 at 1e-3: 3.7 s at 1 M
+    cells). The single-process solver (`_refine`) and the distributed one (PETSc KSP) share it."""
+    steps, u, c = _steps_bound(A, t, one, sel, reduce=reduce)
+    x = u
+    for tl in (0.03, 1e-3):
         if c >= _STEPS_MIN: break
-        t = F.solve(one, tol=max(F.tol, tl), estimate=True, x0=t)
-        s2, t2, c2 = _steps_bound(F.A, t, one, sel, smooth=0)
-        if s2 < steps: steps, t, c = s2, t2, c2
-    return steps, t
+        s2, x, c2 = _steps_bound(A, resolve(x, tl), one, sel, smooth=0, reduce=reduce)   # (each solve from the last)
+        if s2 < steps: steps, u, c = s2, x, c2
+    return steps, u   # u: the estimate the bound came from ((I - Q) u >= max u / steps: `_Supersolution` relies on it)
+
+def _refine(F, one):
+    "`resolve` for `_max_steps` with a `_Factor`: a rough solve of (I - Q) t = 1 to `rtol`, started from t̂."
+    return lambda t, tl: F.solve(one, tol=max(F.tol, tl), estimate=True, x0=t)
 
 def _fate_error(F, one, t, sel, trans, res):
     """(bound of max |B - B̂|, bound of the largest mean number of steps to absorption, the cells with the most steps).
@@ -348,7 +358,7 @@ def _fate_error(F, one, t, sel, trans, res):
     fates (`_Factor.solve(rough=1)`); `res`: the largest max-norm residual of any lineage, the derived one included (its
     residual is minus the others' sum only where T's rows sum to 1 exactly: a float32 T's rows are off by ~1e-8, found in
     review: error 2.5e-7 against a bound of 2.3e-8 without it). An unbounded estimate (after tighter solves too) gives inf."""
-    steps, t = _max_steps(F, t, one, sel)
+    steps, t = _max_steps(F.A, t, one, sel, _refine(F, one))
     tt = np.abs(t[sel])
     top = np.argpartition(-tt, min(4, len(tt) - 1))[:5]; slow = trans[top[np.argsort(-tt[top], kind="stable")]]
     return steps * res, steps, slow
@@ -497,7 +507,7 @@ class _Supersolution:
     this keeps the cell."""
     def __init__(self, F, t, one, sel):
         self.F, self.one, self.sel = F, one, sel
-        self.steps, self.u = _max_steps(F, t, one, sel)
+        self.steps, self.u = _max_steps(F.A, t, one, sel, _refine(F, one))
         s = self.steps   # c = max u / steps; no transient cell (steps 0): nothing to bound
         self.c = float(self.u[sel].max(initial=0.0)) / s if 0 < s < np.inf else (1.0 if s == 0 else 0.0)
     def bound(self, G):   # G >= 0: n or n x k, zero outside the transient rows
@@ -519,12 +529,7 @@ def _reaching(T, labels, K) -> np.ndarray:
     Ts, nc, lab = _strong_components(sp.csr_matrix(sp.diags((labels < 0).astype(float)) @ T))
     src, dst = _component_edges(Ts, lab)
     out = np.zeros((T.shape[0], K), bool)
-    for j in range(K):
-        tgt = np.unique(lab[labels == j])
-        G = sp.csr_matrix((np.ones(len(src) + len(tgt)), (np.r_[dst, np.full(len(tgt), nc)], np.r_[src, tgt])),
-                          shape=(nc + 1, nc + 1))
-        seen = np.zeros(nc + 1, bool); seen[breadth_first_order(G, nc, directed=True, return_predecessors=False)] = True
-        out[:, j] = seen[lab]
+    for j in range(K): out[:, j] = _reaching_components(src, dst, nc, np.unique(lab[labels == j]))[lab]
     return out
 
 def _abs_times(F, A, S, esc, one, sel, n, trans, absorbing, labels, cnames, K, reach, variance):
@@ -583,14 +588,16 @@ def _abs_times(F, A, S, esc, one, sel, n, trans, absorbing, labels, cnames, K, r
     err = float(dB.max(initial=0.0))
     bad = bad_m | bad_v
     bmax = max((float(Bt[bad[:, j], j].max()) for j in range(K) if bad[:, j].any()), default=0.0)
-    why = (f" The fate probabilities of this solve are certified only to ±{err:.0e} (tol={F.tol:g}; walks from some cells "
-           f"take up to {sb.steps:.1e} steps to be absorbed, which amplifies the residual as much: where that is huge, a "
-           "nearly closed part of the chain is not terminal), so the times that divide by them are not determined."
-           if err > _FATE_ERR else "")
-    return cols, bad_m, bad_v, why or (f" They belong to cells that reach the lineage with a probability below "
-                                       f"~{max(bmax, 1e-300):.0e}: a conditional time divides the solve's error (the fate "
-                                       f"probabilities are certified to ±{err:.0e}) by that probability." if bad.any() else ""), \
-        err > _FATE_ERR
+    if err > _FATE_ERR:
+        why = (f" The fate probabilities of this solve are certified only to ±{err:.0e} (tol={F.tol:g}; walks from some "
+               f"cells take up to {sb.steps:.1e} steps to be absorbed, which amplifies the residual as much: where that is "
+               "huge, a nearly closed part of the chain is not terminal), so the times that divide by them are not determined.")
+    elif bad.any():
+        why = (f" They belong to cells that reach the lineage with a probability below ~{max(bmax, 1e-300):.0e}: a "
+               f"conditional time divides the solve's error (the fate probabilities are certified to ±{err:.0e}) by that "
+               "probability.")
+    else: why = ""
+    return cols, bad_m, bad_v, why, err > _FATE_ERR
 
 def absorption_times(T, # row-stochastic transition matrix (n x n)
                      terminal, # int array (class >= 0, -1 transient) or dict {name: cell indices or mask}

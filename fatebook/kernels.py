@@ -32,8 +32,8 @@ def read_connectivities(adata,  # the AnnData
     """A float64 CSR copy of `adata.obsp[conn_key]` (stored zeros kept); raises if a cell has no neighbour. With
     `weights=False` the same checks, and a boolean CSR pattern of the graph (every stored entry True): converting
     scanpy's float32 weights to float64 cost 1.7 s at 1,000,000 cells for a kernel that only needs the neighbours.
-    The pattern shares the graph's `indices` and `indptr` when they are CSR with sorted indices (a copy cost 1.2 s
-    there): treat them as read only."""
+    The pattern shares the graph's `indices` and `indptr` when they are CSR in canonical form (sorted indices, no
+    duplicates; a copy cost 1.2 s there): treat them as read only. A graph changed in place afterwards changes them."""
     check_adata(adata)
     require_key(adata, "obsp", conn_key, "`scanpy.pp.neighbors` or `scvelo.pp.moments`")
     C = adata.obsp[conn_key]
@@ -42,9 +42,9 @@ def read_connectivities(adata,  # the AnnData
         raise ValueError(f"`adata.obsp['{conn_key}']` has shape {C.shape}, expected ({n}, {n}) for {n} cells. "
                          "Recompute the neighbour graph on this AnnData.")
     if weights: C = sp.csr_matrix(C, dtype=np.float64, copy=True)
-    else:   # only read: the user's arrays themselves, unless the indices must be sorted (then a copy, sorted)
-        C = sp.csr_matrix(C)
-        if not C.has_sorted_indices: C = C.copy(); C.sort_indices()
+    else:   # only read: the user's arrays themselves, unless not canonical (a copy, sorted: scipy sums duplicates in
+        C = sp.csr_matrix(C)   # place in many operations, e.g. tolil, which wrote into the graph: found in review)
+        if not C.has_canonical_format: C = C.copy(); C.sort_indices()
     if not np.all(np.isfinite(C.data)):
         raise ValueError(f"`adata.obsp['{conn_key}']` contains NaN or infinite weights; recompute the neighbour graph.")
     if C.data.size and C.data.min() < 0:

@@ -44,7 +44,7 @@ def read_connectivities(adata,  # the AnnData
     if weights: C = sp.csr_matrix(C, dtype=np.float64, copy=True)
     else:   # only read: the user's arrays themselves, unless not canonical (a copy, sorted: scipy sums duplicates in
         C = sp.csr_matrix(C)   # place in many operations, e.g. tolil, which wrote into the graph: found in review)
-        if not C.has_canonical_format: C = C.copy(); C.sort_indices()
+        if not C.has_canonical_format: C = C.copy(); C.sum_duplicates()   # (sorted; a neighbour stored twice is one)
     if not np.all(np.isfinite(C.data)):
         raise ValueError(f"`adata.obsp['{conn_key}']` contains NaN or infinite weights; recompute the neighbour graph.")
     if C.data.size and C.data.min() < 0:

@@ -179,6 +179,22 @@ def test_velocity_uncertainty_models_real(dg100, model):
     assert (k.transition_matrix.indptr == det.indptr).all()
 
 
+@pytest.mark.parametrize("model", ["deterministic", "stochastic", "monte_carlo"])
+def test_velocity_graph_with_duplicate_entries(dg100, model):
+    """A kNN graph that stores each edge twice is the same graph: the same T, and the user's graph is left as it was
+    (its arrays are read in place only when canonical; with duplicates the uncertainty models' tolil summed them in
+    place and rewrote it, then raised: found in review)."""
+    C = dg100.obsp["connectivities"]
+    a = dg100.copy()
+    a.obsp["connectivities"] = sp.csr_matrix((np.repeat(C.data, 2) / 2, np.repeat(C.indices, 2), 2 * C.indptr), shape=C.shape)
+    snap = _snapshot(a)
+    kw = dict(model=model, n_samples=20, seed=1, show_progress=False)
+    T2 = VelocityKernel(a).compute_transition_matrix(**kw).transition_matrix
+    T1 = VelocityKernel(dg100).compute_transition_matrix(**kw).transition_matrix
+    _same(a, snap)
+    assert (T2 != T1).nnz == 0
+
+
 def test_monte_carlo_seeded(dg50):
     f = lambda seed: VelocityKernel(dg50).compute_transition_matrix(model="monte_carlo", n_samples=20, seed=seed,
                                                                    show_progress=False).transition_matrix

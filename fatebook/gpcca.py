@@ -957,17 +957,24 @@ class GPCCA(BaseEstimator):
         mn = [as_name(c) for c in self.macrostates.cat.categories]
         groups = [[x] for x in mn] if names is None else _split_keys(names, mn, "macrostate")
         chi = np.asarray(self.macrostates_memberships)
-        cols = [as_name(x) for x in getattr(self.macrostates_memberships, "names", mn)]   # chi's columns by name: the
-        gidx = [[cols.index(x) for x in g] for g in groups]   # categories may be in another order (found in review)
+        # chi's column of each state by name (the categories may come in another order, e.g. sorted by a str ->
+        # category round trip: found in review); renamed categories keep their order, so then by position
+        cols = [as_name(x) for x in getattr(self.macrostates_memberships, "names", mn)]
+        if sorted(cols) != sorted(mn):
+            warn(f"The macrostates' categories {mn} are not the names of their membership columns {cols}; matching them "
+                 "by position (renaming categories keeps it).")
+            cols = mn
+        gidx = [[cols.index(x) for x in g] for g in groups]
         sel = np.column_stack([chi[:, i].sum(axis=1) for i in gidx])
         gnames = _group_names(groups, mn)
         cmap = dict(zip(cols, self._macro_colors))   # (in the memberships' order, as compute_macrostates set them)
         colors = [cmap[g[0]] if len(g) == 1 else mean_color([cmap[x] for x in g]) for g in groups]
         n_cells = self._macro_n_cells if n_cells is None else check_int("n_cells", n_cells, 1)
         if n_cells is None:
-            codes = self.macrostates.cat.codes.to_numpy()
+            codes = self.macrostates.cat.codes.to_numpy()   # (category positions, not membership columns)
             lab = np.full(self.n_obs, -1)
-            for j, i in enumerate(gidx): lab[np.isin(codes, i) & (True if exclude is None else ~exclude)] = j
+            for j, g in enumerate(groups):
+                lab[np.isin(codes, [mn.index(x) for x in g]) & (True if exclude is None else ~exclude)] = j
             empty = [gnames[j] for j in range(len(groups)) if not (lab == j).any()]
             if empty:
                 raise ValueError(f"Macrostate(s) {empty} have no cells under the argmax assignment (compute_macrostates("
@@ -980,7 +987,7 @@ class GPCCA(BaseEstimator):
             top = getattr(self, "_macro_top", None)   # (macrostates, T, n_cells) as this object's compute_macrostates set them
             if (kind == "terminal" and exclude is None and top is not None and top[0] is self.macrostates
                     and top[1] is self._T and top[2] == n_cells and gidx == [[j] for j in range(len(mn))]):
-                lab = self.macrostates.cat.codes.to_numpy()   # every macrostate as it is: the top cells compute_macrostates
+                lab = self.macrostates.cat.codes.to_numpy().copy()   # every macrostate as it is: the top cells compute_macrostates
                                                               # chose (1.4 s of tie-breaking walks at 1 M cells)
             else:
                 lab = top_cells_groups(chi, gidx, n_cells, exclude=exclude, T=self._T if kind == "terminal" else self._T.T)

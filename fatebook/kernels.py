@@ -41,16 +41,16 @@ def read_connectivities(adata,  # the AnnData
     if C.shape != (n, n):
         raise ValueError(f"`adata.obsp['{conn_key}']` has shape {C.shape}, expected ({n}, {n}) for {n} cells. "
                          "Recompute the neighbour graph on this AnnData.")
-    if weights: C = sp.csr_matrix(C, dtype=np.float64, copy=True)
-    else:   # only read: the user's arrays themselves, unless not canonical (a copy, sorted: scipy sums duplicates in
-        C = sp.csr_matrix(C)   # place in many operations, e.g. tolil, which wrote into the graph: found in review)
-        if not C.has_canonical_format: C = C.copy(); C.sum_duplicates()   # (sorted; a neighbour stored twice is one)
+    C = sp.csr_matrix(C, dtype=np.float64, copy=True) if weights else sp.csr_matrix(C)   # (weights=False: only read)
     if not np.all(np.isfinite(C.data)):
         raise ValueError(f"`adata.obsp['{conn_key}']` contains NaN or infinite weights; recompute the neighbour graph.")
     if C.data.size and C.data.min() < 0:
         raise ValueError(f"`adata.obsp['{conn_key}']` has negative weights (min {C.data.min():.3g}); "
                          "connectivities must be non-negative.")
     if weights: C.sort_indices()
+    elif not C.has_canonical_format:   # the user's arrays themselves only when canonical, else a copy: scipy sums
+        C = C.copy(); C.sum_duplicates()   # duplicates in place in many operations (tolil wrote into the graph: review);
+                                           # a neighbour stored twice is one (negatives were checked before)
     ne = np.flatnonzero(np.diff(C.indptr))          # non-empty rows; a row's largest weight must be positive
     has = np.zeros(n, bool)
     if len(ne): has[ne] = np.maximum.reduceat(C.data, C.indptr[ne]) > 0

@@ -84,17 +84,23 @@ def velocity_inputs(adata,  # the AnnData
     elif f"{vkey}_genes" in adata.var:
         mask = np.asarray(adata.var[f"{vkey}_genes"], dtype=bool)
     cols = np.flatnonzero(mask)
-    nan = np.zeros(len(cols), bool)
-    for a, b in _blocks(n, G): nan |= np.isnan(_rows(V, a, b, cols)).any(axis=0)
+    nan = np.zeros(len(cols), bool); inf_r, inf_c = [], []   # (the cells and genes of infinite velocities: few)
+    for a, b in _blocks(n, G):
+        Vb = _rows(V, a, b, cols); nan |= np.isnan(Vb).any(axis=0)
+        r, c = np.nonzero(np.isinf(Vb)); inf_r.append(a + r); inf_c.append(c)
     if nan.any():
         info(f"Dropping {nan.sum()} gene(s) with NaN velocity.")
-        cols = cols[~nan]
+    inf_r = np.unique(np.concatenate(inf_r)[~nan[np.concatenate(inf_c)]])   # in the genes kept
+    cols = cols[~nan]
     if not len(cols):
         raise ValueError(f"No genes left for the velocity kernel (the gene subset is empty or every velocity is NaN). "
                          f"Check `adata.var['{vkey}_genes']` or pass `gene_subset=`.")
-    for a, b in _blocks(n, G):
-        if not np.isfinite(_rows(X, a, b, cols)).all():
-            raise ValueError(f"`{xkey}` has NaN or infinite values in the velocity genes; fix or drop those genes.")
+    bad_x = np.unique(np.concatenate([a + np.flatnonzero(~np.isfinite(_rows(X, a, b, cols)).all(axis=1))
+                                      for a, b in _blocks(n, G)]))
+    for bad, key, what in ((bad_x, xkey or "X", "NaN or infinite"), (inf_r, vkey, "infinite")):
+        if len(bad):   # (a NaN or inf velocity or displacement makes the cell's similarities NaN: masked or worse)
+            raise ValueError(f"`{key}` has {what} values in the velocity genes for {len(bad)} cell(s): "
+                             f"{_obs_names(adata, bad)}. Fix them (e.g. `np.nan_to_num`) or remove those cells or genes.")
     Xa, gx = _readable(X, cols)
     Va, gv = _readable(V, cols)
     return Xa, Va, gx, gv, genes[cols]
@@ -205,17 +211,21 @@ def velocity_similarities(X: np.ndarray,  # expression (cells x genes), float32 
     s, valid = np.empty(E), np.empty(E, bool)
     if not callable(similarity):
         mean, norm, _ = velocity_stats(V, similarity, gv)
+        bad = np.flatnonzero(~np.isfinite(norm))   # (the kernel checks its inputs first, naming the cells)
+        if len(bad):
+            raise ValueError(f"The velocity of {len(bad)} cell(s) holds inf or NaN values (cells {cells_str(bad)}); "
+                             "replace them (e.g. `np.nan_to_num`) or remove those cells or genes.")
         if similarity == "dot_product": mean[:], norm[:] = 0.0, 1.0
         code = _SIM_CODE[similarity]
         nb = max(1, min(n, n_threads() * (16 if big else 1)))
         _run_blocks(lambda lo, hi: _sims_nb(indptr, indices, X, V, gx, gv, code, bool(transpose), mean, norm, lo, hi,
                                             s, valid), _nnz_blocks(indptr, nb), "velocity similarities", show)
-        bad = np.flatnonzero(~np.isfinite(s))   # inf or NaN in the expression or the velocity (NaN genes are dropped)
+        bad = np.flatnonzero(~np.isfinite(s))   # inf or NaN in the expression (or the velocity, in dot_product)
         if len(bad):
             cells = np.unique(np.searchsorted(indptr, bad, side="right") - 1)
-            raise ValueError(f"The similarities of {len(cells)} cell(s) are not finite (cells {cells_str(cells)}): their "
-                             "expression or velocity holds inf or NaN values. Replace them (e.g. `np.nan_to_num`) or "
-                             "remove those cells or genes.")
+            raise ValueError(f"The similarities of {len(bad)} edge(s) are not finite, in the rows of cells "
+                             f"{cells_str(cells)}: the expression or velocity of these cells or of their neighbours holds "
+                             "inf or NaN values. Replace them (e.g. `np.nan_to_num`) or remove those cells or genes.")
         return s, valid
     # a custom similarity gets chunks of edges as dense arrays (D = x_a - x_b, the velocity of b)
     rows = np.repeat(np.arange(n), np.diff(indptr))

@@ -195,6 +195,20 @@ def test_velocity_graph_with_duplicate_entries(dg100, model):
     assert (T2 != T1).nnz == 0
 
 
+def test_velocity_inf_in_inputs_named(dg50):
+    """An inf velocity (NaN genes are dropped, inf ones are not) or expression raises naming the cell: before, the
+    default correlation similarity masked the cell's edges and gave it a uniform row with a wrong explanation (review)."""
+    a = dg50.copy(); V = np.array(a.layers["velocity"], dtype=np.float64)
+    g = np.flatnonzero(np.asarray(a.var["velocity_genes"], bool))[0]
+    V[5, g] = np.inf; a.layers["velocity"] = V
+    for kw in ({}, {"backward": True}):
+        with pytest.raises(ValueError, match=f"`velocity` has infinite values .* 1 cell.*{a.obs_names[5]}"):
+            VelocityKernel(a, **kw).compute_transition_matrix(show_progress=False)
+    b = dg50.copy(); X = np.array(b.layers["Ms"], dtype=np.float64); X[7, g] = np.nan; b.layers["Ms"] = X
+    with pytest.raises(ValueError, match=f"`Ms` has NaN or infinite values .*{b.obs_names[7]}"):
+        VelocityKernel(b)
+
+
 def test_monte_carlo_seeded(dg50):
     f = lambda seed: VelocityKernel(dg50).compute_transition_matrix(model="monte_carlo", n_samples=20, seed=seed,
                                                                    show_progress=False).transition_matrix

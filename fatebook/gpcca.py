@@ -949,6 +949,22 @@ class GPCCA(BaseEstimator):
             return self._states_from_macrostates(states, kind, n_cells, allow_overlap=allow_overlap)
         return super()._resolve_states(states, kind, n_cells=n_cells, colors=colors, **kw)
 
+    def _membership_columns(self, mn: list) -> dict:
+        """The membership column of each macrostate category in `mn`: by name (the categories may come in another order,
+        e.g. sorted by a str -> category round trip, or fewer after unused ones were dropped: found in review); the
+        categories that are no column's name (renamed) take the columns left over, in order, with a warning."""
+        mem = [as_name(x) for x in getattr(self.macrostates_memberships, "names", mn)]
+        col = {x: mem.index(x) for x in mn if x in mem}
+        left, free = [x for x in mn if x not in col], [j for j, x in enumerate(mem) if x not in mn]
+        if len(left) > len(free):
+            raise ValueError(f"The macrostates' categories {mn} do not match the names of their membership columns {mem}. "
+                             "Recompute the macrostates (`compute_macrostates`).")
+        if left:
+            warn(f"Macrostate(s) {left} are not names of membership columns; taking the column(s) "
+                 f"{[mem[j] for j in free[:len(left)]]} left over, in order (renamed categories keep it).")
+            col.update(zip(left, free))
+        return col
+
     def _states_from_macrostates(self, names, kind, n_cells=None, allow_overlap=False):
         "States from macrostates; unless `allow_overlap`, cells already in states of the other kind are not taken."
         self._require_macrostates()
@@ -957,17 +973,11 @@ class GPCCA(BaseEstimator):
         mn = [as_name(c) for c in self.macrostates.cat.categories]
         groups = [[x] for x in mn] if names is None else _split_keys(names, mn, "macrostate")
         chi = np.asarray(self.macrostates_memberships)
-        # chi's column of each state by name (the categories may come in another order, e.g. sorted by a str ->
-        # category round trip: found in review); renamed categories keep their order, so then by position
-        cols = [as_name(x) for x in getattr(self.macrostates_memberships, "names", mn)]
-        if sorted(cols) != sorted(mn):
-            warn(f"The macrostates' categories {mn} are not the names of their membership columns {cols}; matching them "
-                 "by position (renaming categories keeps it).")
-            cols = mn
-        gidx = [[cols.index(x) for x in g] for g in groups]
+        col = self._membership_columns(mn)
+        gidx = [[col[x] for x in g] for g in groups]
         sel = np.column_stack([chi[:, i].sum(axis=1) for i in gidx])
         gnames = _group_names(groups, mn)
-        cmap = dict(zip(cols, self._macro_colors))   # (in the memberships' order, as compute_macrostates set them)
+        cmap = {x: self._macro_colors[col[x]] for x in mn}   # (in the memberships' order, as compute_macrostates set them)
         colors = [cmap[g[0]] if len(g) == 1 else mean_color([cmap[x] for x in g]) for g in groups]
         n_cells = self._macro_n_cells if n_cells is None else check_int("n_cells", n_cells, 1)
         if n_cells is None:

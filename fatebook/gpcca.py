@@ -985,11 +985,16 @@ class GPCCA(BaseEstimator):
             lab = np.full(self.n_obs, -1)
             for j, g in enumerate(groups):
                 lab[np.isin(codes, [mn.index(x) for x in g]) & (True if exclude is None else ~exclude)] = j
-            empty = [gnames[j] for j in range(len(groups)) if not (lab == j).any()]
+            empty = [j for j in range(len(groups)) if not (lab == j).any()]
+            taken = [gnames[j] for j in empty if np.isin(codes, [mn.index(x) for x in groups[j]]).any()]
+            if taken:   # they have cells, but every one is already in a state of the other kind
+                raise ValueError(f"Every cell of macrostate(s) {taken} is already in a {'terminal' if kind == 'initial' else 'initial'} "
+                                 "state, so they cannot be used as states. Pass allow_overlap=True, or choose other "
+                                 "macrostates.")
             if empty:
-                raise ValueError(f"Macrostate(s) {empty} have no cells under the argmax assignment (compute_macrostates("
-                                 "n_cells=None)), so they cannot be used as states. Pass n_cells=<int> to take their top "
-                                 "cells, or choose other macrostates.")
+                raise ValueError(f"Macrostate(s) {[gnames[j] for j in empty]} have no cells under the argmax assignment "
+                                 "(compute_macrostates(n_cells=None)), so they cannot be used as states. Pass n_cells=<int> "
+                                 "to take their top cells, or choose other macrostates.")
         else:
             n_cells = min(n_cells, self.n_obs // len(groups))
             # ties at the cut: terminal states take the end a walk drains into, initial states the end it comes from

@@ -12,7 +12,7 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 from .core import info, warn, debug, optional_import, check_row_stochastic, cells_str, palette, Key
 from .schur import SchurResult, sort_real_schur, schur_eigenvalues, forbidden_n_states, eigengap
-from .fate import Lineage, _parse_terminal, _FATE_ERR, _STEPS_TOL, _REDO_MAX, _tighter, _max_steps, _ill_conditioned, FatesNotCertified
+from .fate import Lineage, _parse_terminal, _FATE_ERR, _STEPS_TOL, _tighten, _max_steps, _ill_conditioned, FatesNotCertified
 
 # %% auto #0
 __all__ = ['petsc', 'row_block', 'matrix_shape', 'read_rows', 'write_csr', 'petsc_matrix', 'distributed_schur',
@@ -443,16 +443,20 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
         return e + dev, st, sl
 
     err, steps, slow = solve(tol)
-    for _ in range(_REDO_MAX):   # as fatebook.fate: tighter solves while the bound improves (every rank the same err)
-        new = _tighter(tol, err) if err > _FATE_ERR else None
-        if new is None: break
+    first = []
+
+    def again(rtol):   # each tighter solve goes on from the last one
+        if not first: first.append((B.copy(), list(res), steps, slow))   # (what a worse one must not overwrite)
+        e, st, sl = solve(rtol, again=True)
+        return e, (B.copy(), list(res), st, sl)
+
+    def say(e, new):
         if show_progress and C.rank == 0:
-            print(f"[fatebook.distributed] fates certified only to {err:.1e}: solving again with rtol {new:.0e}",
+            print(f"[fatebook.distributed] fates certified only to {e:.1e}: solving again with rtol {new:.0e}",
                   file=sys.stderr, flush=True)
-        prev = (B.copy(), list(res), err, steps, slow)
-        cur = solve(new, again=True)
-        if not cur[0] < err: B[:], res[:] = prev[0], prev[1]; break   # no better (e.g. GMRES broke down): keep the last
-        tol, (err, steps, slow) = new, cur
+    # as fatebook.fate: tighter solves while the bound improves (every rank has the same err, so the same steps)
+    tol, err, best = _tighten(again, tol, err, say)
+    if best or first: B[:], res[:], steps, slow = best or first[0]
     for o in (ksp, A, x, b): o.destroy()
     why = "" if err <= _FATE_ERR else _ill_conditioned(err, steps, slow, False, estimator=False)
     Bt = B[tr]

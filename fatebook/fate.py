@@ -327,6 +327,21 @@ def _tighter(tol: float, err: float) -> float|None:
     new = tol * _FATE_ERR / err / 10
     return new if new >= _TOL_MIN else None
 
+def _tighten(solve, tol: float, err: float, say=None) -> tuple:
+    """Tighter solves, while the bound `err` of the solve at `tol` exceeds `_FATE_ERR` and each improves it: up to
+    `_REDO_MAX`, at `_tighter`'s tolerances. `solve(tol)` returns (err, state); `say(err, new tol)` announces each.
+    Returns (tol, err, state) of the best solve, state None when the first stands. `fate_probabilities` and
+    `fatebook.distributed.distributed_fates` share this rule."""
+    state = None
+    for _ in range(_REDO_MAX):
+        new = _tighter(tol, err) if err > _FATE_ERR else None
+        if new is None: break
+        if say is not None: say(err, new)
+        e2, s2 = solve(new)
+        if not e2 < err: break                              # no better (e.g. GMRES broke down): keep the last
+        tol, err, state = new, e2, s2
+    return tol, err, state
+
 def _steps_bound(A, u, one, sel, smooth: int = _SMOOTH, reduce=None) -> tuple[float, np.ndarray, float]:
     """(bound of max t, the vector u it comes from, c) for t = (I - Q)⁻¹ 1, the mean number of steps to absorption.
     (I - Q)⁻¹ >= 0 entrywise, so (I - Q) u >= c > 0 on every transient row gives t <= u / c, i.e. max t <= max u / c
@@ -445,16 +460,15 @@ def fate_probabilities(T, # row-stochastic transition matrix (n x n), sparse or 
     if err > _FATE_ERR and F.solver != "direct" and F.auto and F.n_unknowns <= _FALLBACK_MAX:   # sparse LU, affordable
         debug(f"Fate probabilities certified only to {err:.1e} by {F.solver}; solving by sparse LU.")
         F.solver = "direct"; F.max_residual = 0.0; Bt, derived_res, err, steps, slow = _solve()
-    best = (Bt, derived_res, err, steps, slow, F.max_residual, F.tol)
-    for _ in range(_REDO_MAX if F.solver != "direct" else 0):   # else residuals small enough for the bound, if affordable
-        new = _tighter(F.tol, best[2]) if best[2] > _FATE_ERR else None
-        if new is None: break
-        debug(f"Fate probabilities certified only to {best[2]:.1e}; solving again with tol={new:.1e}.")
-        F.tol, F.max_residual = new, 0.0
-        cur = _solve() + (F.max_residual, F.tol)
-        if not cur[2] < best[2]: break                    # no better: keep the previous solve
-        best = cur
-    Bt, derived_res, err, steps, slow, F.max_residual, F.tol = best
+    if F.solver != "direct":   # else residuals small enough for the bound, if affordable
+        def again(tol):
+            F.tol, F.max_residual = tol, 0.0
+            r = _solve() + (F.max_residual,)
+            return r[2], r
+        first = (Bt, derived_res, err, steps, slow, F.max_residual)
+        F.tol, _, best = _tighten(again, F.tol, err, lambda e, t: debug(
+            f"Fate probabilities certified only to {e:.1e}; solving again with tol={t:.1e}."))
+        Bt, derived_res, err, steps, slow, F.max_residual = best or first
     why = "" if err <= _FATE_ERR else _ill_conditioned(err, steps, slow, F.solver != "direct" and F.n_unknowns <= _FALLBACK_MAX)
     B = np.zeros((n, K + (esc is not None)))
     B[np.flatnonzero(absorbing), labels[absorbing]] = 1.0

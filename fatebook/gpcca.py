@@ -982,11 +982,11 @@ class GPCCA(BaseEstimator):
         n_cells = self._macro_n_cells if n_cells is None else check_int("n_cells", n_cells, 1)
         if n_cells is None:
             codes = self.macrostates.cat.codes.to_numpy()   # (category positions, not membership columns)
+            member = [np.isin(codes, [mn.index(x) for x in g]) for g in groups]   # each group's cells
             lab = np.full(self.n_obs, -1)
-            for j, g in enumerate(groups):
-                lab[np.isin(codes, [mn.index(x) for x in g]) & (True if exclude is None else ~exclude)] = j
+            for j, m in enumerate(member): lab[m & (True if exclude is None else ~exclude)] = j
             empty = [j for j in range(len(groups)) if not (lab == j).any()]
-            taken = [gnames[j] for j in empty if np.isin(codes, [mn.index(x) for x in groups[j]]).any()]
+            taken = [gnames[j] for j in empty if member[j].any()]
             if taken:   # they have cells, but every one is already in a state of the other kind
                 raise ValueError(f"Every cell of macrostate(s) {taken} is already in a {'terminal' if kind == 'initial' else 'initial'} "
                                  "state, so they cannot be used as states. Pass allow_overlap=True, or choose other "
@@ -999,7 +999,7 @@ class GPCCA(BaseEstimator):
             n_cells = min(n_cells, self.n_obs // len(groups))
             # ties at the cut: terminal states take the end a walk drains into, initial states the end it comes from
             # (the walk against the transitions), so a saturated source state keeps its upstream cells (review)
-            top = getattr(self, "_macro_top", None)   # (macrostates, T, n_cells) as this object's compute_macrostates set them
+            top = self._macro_top   # (macrostates, T, n_cells) as this object's compute_macrostates set them
             if (kind == "terminal" and exclude is None and top is not None and top[0] is self.macrostates
                     and top[1] is self._T and top[2] == n_cells and gidx == [[j] for j in range(len(mn))]):
                 lab = self.macrostates.cat.codes.to_numpy().copy()   # every macrostate as it is: the top cells compute_macrostates

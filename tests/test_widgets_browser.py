@@ -219,14 +219,16 @@ return [...document.querySelectorAll('.widget-slider')].find(
             readout = slider.find_element(By.CSS_SELECTOR, ".widget-readout")
             before = readout.text
             handle = slider.find_element(By.CSS_SELECTOR, ".noUi-handle")
+            # the figure's blob URL before the move: the kernel may redraw before the readout is seen to change
+            src0 = img.get_attribute("src")
             ActionChains(drv).click_and_hold(handle).move_by_offset(45, 0).release().perform()
+            t0 = time.time()
             _wait(drv, "return arguments[0].textContent.trim() !== arguments[1];", 30, "the slider's readout to change",
                   readout, before)
             after = readout.text
-            t0 = time.time()
             img2 = _wait(drv, _VISIBLE_IMG.replace("return imgs.length ? imgs[0] : null;",
                                                    "return imgs.length && imgs[0].src !== arguments[0] ? imgs[0] : null;"),
-                         120, "the figure to be redrawn", img.get_attribute("src"))
+                         120, "the figure to be redrawn", src0)
             redraw = time.time() - t0
             h1, n1 = _image_hash(drv, img2)
             _scroll_to_widget(drv)
@@ -236,7 +238,7 @@ return [...document.querySelectorAll('.widget-slider')].find(
             status = drv.execute_script("""return [...document.querySelectorAll('.jp-OutputArea .widget-html-content')]
                                            .map(e => e.textContent).join(' | ');""")
             assert "T: 200 cells" in status and "Traceback" not in status, status
-            print(f"\nslider {before} -> {after}; image {n0} -> {n1} bytes; redrawn {redraw:.2f} s after the readout")
+            print(f"\nslider {before} -> {after}; image {n0} -> {n1} bytes; redrawn {redraw:.2f} s after the mouse was released")
 
             # rapid moves: four drags without waiting; the kernel ends at the value the slider shows (no stale value wins)
             drv.set_script_timeout(120)

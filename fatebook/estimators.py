@@ -7,6 +7,7 @@ Docs: https://fatebook.github.io/fatebook/estimator.html.md"""
 # %% ../nbs/06_estimator.ipynb #bdcb4b14
 from __future__ import annotations
 import copy, functools, json
+from collections.abc import Mapping
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -364,12 +365,23 @@ class BaseEstimator:
             self._record(slot, key)
             del c[key]; debug(f"Removing `adata.{slot}['{key}']`")
 
+    _OWN_STEPS: tuple = ()   # steps whose results only this class writes (GPCCA: Schur, macrostates); the others share keys
+
     def _set_params(self, step: str, params: dict):
+        """Record the parameters of `step` in `uns[Key.uns.estimator]`: the class that wrote last and all its
+        parameters, and each other class's parameters of its own steps (`_OWN_STEPS`), whose results the last writer
+        left in place (GPCCA's macrostates after a CFLARE run on the same AnnData)."""
         self._params[step] = _jsonable(params)
         key = Key.uns.estimator(self.backward)
         self._record("uns", key)
+        old = self._adata.uns.get(key)
+        rec = {k: v for k, v in dict(old).items() if str(k).startswith("own_params_")} if isinstance(old, Mapping) else {}
+        own = {k: v for k, v in self._params.items() if k in self._OWN_STEPS}
+        rec.pop(f"own_params_{type(self).__name__}", None)
+        if own: rec[f"own_params_{type(self).__name__}"] = json.dumps(own)
         self._adata.uns[key] = {"class": type(self).__name__, "backward": bool(self.backward), "kernel": self._kernel_str(),
-                                "obsp_key": self._obsp_key, "params": json.dumps(self._params)}
+                                "obsp_key": self._obsp_key, "params": json.dumps(self._params),
+                                "own_steps": json.dumps(list(own)), **rec}
         debug(f"Updating `adata.uns['{key}']`")
 
     def to_adata(self, copy: bool = True):
@@ -831,9 +843,16 @@ class BaseEstimator:
         est = cls(adata, backward=backward, obsp_key=obsp_key)
         meta = adata.uns.get(Key.uns.estimator(est.backward))
         if meta is not None:
+            params = json.loads(str(meta.get("params", "{}")))
             if str(meta.get("class")) != cls.__name__:
-                warn(f"The AnnData holds results of a {meta.get('class')} estimator; reading them into {cls.__name__}.")
-            est._params = json.loads(str(meta.get("params", "{}")))
+                # the shared results (states, fates, drivers) are the last writer's, with its parameters; this class's
+                # own steps (results only it writes) come with the parameters it recorded; the writer's own steps do not
+                theirs = set(json.loads(str(meta.get("own_steps", "[]"))))
+                own = json.loads(str(meta.get(f"own_params_{cls.__name__}", "{}")))
+                params = {**own, **{k: v for k, v in params.items() if k not in theirs and k not in own}}
+                warn(f"The AnnData holds results of a {meta.get('class')} estimator (written last); reading them into "
+                     f"{cls.__name__}" + (f", with {cls.__name__}'s own {', '.join(own)} parameters." if own else "."))
+            est._params = params
             if meta.get("kernel") is not None and str(meta.get("obsp_key")) == est._obsp_key:
                 est._kernel_label = str(meta["kernel"])        # the repr names the kernel that made the results
         est._load()

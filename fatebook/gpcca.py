@@ -1012,6 +1012,7 @@ class GPCCA(BaseEstimator):
         return labels, probs, colors, _lineage(sel, gnames, colors), dict(source="macrostates", states=gnames,
                                                                           groups=groups, n_cells=n_cells)
 
+    _OWN_STEPS = ("schur", "macrostates")   # results only GPCCA writes (their parameters survive another estimator's run)
     _SOURCE_RATIO = 0.25   # in-flow / out-flow below which the most upstream macrostate is a net source
     _SOURCE_EXIT = 1e-4    # ... and only if it loses at least this fraction of its own mass per step (else nearly closed)
 

@@ -342,3 +342,39 @@ def test_fates_with_keys_leaving_out_nearly_closed_terminal_states(caplog):
     with caplog.at_level(logging.WARNING, logger="fatebook"):
         g.compute_fate_probabilities(keys=["blob0", "blob5", "blob1, blob2, blob3, blob4"])
     assert "certified" not in caplog.text and g._fate_report["error_bound"] < 1e-5
+
+
+def test_gpcca_then_cflare_keeps_each_estimators_own_parameters(tmp_path):
+    """GPCCA and then CFLARE on one AnnData: the shared results (terminal states, fates) are CFLARE's, but GPCCA's
+    macrostates stay, and GPCCA.from_adata reads them with their parameters (it read CFLARE's record only, so
+    re-setting terminal states from the macrostates took 30 top cells instead of the user's 20). CFLARE.from_adata
+    does not take GPCCA's own parameters. Through an h5ad file too."""
+    import logging
+    from helpers import capture_log
+    from fatebook.datasets import read_h5ad, write_h5ad
+    from fatebook.estimators import GPCCA, CFLARE
+    from fatebook.gpcca import block_chain
+    sizes = [50, 60, 70, 80]
+    L = np.zeros((4, 4)); L[0, 1] = 0.08; L[1, 2] = L[1, 3] = 0.03; L[2, 0] = L[3, 0] = 0.0005
+    a = ad.AnnData(np.zeros((sum(sizes), 1)), obs=pd.DataFrame(
+        {"clusters": pd.Categorical(np.repeat(["prog", "mid", "A", "B"], sizes))}, index=[f"c{i}" for i in range(sum(sizes))]))
+    a.obsp[Key.obsp.T()] = block_chain(sizes, leak=L, seed=0)
+    g = GPCCA(a); g.compute_schur(n_components=6); g.compute_macrostates(n_states=4, cluster_key="clusters", n_cells=20)
+    g.set_terminal_states_from_macrostates(["A", "B"]); g.compute_fate_probabilities()
+    c = CFLARE(a); c.compute_eigendecomposition(k=6); c.compute_terminal_states(use=3); c.compute_fate_probabilities()
+    p = tmp_path / "both.h5ad"; write_h5ad(a, p)
+    for b in (a, read_h5ad(p)):
+        with capture_log(logging.WARNING) as log:
+            g2 = GPCCA.from_adata(b)
+        assert any("CFLARE estimator (written last)" in m and "GPCCA's own schur, macrostates parameters" in m for m in log), log
+        assert g2.params["macrostates"] == g.params["macrostates"] and g2.params["schur"] == g.params["schur"]
+        assert g2.params["terminal_states"] == c.params["terminal_states"]              # the states in the AnnData are CFLARE's
+        assert g2.params["fate_probabilities"] == c.params["fate_probabilities"]
+        assert list(g2.terminal_states.cat.categories) == list(c.terminal_states.cat.categories)
+        g2.set_terminal_states_from_macrostates(["A", "B"])
+        assert g2.terminal_states.value_counts().to_dict() == {"A": 20, "B": 20}       # the user's n_cells, not 30
+    g3 = GPCCA.from_adata(a); g3.compute_fate_probabilities()                        # GPCCA writes last again
+    c2 = CFLARE.from_adata(a)
+    assert "macrostates" not in c2.params and "schur" not in c2.params, c2.params
+    g4 = GPCCA.from_adata(a)                                                           # its own record: no warning
+    assert g4.params["macrostates"]["n_cells"] == 20

@@ -1014,23 +1014,34 @@ class GPCCA(BaseEstimator):
 
     _OWN_STEPS = ("schur", "macrostates")   # results only GPCCA writes (their parameters survive another estimator's run)
     _SOURCE_RATIO = 0.25   # in-flow / out-flow below which the most upstream macrostate is a net source
-    _SOURCE_EXIT = 1e-4    # ... and only if it loses at least this fraction of its own mass per step (else nearly closed)
+    _SOURCE_RESOLVED = 1e-3   # ... judged only if some macrostate loses this much of 1 - |λ_{m+1}| per step (see below)
 
     def _upstream_macrostate(self):
         """(name, received/lost ratio, lost, received) of the macrostate that loses the most mass per step relative to what
-        it receives, if it is a net source (ratio < `_SOURCE_RATIO`: at least 80 % of the mass crossing its boundary leaves)
-        and it is not nearly closed: a macrostate that loses less than `_SOURCE_EXIT` of its mass per step (a cell stays
-        ~10⁴ steps or more) is an end state whatever the ratio of its tiny flows (the 100,000-cell three-branch tree of
-        bench/: three tips losing ~1e-9 per step, one of them 'a net source' at 16 %)."""
+        it receives, if it is a net source (ratio < `_SOURCE_RATIO`: at least 80 % of the mass crossing its boundary
+        leaves). Not judged (None) when every macrostate is nearly closed: each loses less than `_SOURCE_RESOLVED` x
+        (1 - |λ_{m+1}|) of its mass per step, λ_{m+1} the first Schur eigenvalue left out of the macrostates. They are
+        then decoupled end states, and the direction of their tiny exchange says nothing (bench/'s 100,000-cell
+        three-branch tree: three tips losing ~1e-9 per step against 1 - λ₄ = 0.16, one of them 'a net source'). The
+        criterion is relative, so a lazy chain (T = a I + (1 - a) P: every rate x (1 - a)) is judged as P is."""
         if self.coarse_T is None or self.coarse_initial_distribution is None or len(self.coarse_T) < 2: return None
         P = self.coarse_T.to_numpy(); w = self.coarse_initial_distribution.to_numpy()
-        d = np.diag(P)
-        lost = w * (P.sum(axis=1) - d)                 # mass per step flowing out of each macrostate
+        d = np.diag(P); out = P.sum(axis=1) - d        # fraction of each macrostate's mass leaving per step
+        lost = w * out                                 # mass per step flowing out of each macrostate
         got = w @ P - w * d                            # mass per step flowing in from the others
         ratio = np.where(lost > 0, got / np.where(lost > 0, lost, 1), np.inf)
-        ratio[P.sum(axis=1) - d < self._SOURCE_EXIT] = np.inf   # nearly closed: not a source
         j = int(np.argmin(ratio))
-        return (self.coarse_T.index[j], float(ratio[j]), float(lost[j]), float(got[j])) if ratio[j] < self._SOURCE_RATIO else None
+        if ratio[j] >= self._SOURCE_RATIO: return None
+        D = np.asarray((self.eigendecomposition or {}).get("D", []))
+        m = len(P)
+        if len(D) > m:                                 # (with n_components = n_states there is no λ_{m+1}: judged)
+            scale = 1.0 - abs(complex(D[m]))
+            if scale > 0 and out.max() < self._SOURCE_RESOLVED * scale:
+                info(f"Macrostate {self.coarse_T.index[j]!r} sends more mass to the other macrostates than it receives "
+                     f"({ratio[j]:.1%}), but every macrostate is nearly closed (each loses at most {out.max():.1e} of its "
+                     f"mass per step, against 1 - |λ_{m + 1}| = {scale:.2g}): not judged as an initial state.")
+                return None
+        return (self.coarse_T.index[j], float(ratio[j]), float(lost[j]), float(got[j]))
 
     def _check_terminal(self, labels, params=None):
         groups = (params or {}).get("groups") if (params or {}).get("source") == "macrostates" else None
@@ -1049,7 +1060,8 @@ class GPCCA(BaseEstimator):
         """Terminal states from macrostates: `names` selects (None = all); a tuple of names (or 'A, B') merges them into
         one state made of top cells of every member, in proportion to their membership. Cells are the top `n_cells`.
         Warns if the most upstream macrostate is among them and is a net source (it receives less than a quarter of
-        the mass it sends to the other macrostates per step).
+        the mass it sends to the other macrostates per step), unless every macrostate is nearly closed (each loses less
+        than 1e-3 x (1 - |λ_{m+1}|) of its mass per step: decoupled end states, whose tiny exchange is not judged).
 
         Writes: `obs[Key.obs.term_states]`, `..._probs`, colours, `obsm[Key.obsm.term_memberships]` + names."""
         if names is not None and not _is_keys(names):

@@ -560,27 +560,60 @@ def test_upstream_macrostate_set_terminal_warns():
     assert not any("set as a terminal state" in m for m in log), log
 
 
-def test_nearly_closed_macrostates_are_no_source():
-    """Three nearly closed blocks (the tips of bench/'s three-branch tree lose ~1e-9 of their mass per step): block 'A'
-    sends 100 times what it receives, but a cell stays there ~10^8 steps, so setting every block as terminal does not
-    warn that 'A' looks like an initial state (it did: the ratio of such tiny flows was read as a direction)."""
+def _blocks_adata(sizes, L, names):
     import anndata as ad
     from fatebook.gpcca import block_chain
-    sizes = [60, 70, 80]
-    L = np.zeros((3, 3)); L[0, 1] = L[0, 2] = 1e-8; L[1, 0] = L[2, 0] = 1e-10
     a = ad.AnnData(np.zeros((sum(sizes), 1)), obs=pd.DataFrame(
-        {"clusters": pd.Categorical(np.repeat(["A", "B", "C"], sizes))}, index=[f"c{i}" for i in range(sum(sizes))]))
+        {"clusters": pd.Categorical(np.repeat(names, sizes))}, index=[f"c{i}" for i in range(sum(sizes))]))
     a.obsp[Key.obsp.T()] = block_chain(sizes, leak=L, seed=0)
+    return a
+
+
+def test_nearly_closed_macrostates_are_no_source():
+    """Three nearly closed blocks (as the tips of bench/'s three-branch tree, which lose ~1e-9 of their mass per step):
+    block 'A' sends 100 times what it receives, but every block keeps its cells ~10^8 steps against a next eigenvalue
+    far from 1, so setting every block as terminal does not warn that 'A' looks like an initial state (it did)."""
+    L = np.zeros((3, 3)); L[0, 1] = L[0, 2] = 1e-8; L[1, 0] = L[2, 0] = 1e-10
+    a = _blocks_adata([60, 70, 80], L, ["A", "B", "C"])
     g = GPCCA(a); g.compute_schur(n_components=5); g.compute_macrostates(n_states=3, cluster_key="clusters", n_cells=20)
     P = g.coarse_T.to_numpy(); w = g.coarse_initial_distribution.to_numpy()
     exit_ = 1 - np.diag(P)
     assert exit_.max() < 1e-6, exit_                                           # every block nearly closed
+    assert 1 - abs(g.eigendecomposition["D"][3]) > 0.1                         # ... against the next eigenvalue
     i = list(g.coarse_T.index).index("A")
     assert (w @ P - w * np.diag(P))[i] < 0.25 * w[i] * exit_[i]               # 'A' would be a net source by its ratio
-    assert g._upstream_macrostate() is None
+    with capture_log(logging.INFO) as log:
+        assert g._upstream_macrostate() is None
+    assert any("every macrostate is nearly closed" in m for m in log), log
     with capture_log(logging.WARNING) as log:
         g.set_terminal_states_from_macrostates()
     assert not any("is set as a terminal state" in m for m in log), log
+
+
+def test_upstream_warning_is_relative_to_the_chains_speed():
+    """A lazy chain (T = a I + (1 - a) P) is judged as P: the progenitors of the source chain lose 8e-5 of their mass
+    per step at a = 0.999 and still warn (an absolute threshold of 1e-4 per step silenced them, found in review); and a
+    slow progenitor block (5e-5 per step) feeding a fast one stays 'the most upstream': setting the fast one as terminal
+    does not warn about it (the review's reproducer had named 'mid')."""
+    a = _source_chain()
+    T = a.obsp[Key.obsp.T()]
+    a.obsp[Key.obsp.T()] = (0.999 * sp.identity(T.shape[0]) + 0.001 * T).tocsr()
+    g = GPCCA(a); g.compute_schur(n_components=6); g.compute_macrostates(n_states=4, cluster_key="clusters", n_cells=20)
+    up = g._upstream_macrostate()
+    assert up is not None and up[0] == "prog" and up[2] / g.coarse_initial_distribution["prog"] < 1e-4, up
+    with capture_log(logging.WARNING) as log:
+        g.set_terminal_states_from_macrostates()
+    assert any("Macrostate 'prog' is set as a terminal state" in m for m in log), log
+    L = np.zeros((4, 4)); L[0, 1] = 5e-5; L[1, 2] = L[1, 3] = 0.005; L[2, 0] = L[3, 0] = 1e-9
+    g = GPCCA(_blocks_adata([50, 60, 70, 80], L, ["prog", "mid", "A", "B"])); g.compute_schur(n_components=6)
+    g.compute_macrostates(n_states=4, cluster_key="clusters", n_cells=20)
+    assert g._upstream_macrostate()[0] == "prog"
+    with capture_log(logging.WARNING) as log:
+        g.set_terminal_states_from_macrostates(["mid", "A", "B"])
+    assert not any("is set as a terminal state" in m for m in log), log
+    with capture_log(logging.WARNING) as log:
+        g.set_terminal_states_from_macrostates(["prog", "A", "B"])
+    assert any("Macrostate 'prog' is set as a terminal state" in m for m in log), log
 
 
 @pytest.mark.slow

@@ -221,6 +221,7 @@ return [...document.querySelectorAll('.widget-slider')].find(
             handle = slider.find_element(By.CSS_SELECTOR, ".noUi-handle")
             # the figure's blob URL before the move: the kernel may redraw before the readout is seen to change
             src0 = img.get_attribute("src")
+            renders0 = int(_kernel(drv, "print(ex.tuner.calls['render:projection'])"))
             ActionChains(drv).click_and_hold(handle).move_by_offset(45, 0).release().perform()
             t0 = time.time()
             _wait(drv, "return arguments[0].textContent.trim() !== arguments[1];", 30, "the slider's readout to change",
@@ -234,6 +235,9 @@ return [...document.querySelectorAll('.widget-slider')].find(
             _scroll_to_widget(drv)
             drv.save_screenshot(str(SHOTS / "2_kernel_after_slider.png"))
             assert h1 != h0, "the figure's bytes did not change after moving the slider"
+            # ... and it was redrawn by the kernel for the value the slider shows
+            k_now = _kernel(drv, "print(ex.tuner.calls['render:projection'], f\"{ex.tuner.params['connectivity_weight']:.2f}\")").split()
+            assert int(k_now[0]) > renders0 and k_now[1] == after, (renders0, k_now, after)
             assert img2.screenshot_as_png != shot0, "the rendered figure did not change on screen"
             status = drv.execute_script("""return [...document.querySelectorAll('.jp-OutputArea .widget-html-content')]
                                            .map(e => e.textContent).join(' | ');""")
@@ -245,6 +249,7 @@ return [...document.querySelectorAll('.widget-slider')].find(
             for dx in (-30, 25, -20, 35):
                 ActionChains(drv).click_and_hold(handle).move_by_offset(dx, 0).release().perform()
             shown = readout.text
+            assert shown != after, "the rapid moves left the slider where it was: nothing to check"
             t0, k_val = time.time(), None
             while time.time() - t0 < 90:
                 k_val = _kernel(drv, "print(f\"{ex.tuner.params['connectivity_weight']:.2f} {ex.tuner.w['connectivity_weight'].value:.2f}\")")

@@ -367,21 +367,36 @@ class BaseEstimator:
 
     _OWN_STEPS: tuple = ()   # steps whose results only this class writes (GPCCA: Schur, macrostates); the others share keys
 
+    def _step_present(self, step: str) -> bool:
+        "Are the results of `step` in the AnnData? (Steps without a known key: assumed present.)"
+        bw, a = self.backward, self._adata
+        where = {"schur": ("obsm", Key.obsm.schur_vectors(bw)), "macrostates": ("obs", Key.obs.macrostates(bw)),
+                 "eigendecomposition": ("uns", Key.uns.eigendecomposition(bw)),
+                 "terminal_states": ("obs", Key.obs.term_states(bw)), "initial_states": ("obs", Key.obs.init_states(bw)),
+                 "fate_probabilities": ("obsm", Key.obsm.fate_probs(bw)),
+                 "absorption_times": ("obsm", Key.obsm.absorption_times(bw)),
+                 "lineage_drivers": ("varm", Key.varm.drivers(bw)), "lineage_priming": ("obs", Key.obs.priming(bw))}.get(step)
+        if where is None: return True
+        c = getattr(a, where[0])
+        return where[1] in (c.columns if isinstance(c, pd.DataFrame) else c.keys())
+
     def _set_params(self, step: str, params: dict):
-        """Record the parameters of `step` in `uns[Key.uns.estimator]`: the class that wrote last and all its
-        parameters, and each other class's parameters of its own steps (`_OWN_STEPS`), whose results the last writer
-        left in place (GPCCA's macrostates after a CFLARE run on the same AnnData)."""
+        """Record the parameters of `step` in `uns[Key.uns.estimator]`, step by step: for every step whose results are
+        in the AnnData, the parameters and the class of the run that wrote them last. So another estimator (or a new
+        object of this class) writing some steps leaves the record of the others: GPCCA's macrostates after a CFLARE
+        run on the same AnnData, initial states that a later run did not touch. (One record of the last writer lost them.)"""
         self._params[step] = _jsonable(params)
         key = Key.uns.estimator(self.backward)
         self._record("uns", key)
-        old = self._adata.uns.get(key)
-        rec = {k: v for k, v in dict(old).items() if str(k).startswith("own_params_")} if isinstance(old, Mapping) else {}
-        own = {k: v for k, v in self._params.items() if k in self._OWN_STEPS}
-        rec.pop(f"own_params_{type(self).__name__}", None)
-        if own: rec[f"own_params_{type(self).__name__}"] = json.dumps(own)
+        old = self._adata.uns.get(key); old = dict(old) if isinstance(old, Mapping) else {}
+        prev = json.loads(str(old.get("params", "{}")))
+        by = json.loads(str(old["steps_by"])) if "steps_by" in old else {k: str(old.get("class")) for k in prev}  # (older files)
+        own = set(json.loads(str(old.get("own_steps", "[]")))) | set(self._OWN_STEPS)
+        prev[step] = self._params[step]; by[step] = type(self).__name__
+        keep = [k for k in prev if self._step_present(k)]
         self._adata.uns[key] = {"class": type(self).__name__, "backward": bool(self.backward), "kernel": self._kernel_str(),
-                                "obsp_key": self._obsp_key, "params": json.dumps(self._params),
-                                "own_steps": json.dumps(list(own)), **rec}
+                                "obsp_key": self._obsp_key, "params": json.dumps({k: prev[k] for k in keep}),
+                                "steps_by": json.dumps({k: by[k] for k in keep}), "own_steps": json.dumps(sorted(own))}
         debug(f"Updating `adata.uns['{key}']`")
 
     def to_adata(self, copy: bool = True):
@@ -844,14 +859,15 @@ class BaseEstimator:
         meta = adata.uns.get(Key.uns.estimator(est.backward))
         if meta is not None:
             params = json.loads(str(meta.get("params", "{}")))
-            if str(meta.get("class")) != cls.__name__:
-                # the shared results (states, fates, drivers) are the last writer's, with its parameters; this class's
-                # own steps (results only it writes) come with the parameters it recorded; the writer's own steps do not
-                theirs = set(json.loads(str(meta.get("own_steps", "[]"))))
-                own = json.loads(str(meta.get(f"own_params_{cls.__name__}", "{}")))
-                params = {**own, **{k: v for k, v in params.items() if k not in theirs and k not in own}}
-                warn(f"The AnnData holds results of a {meta.get('class')} estimator (written last); reading them into "
-                     f"{cls.__name__}" + (f", with {cls.__name__}'s own {', '.join(own)} parameters." if own else "."))
+            by = json.loads(str(meta["steps_by"])) if "steps_by" in meta else {k: str(meta.get("class")) for k in params}
+            own = set(json.loads(str(meta.get("own_steps", "[]"))))
+            # every step's parameters as its results were written, except other classes' own steps (GPCCA's macrostates
+            # are no results of a CFLARE) and steps whose results are gone
+            params = {k: v for k, v in params.items() if est._step_present(k) and not (k in own and by.get(k) != cls.__name__)}
+            others = sorted({c for k, c in by.items() if k in params and c != cls.__name__})
+            if others:
+                warn(f"The AnnData holds results of a {', '.join(others)} estimator "
+                     f"({', '.join(k for k in params if by.get(k) != cls.__name__)}); reading them into {cls.__name__}.")
             est._params = params
             if meta.get("kernel") is not None and str(meta.get("obsp_key")) == est._obsp_key:
                 est._kernel_label = str(meta["kernel"])        # the repr names the kernel that made the results

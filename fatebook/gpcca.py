@@ -1014,16 +1014,19 @@ class GPCCA(BaseEstimator):
 
     _OWN_STEPS = ("schur", "macrostates")   # results only GPCCA writes (their parameters survive another estimator's run)
     _SOURCE_RATIO = 0.25   # in-flow / out-flow below which the most upstream macrostate is a net source
-    _SOURCE_RESOLVED = 1e-3   # ... judged only if some macrostate loses this much of 1 - |λ_{m+1}| per step (see below)
+    _SOURCE_RESOLVED = 1e-6   # ... judged only if some macrostate loses this much of 1 - |λ_{m+1}| per step (see below)
 
     def _upstream_macrostate(self):
         """(name, received/lost ratio, lost, received) of the macrostate that loses the most mass per step relative to what
         it receives, if it is a net source (ratio < `_SOURCE_RATIO`: at least 80 % of the mass crossing its boundary
-        leaves). Not judged (None) when every macrostate is nearly closed: each loses less than `_SOURCE_RESOLVED` x
-        (1 - |λ_{m+1}|) of its mass per step, λ_{m+1} the first Schur eigenvalue left out of the macrostates. They are
-        then decoupled end states, and the direction of their tiny exchange says nothing (bench/'s 100,000-cell
-        three-branch tree: three tips losing ~1e-9 per step against 1 - λ₄ = 0.16, one of them 'a net source'). The
-        criterion is relative, so a lazy chain (T = a I + (1 - a) P: every rate x (1 - a)) is judged as P is."""
+        leaves). Not judged (None) when every macrostate is nearly closed — each loses less than `_SOURCE_RESOLVED` x
+        (1 - |λ_{m+1}|) of its mass per step, λ_{m+1} the leading eigenvalue of the Schur matrix's part left out of the
+        macrostates, so the macrostates exchange mass a million times more slowly than anything else relaxes — and the
+        candidate receives some mass back (one that receives none is a transient class of the coarse chain: a
+        direction, however slow). Such macrostates are decoupled end states, and the direction of their tiny exchange
+        says nothing (bench/'s 100,000-cell three-branch tree: three tips losing ~1e-9 per step against 1 - λ₄ = 0.16,
+        one of them 'a net source'). Relative, so a lazy chain (T = a I + (1 - a) P: every rate x (1 - a)) is judged
+        as P is."""
         if self.coarse_T is None or self.coarse_initial_distribution is None or len(self.coarse_T) < 2: return None
         P = self.coarse_T.to_numpy(); w = self.coarse_initial_distribution.to_numpy()
         d = np.diag(P); out = P.sum(axis=1) - d        # fraction of each macrostate's mass leaving per step
@@ -1032,10 +1035,10 @@ class GPCCA(BaseEstimator):
         ratio = np.where(lost > 0, got / np.where(lost > 0, lost, 1), np.inf)
         j = int(np.argmin(ratio))
         if ratio[j] >= self._SOURCE_RATIO: return None
-        D = np.asarray((self.eigendecomposition or {}).get("D", []))
+        R = None if self.schur_matrix is None else np.asarray(self.schur_matrix)
         m = len(P)
-        if len(D) > m:                                 # (with n_components = n_states there is no λ_{m+1}: judged)
-            scale = 1.0 - abs(complex(D[m]))
+        if R is not None and len(R) > m and got[j] > 1e-12 * lost[j]:   # (λ from R: `eigendecomposition` may be CFLARE's)
+            scale = 1.0 - float(np.abs(np.linalg.eigvals(R[m:, m:])).max())
             if scale > 0 and out.max() < self._SOURCE_RESOLVED * scale:
                 info(f"Macrostate {self.coarse_T.index[j]!r} sends more mass to the other macrostates than it receives "
                      f"({ratio[j]:.1%}), but every macrostate is nearly closed (each loses at most {out.max():.1e} of its "
@@ -1061,7 +1064,7 @@ class GPCCA(BaseEstimator):
         one state made of top cells of every member, in proportion to their membership. Cells are the top `n_cells`.
         Warns if the most upstream macrostate is among them and is a net source (it receives less than a quarter of
         the mass it sends to the other macrostates per step), unless every macrostate is nearly closed (each loses less
-        than 1e-3 x (1 - |λ_{m+1}|) of its mass per step: decoupled end states, whose tiny exchange is not judged).
+        than 1e-6 x (1 - |λ_{m+1}|) of its mass per step: decoupled end states, whose tiny exchange is not judged).
 
         Writes: `obs[Key.obs.term_states]`, `..._probs`, colours, `obsm[Key.obsm.term_memberships]` + names."""
         if names is not None and not _is_keys(names):

@@ -616,6 +616,28 @@ def test_upstream_warning_is_relative_to_the_chains_speed():
     assert any("Macrostate 'prog' is set as a terminal state" in m for m in log), log
 
 
+def test_upstream_rule_reads_the_schur_matrix_and_judges_transient_sources():
+    """Review of 4a6b1ff: λ_{m+1} was read from `eigendecomposition['D']`, which a later eigendecomposition (GPCCA's or
+    CFLARE's) overwrites, and the false warning on nearly closed blocks came back; it is read from the Schur matrix.
+    And a progenitor block draining at 5e-4 per step into two exactly closed blocks (blocks mixing at 0.64 per step)
+    was silenced by 1e-3 x (1 - |λ_{m+1}|): it receives nothing back, so it is judged (warns) whatever its speed."""
+    from fatebook.estimators import CFLARE
+    L = np.zeros((3, 3)); L[0, 1] = L[0, 2] = 1e-8; L[1, 0] = L[2, 0] = 1e-10
+    a = _blocks_adata([60, 70, 80], L, ["A", "B", "C"])
+    g = GPCCA(a); g.compute_schur(n_components=5); g.compute_macrostates(n_states=3, cluster_key="clusters", n_cells=20)
+    g.compute_eigendecomposition(k=3)                                            # D = [1, 1, 1]: no λ_{m+1} there
+    assert g._upstream_macrostate() is None
+    CFLARE(a).compute_eigendecomposition(k=3)
+    assert GPCCA.from_adata(a)._upstream_macrostate() is None
+    for lp, lm in ((5e-4, 2e-4), (2e-4, 1e-4)):
+        L = np.zeros((4, 4)); L[0, 1] = lp; L[1, 2] = L[1, 3] = lm
+        g = GPCCA(_blocks_adata([50, 60, 70, 80], L, ["prog", "mid", "A", "B"])); g.compute_schur(n_components=6)
+        g.compute_macrostates(n_states=4, cluster_key="clusters", n_cells=20)
+        with capture_log(logging.WARNING) as log:
+            g.set_terminal_states_from_macrostates(["prog", "A", "B"])
+        assert any("Macrostate 'prog' is set as a terminal state" in m for m in log), (lp, log)
+
+
 @pytest.mark.slow
 def test_upstream_warning_on_pancreas(pancreas_pp):
     "pancreas, n_states=3: set_terminal_states_from_macrostates() would silently make the progenitors terminal."

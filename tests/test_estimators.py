@@ -366,7 +366,8 @@ def test_gpcca_then_cflare_keeps_each_estimators_own_parameters(tmp_path):
     for b in (a, read_h5ad(p)):
         with capture_log(logging.WARNING) as log:
             g2 = GPCCA.from_adata(b)
-        assert any("CFLARE estimator (written last)" in m and "GPCCA's own schur, macrostates parameters" in m for m in log), log
+        assert any("holds results of a CFLARE estimator (terminal_states, eigendecomposition, fate_probabilities)" in m
+                   for m in log), log
         assert g2.params["macrostates"] == g.params["macrostates"] and g2.params["schur"] == g.params["schur"]
         assert g2.params["terminal_states"] == c.params["terminal_states"]              # the states in the AnnData are CFLARE's
         assert g2.params["fate_probabilities"] == c.params["fate_probabilities"]
@@ -378,3 +379,42 @@ def test_gpcca_then_cflare_keeps_each_estimators_own_parameters(tmp_path):
     assert "macrostates" not in c2.params and "schur" not in c2.params, c2.params
     g4 = GPCCA.from_adata(a)                                                           # its own record: no warning
     assert g4.params["macrostates"]["n_cells"] == 20
+
+
+def test_estimator_record_is_kept_step_by_step():
+    """Review of f416993: a new GPCCA object that runs any step dropped the macrostates' parameters of the earlier one
+    (whose macrostates stay in the AnnData), a record written by the old code lost them at the next CFLARE run, and
+    initial states that CFLARE did not touch came back without parameters. The record now holds, for every step whose
+    results are in the AnnData, the parameters of the run that wrote them."""
+    from fatebook.estimators import GPCCA, CFLARE
+    from fatebook.gpcca import block_chain
+    import json
+    sizes = [50, 60, 70, 80]
+    L = np.zeros((4, 4)); L[0, 1] = 0.08; L[1, 2] = L[1, 3] = 0.03; L[2, 0] = L[3, 0] = 0.0005
+    def chain():
+        a = ad.AnnData(np.zeros((sum(sizes), 1)), obs=pd.DataFrame(
+            {"clusters": pd.Categorical(np.repeat(["prog", "mid", "A", "B"], sizes))}, index=[f"c{i}" for i in range(sum(sizes))]))
+        a.obsp[Key.obsp.T()] = block_chain(sizes, leak=L, seed=0)
+        g = GPCCA(a); g.compute_schur(n_components=6); g.compute_macrostates(n_states=4, cluster_key="clusters", n_cells=20)
+        g.set_initial_states_from_macrostates(["prog"]); g.set_terminal_states_from_macrostates(["A", "B"])
+        return a, g
+    a, g = chain()
+    GPCCA(a).compute_eigendecomposition(k=6)                                      # a new object, another step
+    g2 = GPCCA.from_adata(a)
+    assert g2.params["macrostates"]["n_cells"] == 20 and g2.params["initial_states"] == g.params["initial_states"]
+    g2.set_terminal_states_from_macrostates(["A", "B"])
+    assert g2.terminal_states.value_counts().to_dict() == {"A": 20, "B": 20}
+    a, g = chain()                                                                 # CFLARE leaves the initial states alone
+    c = CFLARE(a); c.compute_eigendecomposition(k=6); c.compute_terminal_states(use=3)
+    g3 = GPCCA.from_adata(a)
+    assert g3.params["initial_states"] == g.params["initial_states"] and g3.params["terminal_states"] == c.params["terminal_states"]
+    c3 = CFLARE.from_adata(a)
+    assert "macrostates" not in c3.params and c3.params["initial_states"] == g.params["initial_states"]
+    a, g = chain()                                                                 # a record of the old form (last writer only)
+    k = Key.uns.estimator(False); rec = dict(a.uns[k])
+    a.uns[k] = {x: rec[x] for x in ("class", "backward", "kernel", "obsp_key")} | {"params": json.dumps(g.params)}
+    CFLARE(a).compute_eigendecomposition(k=6)
+    assert GPCCA.from_adata(a).params["macrostates"]["n_cells"] == 20
+    a, g = chain()                                                                 # results that are gone lose their record
+    g.compute_macrostates(n_states=3, cluster_key="clusters")                      # (new macrostates drop the states)
+    assert "terminal_states" not in json.loads(a.uns[k]["params"]) and "initial_states" not in json.loads(a.uns[k]["params"])

@@ -757,8 +757,17 @@ class GPCCA(BaseEstimator):
         if self.schur_vectors is None:
             raise RuntimeError("No Schur vectors: call `compute_schur()` before `compute_macrostates()`.")
 
+    def _forbidden(self) -> list[int]:
+        """n_states that would split a complex pair, read from the Schur matrix itself: the `forbidden` list stored with
+        the eigendecomposition is gone once another eigendecomposition (CFLARE's, on the same AnnData) replaced that
+        entry, and n_states = 5 splitting a pair was then accepted after `from_adata` (review)."""
+        if self.schur_matrix is not None:
+            from fatebook.schur import forbidden_n_states
+            return forbidden_n_states(np.asarray(self.schur_matrix))
+        return [int(x) for x in (self.eigendecomposition or {}).get("forbidden", [])]
+
     def _valid_n_states(self) -> list[int]:
-        m = self.schur_vectors.shape[1]; forb = set((self.eigendecomposition or {}).get("forbidden", []))
+        m = self.schur_vectors.shape[1]; forb = set(self._forbidden())
         return [k for k in range(2, m) if k not in forb]
 
     def _check_n_states(self, n_states: int, on_forbidden: str) -> int:
@@ -772,7 +781,7 @@ class GPCCA(BaseEstimator):
         if n_states >= m:
             raise ValueError(f"n_states={n_states} is out of range: it must be smaller than the number of Schur vectors "
                              f"({m}, so at most {m - 1}); call `compute_schur(n_components={n_states + 1})` or more first.")
-        forb = list((self.eigendecomposition or {}).get("forbidden", []))
+        forb = self._forbidden()
         if n_states in forb:
             valid = self._valid_n_states()
             lo = max([k for k in valid if k < n_states], default=None); hi = min([k for k in valid if k > n_states], default=None)
@@ -793,7 +802,7 @@ class GPCCA(BaseEstimator):
 
     def _choose_n_states(self, lo: int, hi: int, criterion: str, optimizer: str = "vertex", basis: str = "given",
                          margin: float|None = None):
-        forb = list((self.eigendecomposition or {}).get("forbidden", []))
+        forb = self._forbidden()
         skipped = {k: "it would split a complex-conjugate pair of eigenvalues" for k in range(lo, hi + 1) if k in forb}
         if lo == 2 and criterion == "minchi":
             skipped[2] = "minChi is ~0 for every 2-state split, so it cannot rank it"
@@ -861,7 +870,7 @@ class GPCCA(BaseEstimator):
             n_states = int((self.eigendecomposition or {}).get("eigengap", 1)) + 1
             if n_states < 2: n_states = 2
             if n_states >= X.shape[1]: n_states = X.shape[1] - 1
-            if n_states in (self.eigendecomposition or {}).get("forbidden", []): on_forbidden = "next"
+            if n_states in self._forbidden(): on_forbidden = "next"
             info(f"n_states=None: using the eigengap suggestion n_states={n_states}.")
         m = self._check_n_states(n_states, on_forbidden)
         self._check_n_cells(n_cells, m)

@@ -418,3 +418,25 @@ def test_estimator_record_is_kept_step_by_step():
     a, g = chain()                                                                 # results that are gone lose their record
     g.compute_macrostates(n_states=3, cluster_key="clusters")                      # (new macrostates drop the states)
     assert "terminal_states" not in json.loads(a.uns[k]["params"]) and "initial_states" not in json.loads(a.uns[k]["params"])
+
+
+def test_forbidden_n_states_survive_another_eigendecomposition():
+    """GPCCA, then CFLARE's eigendecomposition on the same AnnData (it replaces the stored eigendecomposition, and with
+    it the list of forbidden n_states): GPCCA.from_adata still refuses an n_states that splits a complex pair (it
+    accepted n_states=5 and split the pair, found in review). The list is read from the Schur matrix."""
+    from fatebook.estimators import GPCCA, CFLARE
+    from fatebook.gpcca import block_chain
+    sizes = [50, 60, 70, 80]
+    L = np.zeros((4, 4)); L[0, 1] = 0.08; L[1, 2] = L[1, 3] = 0.03; L[2, 0] = L[3, 0] = 0.0005
+    a = ad.AnnData(np.zeros((sum(sizes), 1)), obs=pd.DataFrame(
+        {"clusters": pd.Categorical(np.repeat(["prog", "mid", "A", "B"], sizes))}, index=[f"c{i}" for i in range(sum(sizes))]))
+    a.obsp[Key.obsp.T()] = block_chain(sizes, leak=L, seed=0)
+    g = GPCCA(a); g.compute_schur(n_components=6)
+    forb = g.eigendecomposition["forbidden"]
+    assert forb, "the test needs a complex pair"
+    CFLARE(a).compute_eigendecomposition(k=6)
+    assert "forbidden" not in a.uns[Key.uns.eigendecomposition(False)]
+    g2 = GPCCA.from_adata(a)
+    with pytest.raises(ValueError, match="would split a complex conjugate pair"):
+        g2.compute_macrostates(n_states=forb[0], cluster_key="clusters")
+    assert g2._forbidden() == forb

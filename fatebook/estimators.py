@@ -367,6 +367,14 @@ class BaseEstimator:
 
     _OWN_STEPS: tuple = ()   # steps whose results only this class writes (GPCCA: Schur, macrostates); the others share keys
 
+    @staticmethod
+    def _all_own_steps() -> set:
+        "Every estimator class's own steps (`_OWN_STEPS`): records written before they were listed do not name them."
+        out, todo = set(), [BaseEstimator]
+        while todo:
+            c = todo.pop(); out |= set(c._OWN_STEPS); todo += c.__subclasses__()
+        return out
+
     def _step_present(self, step: str) -> bool:
         "Are the results of `step` in the AnnData? (Steps without a known key: assumed present.)"
         bw, a = self.backward, self._adata
@@ -380,11 +388,12 @@ class BaseEstimator:
         c = getattr(a, where[0])
         return where[1] in (c.columns if isinstance(c, pd.DataFrame) else c.keys())
 
-    def _set_params(self, step: str, params: dict):
+    def _set_params(self, step: str, params: dict, replaced: tuple = ()):
         """Record the parameters of `step` in `uns[Key.uns.estimator]`, step by step: for every step whose results are
         in the AnnData, the parameters and the class of the run that wrote them last. So another estimator (or a new
         object of this class) writing some steps leaves the record of the others: GPCCA's macrostates after a CFLARE
-        run on the same AnnData, initial states that a later run did not touch. (One record of the last writer lost them.)"""
+        run on the same AnnData, initial states that a later run did not touch. (One record of the last writer lost them.)
+        `replaced`: steps whose stored results this step rewrote (GPCCA's Schur rewrites the eigendecomposition entry)."""
         self._params[step] = _jsonable(params)
         key = Key.uns.estimator(self.backward)
         self._record("uns", key)
@@ -393,6 +402,8 @@ class BaseEstimator:
         by = json.loads(str(old["steps_by"])) if "steps_by" in old else {k: str(old.get("class")) for k in prev}  # (older files)
         own = set(json.loads(str(old.get("own_steps", "[]")))) | set(self._OWN_STEPS)
         prev[step] = self._params[step]; by[step] = type(self).__name__
+        for r in replaced:
+            if r not in self._params: prev.pop(r, None); by.pop(r, None)
         keep = [k for k in prev if self._step_present(k)]
         self._adata.uns[key] = {"class": type(self).__name__, "backward": bool(self.backward), "kernel": self._kernel_str(),
                                 "obsp_key": self._obsp_key, "params": json.dumps({k: prev[k] for k in keep}),
@@ -834,6 +845,7 @@ class BaseEstimator:
         key = Key.varm.drivers(self.backward)
         if use_raw:
             self.lineage_drivers = df
+            self._delete("varm", key); self._delete("uns", Key.names(key))   # (an earlier run's table is not these drivers)
             warn("Drivers computed on `adata.raw` are kept in `.lineage_drivers` but not written to `varm` (gene sets differ).")
         else:
             arr = df.reindex(adata.var_names.astype(str)).to_numpy(dtype=float)
@@ -860,7 +872,7 @@ class BaseEstimator:
         if meta is not None:
             params = json.loads(str(meta.get("params", "{}")))
             by = json.loads(str(meta["steps_by"])) if "steps_by" in meta else {k: str(meta.get("class")) for k in params}
-            own = set(json.loads(str(meta.get("own_steps", "[]"))))
+            own = set(json.loads(str(meta.get("own_steps", "[]")))) | BaseEstimator._all_own_steps()   # (older records)
             # every step's parameters as its results were written, except other classes' own steps (GPCCA's macrostates
             # are no results of a CFLARE) and steps whose results are gone
             params = {k: v for k, v in params.items() if est._step_present(k) and not (k in own and by.get(k) != cls.__name__)}

@@ -1070,7 +1070,8 @@ class MacrostateExplorer(Pane):
         if estimator is not None and not isinstance(estimator, GPCCA):
             raise TypeError(f"estimator must be a GPCCA estimator, got {type(estimator).__name__}.")
         if estimator is not None and n_states is None and estimator.macrostates is not None:
-            n_states = int(estimator.params["macrostates"]["n_states"])   # keep the estimator's choice
+            # keep the estimator's choice (its count of macrostates when no parameters came with them: an old file)
+            n_states = int((estimator.params.get("macrostates") or {}).get("n_states", len(estimator.macrostates.cat.categories)))
         self.params = dict(n_components=int(n_components), n_states=n_states, n_cells=n_cells, cluster_key=cluster_key)
         self.basis, self.dpi = basis, dpi
         self.memo = MembershipCache()

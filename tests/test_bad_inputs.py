@@ -616,6 +616,22 @@ def test_upstream_warning_is_relative_to_the_chains_speed():
     assert any("Macrostate 'prog' is set as a terminal state" in m for m in log), log
 
 
+def test_exactly_closed_macrostates_are_no_source():
+    """Review of d2d2f00: exactly closed macrostates (disconnected components) have coarse-T flows of ±1e-16, and the
+    'receives nothing back' rule then named one of them 'the most upstream' in 23 of 24 chains. Flows below 1e-12 per
+    step are none."""
+    from fatebook.gpcca import block_chain
+    for seed in range(4):
+        for sizes in ([60, 70, 80], [40, 90, 50]):
+            a = _blocks_adata(sizes, np.zeros((3, 3)), ["t0", "t1", "t2"])
+            a.obsp[Key.obsp.T()] = block_chain(sizes, leak=np.zeros((3, 3)), seed=seed)
+            g = GPCCA(a); g.compute_schur(n_components=6); g.compute_macrostates(n_states=3, cluster_key="clusters", n_cells=10)
+            assert g._upstream_macrostate() is None, (seed, sizes, g.coarse_T)
+            with capture_log(logging.WARNING) as log:
+                g.set_terminal_states_from_macrostates()
+            assert not any("is set as a terminal state" in m for m in log), log
+
+
 def test_upstream_rule_reads_the_schur_matrix_and_judges_transient_sources():
     """Review of 4a6b1ff: λ_{m+1} was read from `eigendecomposition['D']`, which a later eigendecomposition (GPCCA's or
     CFLARE's) overwrites, and the false warning on nearly closed blocks came back; it is read from the Schur matrix.

@@ -101,6 +101,10 @@ def test_drivers_options(est):
     assert est.compute_lineage_drivers(return_drivers=False) is None
     d4 = est.compute_lineage_drivers(use_raw=True)                     # no .raw: warns and uses X
     pd.testing.assert_frame_equal(d4, df)
+    est.adata.raw = est.adata.copy()                                    # drivers on .raw are not written to varm: an
+    est.compute_lineage_drivers(use_raw=True, method="spearman")      # earlier table there is removed (it stood for them)
+    assert Key.varm.drivers() not in est.adata.varm and "lineage_drivers" not in est.adata.uns[Key.uns.estimator(False)]["params"]
+    del est.adata.raw
     with pytest.raises(KeyError, match="layer='nope'"): est.compute_lineage_drivers(layer="nope")
     with pytest.raises(KeyError, match="cluster_key='nope'"): est.compute_lineage_drivers(cluster_key="nope", clusters=["x"])
 
@@ -440,3 +444,33 @@ def test_forbidden_n_states_survive_another_eigendecomposition():
     with pytest.raises(ValueError, match="would split a complex conjugate pair"):
         g2.compute_macrostates(n_states=forb[0], cluster_key="clusters")
     assert g2._forbidden() == forb
+
+
+def test_schur_replaces_the_recorded_eigendecomposition_and_from_adata_uses_the_schur_eigengap():
+    """Review of d2d2f00 / fd258af: a new GPCCA's Schur rewrites the stored eigendecomposition entry, so CFLARE's
+    eigendecomposition parameters leave the record; and GPCCA.from_adata after a CFLARE eigendecomposition takes its
+    eigenvalues, eigengap (n_states=None) and forbidden n_states from the Schur matrix (it took CFLARE's eigengap: 2
+    states instead of 4)."""
+    import json, logging
+    from fatebook.estimators import GPCCA, CFLARE
+    from fatebook.gpcca import block_chain
+    sizes = [50, 60, 70, 80]
+    L = np.zeros((4, 4)); L[0, 1] = 0.08; L[1, 2] = L[1, 3] = 0.03; L[2, 0] = L[3, 0] = 0.0005
+    a = ad.AnnData(np.zeros((sum(sizes), 1)), obs=pd.DataFrame(
+        {"clusters": pd.Categorical(np.repeat(["prog", "mid", "A", "B"], sizes))}, index=[f"c{i}" for i in range(sum(sizes))]))
+    a.obsp[Key.obsp.T()] = block_chain(sizes, leak=L, seed=0)
+    k = Key.uns.estimator(False)
+    CFLARE(a).compute_eigendecomposition(k=10)
+    assert "eigendecomposition" in json.loads(a.uns[k]["params"])
+    g = GPCCA(a); g.compute_schur(n_components=8)
+    assert "eigendecomposition" not in json.loads(a.uns[k]["params"])
+    eg, D, forb = g.eigendecomposition["eigengap"], g.eigendecomposition["D"], g.eigendecomposition["forbidden"]
+    assert eg + 1 == 4
+    CFLARE(a).compute_eigendecomposition(k=3)
+    g2 = GPCCA.from_adata(a)
+    assert g2.eigendecomposition["eigengap"] == eg and g2.eigendecomposition["forbidden"] == forb
+    np.testing.assert_allclose(g2.eigendecomposition["D"], D)
+    g2.compute_macrostates(n_states=None, cluster_key="clusters")
+    assert len(g2.macrostates.cat.categories) == 4
+    c2 = CFLARE.from_adata(a)                                           # CFLARE keeps its own eigendecomposition
+    assert len(c2.eigendecomposition["D"]) == 3 and "V_r" in c2.eigendecomposition

@@ -876,6 +876,7 @@ class BaseEstimator:
             # every step's parameters as its results were written, except other classes' own steps (GPCCA's macrostates
             # are no results of a CFLARE) and steps whose results are gone
             params = {k: v for k, v in params.items() if est._step_present(k) and not (k in own and by.get(k) != cls.__name__)}
+            est._eig_by = by.get("eigendecomposition")   # (who made the stored eigendecomposition, for GPCCA's `_load`)
             others = sorted({c for k, c in by.items() if k in params and c != cls.__name__})
             if others:
                 warn(f"The AnnData holds results of a {', '.join(others)} estimator "

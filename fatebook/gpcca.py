@@ -651,7 +651,7 @@ def _n_states_range(n_states):
     return None
 
 _TWIN_CORR, _COARSE_RANGE = 0.99, (-0.5, 1.5)
-_COARSE_FLOOR = 1e-12   # coarse-T flows (per step) below this are rounding: exactly closed macrostates show ±1e-16
+_COARSE_FLOOR = 100   # coarse-T flows below this many times its row-sum error are rounding (closed macrostates: ±1e-16)
 _FEW_CELLS = 5   # with n_cells=None, a macrostate that fewer cells prefer is reported (review: knn_chain, a 1-cell state)
 
 def _twin_pairs(chi):
@@ -742,6 +742,7 @@ class GPCCA(BaseEstimator):
         self._write("obsm", Key.obsm.schur_vectors(self.backward), self.schur_vectors)
         self._write("uns", Key.uns.schur_matrix(self.backward), self.schur_matrix)
         self._write_eig()
+        self._params.pop("eigendecomposition", None)   # its stored eigenvalues are the Schur's now (also from from_adata)
         self._set_params("schur", dict(n_components=n_components, n_components_used=int(res.n_components), method=method,
                                        backend=str(res.method), which=which, alpha=alpha, residual=float(res.residual)),
                          replaced=("eigendecomposition",))   # (the stored eigendecomposition entry is now the Schur one)
@@ -1041,10 +1042,13 @@ class GPCCA(BaseEstimator):
         if self.coarse_T is None or self.coarse_initial_distribution is None or len(self.coarse_T) < 2: return None
         P = self.coarse_T.to_numpy().copy(); w = self.coarse_initial_distribution.to_numpy()
         d = np.diag(P).copy()
-        off = ~np.eye(len(P), dtype=bool)              # flows at rounding level are none: exactly closed macrostates
-        P[off & (np.abs(P) < _COARSE_FLOOR * max(1.0, np.abs(P).max()))] = 0.0   # (disconnected components) got ±1e-16
+        # flows at the coarse T's rounding level (100 x its row-sum error) are none: exactly closed macrostates
+        # (disconnected components) show ±1e-16 there, and a verdict from that noise named one (review: 23 of 24 chains)
+        floor = _COARSE_FLOOR * max(float(np.abs(P.sum(axis=1) - 1).max()), np.finfo(float).eps) * max(1.0, np.abs(P).max())
+        off = ~np.eye(len(P), dtype=bool)
+        P[off & (np.abs(P) < floor)] = 0.0
         out = P.sum(axis=1) - d                        # fraction of each macrostate's mass leaving per step
-        out[out < _COARSE_FLOOR] = 0.0                 # ... and a verdict from noise (review: 23 of 24 closed chains)
+        out[out < floor] = 0.0
         lost = w * out                                 # mass per step flowing out of each macrostate
         got = w @ P - w * d                            # mass per step flowing in from the others
         ratio = np.where(lost > 0, got / np.where(lost > 0, lost, 1), np.inf)
@@ -1214,14 +1218,18 @@ class GPCCA(BaseEstimator):
             self.schur_vectors = np.asarray(a.obsm[Key.obsm.schur_vectors(bw)])
             self.schur_matrix = np.asarray(a.uns[Key.uns.schur_matrix(bw)])
             ed = self.eigendecomposition or {}
-            if "forbidden" not in ed:   # the stored eigendecomposition is another one's (CFLARE's, written after the
-                # Schur): this object's eigenvalues, eigengap and forbidden n_states are the Schur matrix's, in memory
-                # (n_states=None took CFLARE's eigengap and the widgets offered n_states splitting a pair: review)
-                from fatebook.schur import schur_eigenvalues, eigengap
-                lam = schur_eigenvalues(self.schur_matrix)
-                alpha = float((self._params.get("schur") or {}).get("alpha", 1.0))
-                self.eigendecomposition = {**ed, "D": lam, "eigengap": int(eigengap(lam, alpha)) if len(lam) > 1 else 0,
-                                           "forbidden": self._forbidden(), "n_components": len(lam)}
+            from fatebook.schur import schur_eigenvalues, eigengap
+            lam = schur_eigenvalues(self.schur_matrix); D = np.asarray(ed.get("D", []))
+            schurs = len(D) == len(lam) and np.allclose(D, lam, rtol=1e-10, atol=1e-12)
+            if not schurs and getattr(self, "_eig_by", None) != type(self).__name__:
+                # the stored eigendecomposition is another estimator's (CFLARE's, after the Schur): this object's
+                # eigenvalues, eigengap and forbidden n_states are its Schur matrix's, in memory, and no eigenvectors of
+                # the other one ride along (n_states=None took CFLARE's eigengap, the widgets offered n_states splitting
+                # a pair, plots mixed the two: review)
+                sp_ = dict(self._params.get("schur") or {})
+                self.eigendecomposition = {"D": lam, "eigengap": int(eigengap(lam, float(sp_.get("alpha", 1.0)))) if len(lam) > 1 else 0,
+                                           "forbidden": self._forbidden(), "n_components": len(lam),
+                                           "params": {k: sp_[k] for k in ("which", "alpha") if k in sp_}}
         mk, memk = Key.obs.macrostates(bw), Key.obsm.memberships(bw)
         if mk in a.obs and memk in a.obsm:
             lab = a.obs[mk].astype("category"); lab = lab.cat.rename_categories([as_name(c) for c in lab.cat.categories])

@@ -474,3 +474,14 @@ def test_schur_replaces_the_recorded_eigendecomposition_and_from_adata_uses_the_
     assert len(g2.macrostates.cat.categories) == 4
     c2 = CFLARE.from_adata(a)                                           # CFLARE keeps its own eigendecomposition
     assert len(c2.eigendecomposition["D"]) == 3 and "V_r" in c2.eigendecomposition
+    # fourth review: the same through a CFLARE loaded by from_adata (its merged entry kept the Schur's 'forbidden'),
+    # no eigenvectors of the other decomposition ride along, and a reloaded GPCCA's Schur drops CFLARE's record
+    a.uns.pop(Key.uns.eigendecomposition(False)); g = GPCCA(a); g.compute_schur(n_components=8)
+    c3 = CFLARE.from_adata(a); c3.compute_eigendecomposition(k=3, which="LM")
+    g3 = GPCCA.from_adata(a)
+    assert g3.eigendecomposition["eigengap"] == eg and "V_r" not in g3.eigendecomposition
+    assert g3.eigendecomposition["params"]["which"] == "LR"
+    g3.compute_macrostates(n_states=None, cluster_key="clusters")
+    assert len(g3.macrostates.cat.categories) == 4
+    g3.compute_schur(n_components=8)
+    assert "eigendecomposition" not in json.loads(a.uns[k]["params"])

@@ -1220,8 +1220,11 @@ class GPCCA(BaseEstimator):
             ed = self.eigendecomposition or {}
             from fatebook.schur import schur_eigenvalues, eigengap
             lam = schur_eigenvalues(self.schur_matrix); D = np.asarray(ed.get("D", []))
-            schurs = len(D) == len(lam) and np.allclose(D, lam, rtol=1e-10, atol=1e-12)
-            if not schurs and getattr(self, "_eig_by", None) != type(self).__name__:
+            by = getattr(self, "_eig_by", None)   # who made it, from the record; without a record (older files) only
+            # eigenvalues that differ from the Schur matrix's tell (CFLARE with k = n_components has the same ones)
+            foreign = by != type(self).__name__ if by is not None else not (
+                len(D) == len(lam) and np.allclose(D, lam, rtol=1e-10, atol=1e-12))
+            if foreign:
                 # the stored eigendecomposition is another estimator's (CFLARE's, after the Schur): this object's
                 # eigenvalues, eigengap and forbidden n_states are its Schur matrix's, in memory, and no eigenvectors of
                 # the other one ride along (n_states=None took CFLARE's eigengap, the widgets offered n_states splitting
@@ -1229,7 +1232,8 @@ class GPCCA(BaseEstimator):
                 sp_ = dict(self._params.get("schur") or {})
                 self.eigendecomposition = {"D": lam, "eigengap": int(eigengap(lam, float(sp_.get("alpha", 1.0)))) if len(lam) > 1 else 0,
                                            "forbidden": self._forbidden(), "n_components": len(lam),
-                                           "params": {k: sp_[k] for k in ("which", "alpha") if k in sp_}}
+                                           "params": {k: sp_[k] for k in ("which", "alpha") if k in sp_},
+                                           **({"stationary_dist": ed["stationary_dist"]} if "stationary_dist" in ed else {})}
         mk, memk = Key.obs.macrostates(bw), Key.obsm.memberships(bw)
         if mk in a.obs and memk in a.obsm:
             lab = a.obs[mk].astype("category"); lab = lab.cat.rename_categories([as_name(c) for c in lab.cat.categories])

@@ -485,3 +485,7 @@ def test_schur_replaces_the_recorded_eigendecomposition_and_from_adata_uses_the_
     assert len(g3.macrostates.cat.categories) == 4
     g3.compute_schur(n_components=8)
     assert "eigendecomposition" not in json.loads(a.uns[k]["params"])
+    # fifth review: CFLARE with k = n_components has the Schur's very eigenvalues; the record decides, not they
+    CFLARE(a).compute_eigendecomposition(k=8, alpha=50)
+    g4 = GPCCA.from_adata(a)
+    assert g4.eigendecomposition["eigengap"] == eg and g4.eigendecomposition["forbidden"] == forb

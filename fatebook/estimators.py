@@ -246,6 +246,17 @@ def _fast_stationary(T) -> np.ndarray|None:
 _STATE_KEYS = dict(terminal=("term_states", "term_states_probs", "term_memberships"),
                    initial=("init_states", "init_states_probs", "init_memberships"))
 
+def _read_record(rec) -> tuple[dict, dict, set]:
+    """(params by step, writing class by step, steps only one class writes) of an estimator record
+    (`uns[Key.uns.estimator]`); records of older files name only the last writer's class, and no own steps."""
+    rec = dict(rec) if isinstance(rec, Mapping) else {}
+    params = json.loads(str(rec.get("params", "{}")))
+    by = json.loads(str(rec["steps_by"])) if "steps_by" in rec else {k: str(rec.get("class")) for k in params}
+    own, todo = set(json.loads(str(rec.get("own_steps", "[]")))), [BaseEstimator]
+    while todo:   # every estimator class's `_OWN_STEPS`
+        k = todo.pop(); own |= set(k._OWN_STEPS); todo += k.__subclasses__()
+    return params, by, own
+
 class BaseEstimator:
     "Shared estimator machinery: transition matrix + AnnData, states, fates, absorption times, drivers, I/O, plots."
     _plot_methods = ("plot_spectrum", "plot_schur", "plot_schur_matrix", "plot_eigendecomposition", "plot_macrostates",
@@ -367,14 +378,6 @@ class BaseEstimator:
 
     _OWN_STEPS: tuple = ()   # steps whose results only this class writes (GPCCA: Schur, macrostates); the others share keys
 
-    @staticmethod
-    def _all_own_steps() -> set:
-        "Every estimator class's own steps (`_OWN_STEPS`): records written before they were listed do not name them."
-        out, todo = set(), [BaseEstimator]
-        while todo:
-            c = todo.pop(); out |= set(c._OWN_STEPS); todo += c.__subclasses__()
-        return out
-
     def _step_present(self, step: str) -> bool:
         "Are the results of `step` in the AnnData? (Steps without a known key: assumed present.)"
         bw, a = self.backward, self._adata
@@ -393,17 +396,14 @@ class BaseEstimator:
         in the AnnData, the parameters and the class of the run that wrote them last. So another estimator (or a new
         object of this class) writing some steps leaves the record of the others: GPCCA's macrostates after a CFLARE
         run on the same AnnData, initial states that a later run did not touch. (One record of the last writer lost them.)
-        `replaced`: steps whose stored results this step rewrote (GPCCA's Schur rewrites the eigendecomposition entry)."""
+        `replaced`: steps whose stored results this step rewrote (GPCCA's Schur rewrites the eigendecomposition entry):
+        their parameters leave the record and this object."""
         self._params[step] = _jsonable(params)
         key = Key.uns.estimator(self.backward)
         self._record("uns", key)
-        old = self._adata.uns.get(key); old = dict(old) if isinstance(old, Mapping) else {}
-        prev = json.loads(str(old.get("params", "{}")))
-        by = json.loads(str(old["steps_by"])) if "steps_by" in old else {k: str(old.get("class")) for k in prev}  # (older files)
-        own = set(json.loads(str(old.get("own_steps", "[]")))) | set(self._OWN_STEPS)
+        prev, by, own = _read_record(self._adata.uns.get(key))
         prev[step] = self._params[step]; by[step] = type(self).__name__
-        for r in replaced:
-            if r not in self._params: prev.pop(r, None); by.pop(r, None)
+        for r in replaced: self._params.pop(r, None); prev.pop(r, None); by.pop(r, None)
         keep = [k for k in prev if self._step_present(k)]
         self._adata.uns[key] = {"class": type(self).__name__, "backward": bool(self.backward), "kernel": self._kernel_str(),
                                 "obsp_key": self._obsp_key, "params": json.dumps({k: prev[k] for k in keep}),
@@ -870,9 +870,7 @@ class BaseEstimator:
         est = cls(adata, backward=backward, obsp_key=obsp_key)
         meta = adata.uns.get(Key.uns.estimator(est.backward))
         if meta is not None:
-            params = json.loads(str(meta.get("params", "{}")))
-            by = json.loads(str(meta["steps_by"])) if "steps_by" in meta else {k: str(meta.get("class")) for k in params}
-            own = set(json.loads(str(meta.get("own_steps", "[]")))) | BaseEstimator._all_own_steps()   # (older records)
+            params, by, own = _read_record(meta)
             # every step's parameters as its results were written, except other classes' own steps (GPCCA's macrostates
             # are no results of a CFLARE) and steps whose results are gone
             params = {k: v for k, v in params.items() if est._step_present(k) and not (k in own and by.get(k) != cls.__name__)}

@@ -742,7 +742,6 @@ class GPCCA(BaseEstimator):
         self._write("obsm", Key.obsm.schur_vectors(self.backward), self.schur_vectors)
         self._write("uns", Key.uns.schur_matrix(self.backward), self.schur_matrix)
         self._write_eig()
-        self._params.pop("eigendecomposition", None)   # its stored eigenvalues are the Schur's now (also from from_adata)
         self._set_params("schur", dict(n_components=n_components, n_components_used=int(res.n_components), method=method,
                                        backend=str(res.method), which=which, alpha=alpha, residual=float(res.residual)),
                          replaced=("eigendecomposition",))   # (the stored eigendecomposition entry is now the Schur one)

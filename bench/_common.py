@@ -12,27 +12,34 @@ CELLRANK_PY = Path(os.environ.get("CELLRANK_VENV", REPO / ".venv-cellrank")) / "
 
 
 class Stages:
-    """Wall-clock and CPU time per stage (time.perf_counter, time.process_time) and the process's peak resident memory;
-    with `memory=True` also the peak RSS *during* each stage, from a thread that samples /proc/self/statm every 5 ms."""
+    """Wall-clock and CPU time per stage (time.perf_counter, time.process_time), the part of that CPU time spent in the
+    kernel (getrusage ru_stime: mostly page faults of fresh memory) and the process's peak resident memory; with
+    `memory=True` also the peak RSS *during* each stage, from a thread that samples /proc/self/statm every 5 ms."""
     def __init__(self, memory: bool = False):
-        self.t, self.cpu, self.peak, self.t0 = {}, {}, {}, time.perf_counter()
+        self.t, self.cpu, self.sys, self.peak, self.t0 = {}, {}, {}, {}, time.perf_counter()
         self._sampler = _RssSampler() if memory else None
 
     @contextmanager
     def __call__(self, name):
-        t, c = time.perf_counter(), time.process_time()
+        t, c, k = time.perf_counter(), time.process_time(), _stime()
         if self._sampler: self._sampler.reset()
         try: yield
         finally:
             self.t[name] = time.perf_counter() - t
             self.cpu[name] = time.process_time() - c
+            self.sys[name] = _stime() - k
             if self._sampler: self.peak[name] = self._sampler.peak_mb()
 
     def result(self, **extra) -> dict:
-        out = dict(seconds=self.t, cpu_seconds=self.cpu, total_process_seconds=time.perf_counter() - self.t0,
+        out = dict(seconds=self.t, cpu_seconds=self.cpu, sys_cpu_seconds=self.sys, total_process_seconds=time.perf_counter() - self.t0,
                    peak_rss_mb=peak_rss_mb(), python=platform.python_version(), **extra)
         if self._sampler: out["stage_peak_rss_mb"] = self.peak
         return out
+
+
+def _stime() -> float:
+    "CPU seconds this process spent in the kernel so far (page faults, system calls)."
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
 
 
 class _RssSampler:

@@ -82,17 +82,18 @@ def main():
     for s in stages:
         vals = [med(n, "seconds", s) for n in names]
         cpu = med("fatebook", "cpu_seconds", s)
+        sys_ = med("fatebook", "sys_cpu_seconds", s)
         mem = med("fatebook", "stage_peak_rss_mb", s)
         crm = med(names[-1], "stage_peak_rss_mb", s) if len(names) > 1 else None
         ratio = f"{vals[1] / vals[0]:.1f}x" if len(vals) > 1 and vals[0] and vals[1] is not None else "-"
-        rows.append([s, *map(fmt_s, vals), fmt_s(cpu), f"{mem:.0f}" if mem else "-", *( [f"{crm:.0f}" if crm else "-"] if len(names) > 1 else []), ratio])
+        rows.append([s, *map(fmt_s, vals), fmt_s(cpu), fmt_s(sys_), f"{mem:.0f}" if mem else "-", *( [f"{crm:.0f}" if crm else "-"] if len(names) > 1 else []), ratio])
     rows.append(["peak RSS (MB)", *[f"{statistics.median([r['peak_rss_mb'] for r in good[n]] or [float('nan')]):.0f}" for n in names],
-                 "", "", *([""] if len(names) > 1 else []), ""])
+                 "", "", "", *([""] if len(names) > 1 else []), ""])
     m = machine()
     what = (f"slowly mixing chain '{a.hard}'" if a.hard else "pipeline (kernels -> drivers)") + f" n={a.n:,}"
     text = (f"{what}, n_states={a.n_states}, n_components={a.n_components}, median of {a.repeat} fresh-process run(s); "
             f"{m['date']}, {m['cpus']} CPUs, load average {m['loadavg']}, threads {a.threads or 'default'}\n"
-            + table(rows, ["stage (s)", *names, "fatebook CPU s", "fatebook peak MB", *(["CellRank peak MB"] if len(names) > 1 else []),
+            + table(rows, ["stage (s)", *names, "fatebook CPU s", "of which sys", "fatebook peak MB", *(["CellRank peak MB"] if len(names) > 1 else []),
                            "CellRank / fatebook"]))
     for n in names:
         if good[n]:

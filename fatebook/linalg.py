@@ -15,8 +15,8 @@ from scipy.sparse.csgraph import connected_components
 from .core import warn, debug, optional_import, as_rng, progress, check_choice
 
 # %% auto #0
-__all__ = ['n_threads', 'RowSplit', 'block_gmres', 'schur_deflation', 'recurrent_classes', 'ring_chain', 'knn_chain',
-           'slow_chain']
+__all__ = ['n_threads', 'RowSplit', 'permute_states', 'block_gmres', 'schur_deflation', 'recurrent_classes', 'ring_chain',
+           'knn_chain', 'slow_chain']
 
 # %% ../nbs/01a_linalg.ipynb #24af8ae3
 def n_threads() -> int:
@@ -289,6 +289,46 @@ if njit is not None:
                         t = 0.0
                         for i in range(m): t += oj[i] * ok[i]
                         acc2[j, k] += t
+
+# %% ../nbs/01a_linalg.ipynb #e1f2a3b5
+if njit is not None:
+    @_njit_cached(nogil=True)
+    def _nb_permute(indptr, indices, data, order, inv, out_ptr, out_ind, out_dat, a, b):
+        "Rows a:b of the renumbered matrix: row i is row order[i] of the input, its column j written as inv[j]."
+        for i in range(a, b):
+            r = order[i]; pos = out_ptr[i]
+            for j in range(indptr[r], indptr[r + 1]):
+                out_ind[pos] = inv[indices[j]]; out_dat[pos] = data[j]; pos += 1
+
+_PERMUTE_MIN_NNZ = 500_000   # entries per thread of `permute_states`, at least
+
+def permute_states(M: sp.spmatrix, # square sparse matrix (n x n), e.g. a transition matrix
+                   order: np.ndarray, # a permutation of range(n): state i of the result is state order[i] of M
+                   threads: int|None = None, # threads for the copy (default `n_threads()`)
+                  ) -> sp.csr_matrix:
+    """`M[order][:, order]` as CSR, in one pass over M's entries with no intermediate copy (column indices within a
+    row in M's order, not sorted). Raises `ValueError` if `order` is not a permutation of range(n)."""
+    M = sp.csr_matrix(M); n = M.shape[0]
+    if M.shape != (n, n): raise ValueError(f"permute_states needs a square matrix, got shape {M.shape}.")
+    order = np.asarray(order)
+    if order.shape != (n,) or not np.issubdtype(order.dtype, np.integer) or (n and (
+            order.min() < 0 or order.max() >= n or np.bincount(order, minlength=n).max() != 1)):
+        raise ValueError(f"`order` must be a permutation of range({n}) (each state once); got shape {order.shape}, "
+                         f"dtype {order.dtype}.")
+    if njit is None or not _NB_ON: return M[order][:, order].tocsr()
+    it = M.indices.dtype
+    inv = np.empty(n, it); inv[order] = np.arange(n, dtype=it)
+    out_ptr = np.empty(n + 1, M.indptr.dtype); out_ptr[0] = 0
+    np.cumsum(np.diff(M.indptr)[order], out=out_ptr[1:])
+    ind, dat = np.empty(M.nnz, it), np.empty(M.nnz, M.data.dtype)
+    o = order.astype(M.indptr.dtype, copy=False)
+    k = max(1, min(n_threads() if threads is None else int(threads), M.nnz // _PERMUTE_MIN_NNZ or 1))
+    cuts = np.searchsorted(out_ptr, np.linspace(0, M.nnz, k + 1)[1:-1]).tolist()   # rows split by entries
+    bounds = list(zip([0] + cuts, cuts + [n]))
+    f = lambda ab: _nb_permute(M.indptr, M.indices, M.data, o, inv, out_ptr, ind, dat, ab[0], ab[1])
+    if k == 1: f(bounds[0])
+    else: list(_pool(k).map(f, bounds))
+    return sp.csr_matrix((dat, ind, out_ptr), shape=M.shape)
 
 # %% ../nbs/01a_linalg.ipynb #7e587598
 _TPC = []

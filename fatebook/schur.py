@@ -15,7 +15,8 @@ import scipy.sparse.linalg as spla
 from .core import (info, warn, debug, check_row_stochastic, optional_import, as_rng, progress, check_int,
                            check_range, check_choice, check_bool)
 from .linalg import (n_threads, RowSplit, _Rows, _blas_single, block_gmres, _Factor, _IMinus, _DIRECT_MAX,
-                             recurrent_classes, _strong_components, _component_edges, ring_chain, knn_chain, slow_chain)
+                             recurrent_classes, _strong_components, _component_edges, ring_chain, knn_chain, slow_chain,
+                             permute_states)
 
 # %% auto #0
 __all__ = ['schur_blocks', 'schur_eigenvalues', 'sort_real_schur', 'forbidden_n_states', 'eigengap', 'SchurResult',
@@ -621,7 +622,7 @@ def sorted_schur(T, # row-stochastic transition matrix (n x n), scipy sparse or 
     eta = _check_eta(eta, n)          # (checked before any permutation)
     if reorder and sp.issparse(T):   # iterate on T[order][:, order]; random vectors are drawn in the cells' own order
         order = _locality_order(T)    # and permuted, so the iteration is the same as without (up to rounding)
-        T = T[order][:, order].tocsr()
+        T = permute_states(T, order)  # (one pass, no intermediate copy of T)
         eta = eta[order]
     elif reorder: debug("reorder=True applies to sparse T only; T is dense here.")
     runners = dict(brandts=_schur_brandts, arpack=_schur_arpack, krylov=_schur_krylov, sstep=_schur_sstep)

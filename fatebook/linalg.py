@@ -301,6 +301,7 @@ if njit is not None:
                 out_ind[pos] = inv[indices[j]]; out_dat[pos] = data[j]; pos += 1
 
 _PERMUTE_MIN_NNZ = 500_000   # entries per thread of `permute_states`, at least
+_PERMUTE_DTYPES = tuple(np.dtype(t) for t in (np.float64, np.float32, np.complex128, np.int64, np.int32, np.bool_))  # (native)
 
 def permute_states(M: sp.spmatrix, # square sparse matrix (n x n), e.g. a transition matrix
                    order: np.ndarray, # a permutation of range(n): state i of the result is state order[i] of M
@@ -311,11 +312,14 @@ def permute_states(M: sp.spmatrix, # square sparse matrix (n x n), e.g. a transi
     M = sp.csr_matrix(M); n = M.shape[0]
     if M.shape != (n, n): raise ValueError(f"permute_states needs a square matrix, got shape {M.shape}.")
     order = np.asarray(order)
+    if order.size == 0: order = order.astype(np.int64)   # ([] is float64)
     if order.shape != (n,) or not np.issubdtype(order.dtype, np.integer) or (n and (
             order.min() < 0 or order.max() >= n or np.bincount(order, minlength=n).max() != 1)):
         raise ValueError(f"`order` must be a permutation of range({n}) (each state once); got shape {order.shape}, "
                          f"dtype {order.dtype}.")
-    if njit is None or not _NB_ON: return M[order][:, order].tocsr()
+    if njit is None or not _NB_ON or M.data.dtype not in _PERMUTE_DTYPES or not (M.indices.dtype.isnative and
+                                                                                  M.indptr.dtype.isnative):
+        return M[order][:, order].tocsr()   # (scipy's indexing: no numba, or data the compiled pass is not built for)
     it = M.indices.dtype
     inv = np.empty(n, it); inv[order] = np.arange(n, dtype=it)
     out_ptr = np.empty(n + 1, M.indptr.dtype); out_ptr[0] = 0

@@ -28,16 +28,12 @@ def read_connectivities(adata,  # the AnnData
                         conn_key: str = Key.read["connectivities"],  # key of the kNN graph in `adata.obsp`
                         check_symmetric: bool = True,  # log a warning if the graph is not symmetric
                         weights: bool = True,  # False: only the pattern is needed (no float64 copy of the weights)
-                        copy: bool = True,  # False (with weights): the graph itself when it is float CSR in canonical form
                        ) -> sp.csr_matrix:
     """A float64 CSR copy of `adata.obsp[conn_key]` (stored zeros kept); raises if a cell has no neighbour. With
     `weights=False` the same checks, and a boolean CSR pattern of the graph (every stored entry True): converting
     scanpy's float32 weights to float64 cost 1.7 s at 1,000,000 cells for a kernel that only needs the neighbours.
     The pattern shares the graph's `indices` and `indptr` when they are CSR in canonical form (sorted indices, no
-    duplicates; a copy cost 1.2 s there): treat them as read only. A graph changed in place afterwards changes them.
-    With `copy=False` (and weights) the same holds for the weighted graph: a float32 or float64 CSR graph in canonical
-    form is returned with its own arrays and dtype (scanpy's float32: no 500 MB float64 copy at 1,000,000 cells), any
-    other graph as the float64 copy."""
+    duplicates; a copy cost 1.2 s there): treat them as read only. A graph changed in place afterwards changes them."""
     check_adata(adata)
     require_key(adata, "obsp", conn_key, "`scanpy.pp.neighbors` or `scvelo.pp.moments`")
     C = adata.obsp[conn_key]
@@ -45,10 +41,7 @@ def read_connectivities(adata,  # the AnnData
     if C.shape != (n, n):
         raise ValueError(f"`adata.obsp['{conn_key}']` has shape {C.shape}, expected ({n}, {n}) for {n} cells. "
                          "Recompute the neighbour graph on this AnnData.")
-    if weights and not copy:
-        R = sp.csr_matrix(C)   # (CSR input: the graph's own arrays)
-        C = R if R.dtype in (np.float32, np.float64) and R.has_canonical_format else sp.csr_matrix(C, dtype=np.float64, copy=True)
-    else: C = sp.csr_matrix(C, dtype=np.float64, copy=True) if weights else sp.csr_matrix(C)   # (weights=False: only read)
+    C = sp.csr_matrix(C, dtype=np.float64, copy=True) if weights else sp.csr_matrix(C)   # (weights=False: only read)
     if not np.all(np.isfinite(C.data)):
         raise ValueError(f"`adata.obsp['{conn_key}']` contains NaN or infinite weights; recompute the neighbour graph.")
     if C.data.size and C.data.min() < 0:
@@ -569,9 +562,7 @@ class PrecomputedKernel(UnidirectionalKernel):
 
 # %% ../nbs/02_kernels.ipynb #cf1bdfff
 class ConnectivityKernel(UnidirectionalKernel):
-    """Transition matrix from the (symmetric) kNN graph `adata.obsp[conn_key]`, optionally density-normalised. The graph
-    is checked when the kernel is made and then read in place, as CellRank's kernel does (no copy when it is float CSR
-    in canonical form, as scanpy stores it): change it in place afterwards and the kernel computes with the change."""
+    "Transition matrix from the (symmetric) kNN graph `adata.obsp[conn_key]`, optionally density-normalised."
     def __init__(self,
                  adata,  # the AnnData
                  conn_key: str = Key.read["connectivities"],  # key of the kNN graph in `adata.obsp`
@@ -580,7 +571,7 @@ class ConnectivityKernel(UnidirectionalKernel):
                 ):
         super().__init__(adata, conn_key=conn_key, check_symmetric=check_symmetric)
         self._conn_key = conn_key
-        self._conn = read_connectivities(adata, conn_key, check_symmetric=check_symmetric, copy=False)
+        self._conn = read_connectivities(adata, conn_key, check_symmetric=check_symmetric)
 
     def compute_transition_matrix(self,
                                   density_normalize: bool = True,  # apply the Q^-1 C Q^-1 density correction first
@@ -591,7 +582,7 @@ class ConnectivityKernel(UnidirectionalKernel):
         density_normalize = check_bool("density_normalize", density_normalize)
         C = self._conn
         if density_normalize:   # rownorm(Q^-1 C Q^-1) = rownorm(C Q^-1): the row factor cancels; one pass over the edges
-            q = np.bincount(C.indices, weights=C.data, minlength=C.shape[1])   # column sums, in float64 (also of float32)
+            q = np.asarray(C.sum(axis=0)).ravel()
             with np.errstate(divide="ignore"): qi = np.where(q > 0, 1.0 / q, 0.0)
             data = _by_chunks(np.empty(C.nnz), lambda d, j: d * qi[j], C.data, C.indices)   # (no gathered temporary)
             W = sp.csr_matrix((data, C.indices.copy(), C.indptr.copy()), shape=C.shape)

@@ -607,6 +607,7 @@ class BaseEstimator:
         Writes: `obsm[Key.obsm.fate_probs]` (n x k array), `uns['..._names']`, `uns['..._colors']`."""
         from fatebook.fate import fate_probabilities, _FATE_ERR, FatesNotCertified
         classes, colors, groups = self._terminal_classes(keys)
+        self._check_stored("terminal")   # (fates of this object's states beside another's stored states: mislabelled)
         rc = getattr(self, "_rc", None)   # known irreducible (one closed class holding every cell): nothing is unreachable
         irr = rc is not None and len(rc[0]) == 1 and not rc[1].any()
         # terminal states left out of `keys` are transient in this solve: the usual cause of a badly conditioned one
@@ -710,6 +711,7 @@ class BaseEstimator:
         names = [ren.get(o, o) for o in old]
         if len(set(names)) != len(names):
             raise ValueError(f"Renaming would give two {kind} states the same name: {names}.")
+        self._check_stored(kind, fates=kind == "terminal")   # (renaming another object's results would mislabel them)
         pre = "terminal_states" if kind == "terminal" else "initial_states"
         memb = getattr(self, pre + "_memberships")
         fp, fnames = self.fate_probabilities, None
@@ -731,6 +733,32 @@ class BaseEstimator:
             self._set_params("fate_probabilities", p)
         info(f"Renamed {kind} states: " + ", ".join(f"{o!r} -> {n!r}" for o, n in ren.items()) + ".")
         return self
+
+    def _check_stored(self, kind: str, fates: bool = False):
+        """Raise `RuntimeError` if the AnnData's `kind` ('terminal'/'initial') states, or with `fates` its fate
+        probabilities, are not this object's: another estimator on the same AnnData (a second object, a widget's fork)
+        wrote its own since. A rename (or a fate computation) from this object would then pair its names (or its
+        states) with the other's results: B's three fate columns under A's two names (review reproducer)."""
+        bw, a, stale = self.backward, self._adata, []
+        lab = self.terminal_states if kind == "terminal" else self.initial_states
+        key = getattr(Key.obs, _STATE_KEYS[kind][0])(bw)
+        s = a.obs[key] if key in a.obs.columns else None
+        if lab is not None and not (isinstance(getattr(s, "dtype", None), pd.CategoricalDtype)
+                                    and [str(c) for c in s.cat.categories] == [str(c) for c in lab.cat.categories]
+                                    and np.array_equal(s.cat.codes.to_numpy(), lab.cat.codes.to_numpy())):
+            stale.append(f"{kind} states (`adata.obs['{key}']`)")
+        fp = self.fate_probabilities if fates else None
+        if fp is not None:
+            fk = Key.obsm.fate_probs(bw)
+            st, nm = (a.obsm[fk] if fk in a.obsm else None), a.uns.get(Key.names(fk))
+            if (st is None or nm is None or [str(x) for x in nm] != [str(x) for x in fp.names] or np.shape(st) != np.shape(fp)
+                    or not (st is fp or np.array_equal(np.asarray(st), np.asarray(fp), equal_nan=True))):
+                stale.append(f"fate probabilities (`adata.obsm['{fk}']`)")
+        if stale:
+            raise RuntimeError(f"The AnnData's {' and '.join(stale)} are not this estimator's: another estimator on the "
+                               "same AnnData (a second object, or a widget's fork) wrote its own since. Use the estimator "
+                               f"that wrote them, reload this one with `{type(self).__name__}.from_adata(adata)`, or set this "
+                               f"one's {kind} states again first.")
 
     def _fate_groups(self) -> list[list[str]]:
         "The terminal states behind each fate-probability column (one name, or several for a merged lineage)."

@@ -742,16 +742,16 @@ class BaseEstimator:
         bw, a, stale = self.backward, self._adata, []
         lab = self.terminal_states if kind == "terminal" else self.initial_states
         key = getattr(Key.obs, _STATE_KEYS[kind][0])(bw)
-        s = a.obs[key] if key in a.obs.columns else None
-        if lab is not None and not (isinstance(getattr(s, "dtype", None), pd.CategoricalDtype)
-                                    and [str(c) for c in s.cat.categories] == [str(c) for c in lab.cat.categories]
-                                    and np.array_equal(s.cat.codes.to_numpy(), lab.cat.codes.to_numpy())):
+        def names_of(x):   # each cell's label as a string (None: no state), whatever the column's dtype (as `_load` reads it)
+            c = pd.Categorical(x); return np.array([str(v) for v in c.categories] + [None], dtype=object)[c.codes]
+        if lab is not None and (key not in a.obs.columns or not np.array_equal(names_of(a.obs[key]), names_of(lab))):
             stale.append(f"{kind} states (`adata.obs['{key}']`)")
         fp = self.fate_probabilities if fates else None
         if fp is not None:
             fk = Key.obsm.fate_probs(bw)
             st, nm = (a.obsm[fk] if fk in a.obsm else None), a.uns.get(Key.names(fk))
-            if (st is None or nm is None or [str(x) for x in nm] != [str(x) for x in fp.names] or np.shape(st) != np.shape(fp)
+            if (st is None or (nm is not None and [str(x) for x in nm] != [str(x) for x in fp.names])   # (no names stored:
+                    or np.shape(st) != np.shape(fp)                                                    # `_load` makes some)
                     or not (st is fp or np.array_equal(np.asarray(st), np.asarray(fp), equal_nan=True))):
                 stale.append(f"fate probabilities (`adata.obsm['{fk}']`)")
         if stale:

@@ -11,7 +11,7 @@ needs few values from other ranks). --compare also runs fatebook's single-proces
 block GMRES fates) in a fresh process and checks that both agree (Schur subspace angle, max fate difference).
 
 usage: .venv/bin/python bench/bench_mpi.py [--n 1000000] [--ranks 1 2] [--order given rcm] [--n-components 20]
-                                           [--repeat 1] [--compare] [--data scale|synthetic]
+                                           [--repeat 1] [--compare] [--data scale|synthetic] [--no-deflate]
 Writes bench/results/mpi_*.json|txt. No assertions (shared 2-core machine: noisy timings; see the uptime columns).
 """
 import argparse, json, os, subprocess, sys, tempfile, time
@@ -63,12 +63,13 @@ write_csr(T, {str(out)!r}); np.save({str(lab)!r}, lab)
     return out, lab
 
 
-def run_mpi(ranks, data, lab, m, timeout=7200, tol=None):
+def run_mpi(ranks, data, lab, m, timeout=7200, tol=None, deflate=True):
     with tempfile.TemporaryDirectory(prefix="bench-mpi-") as d:
         env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONWARNINGS="ignore")
         mpiexec = "mpiexec.mpich" if subprocess.run(["which", "mpiexec.mpich"], capture_output=True).returncode == 0 else "mpiexec"
         cmd = [mpiexec, "-n", str(ranks), str(FATEBOOK_PY), "-m", "fatebook.distributed", str(data), "--terminal", str(lab),
-               "--n-components", str(m), "--out", os.path.join(d, "out.h5")] + ([] if tol is None else ["--tol", str(tol)])
+               "--n-components", str(m), "--out", os.path.join(d, "out.h5")] + ([] if tol is None else ["--tol", str(tol)]) \
+              + ([] if deflate else ["--no-deflate"])
         before, t = uptime(), time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
         wall, after = time.perf_counter() - t, uptime()
@@ -117,18 +118,19 @@ def main():
     ap.add_argument("--data", default="scale", choices=["scale", "synthetic"],
                     help="scale: make_scale.py + fatebook's kernels (bench_scale.py's T); synthetic: make_synthetic.py's T")
     ap.add_argument("--tol", type=float, default=None, help="SLEPc tolerance of the Ritz pairs (default: fatebook.distributed's, 1e-15)")
+    ap.add_argument("--no-deflate", action="store_true", help="fates without the run's Schur vectors as deflation space")
     ap.add_argument("--compare", action="store_true", help="also run fatebook's single-process default and compare")
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker: return worker(a.worker[0], a.worker[1], int(a.worker[2]))
-    rows, payload = [], dict(machine=machine(), n=a.n, n_components=a.n_components, tol=a.tol, runs=[])
+    rows, payload = [], dict(machine=machine(), n=a.n, n_components=a.n_components, tol=a.tol, deflate=not a.no_deflate, runs=[])
     for order in a.order:
         data, lab = prepare(a.n, a.seed, order, a.data)
         ok = set()   # rank counts whose last run in this order succeeded (their results are in the cache)
         for ranks in a.ranks:
             for i in range(a.repeat):
                 print(f"  {order} order, {ranks} rank(s), run {i + 1}/{a.repeat} (load {uptime()}) ...", flush=True)
-                r = run_mpi(ranks, data, lab, a.n_components, tol=a.tol)
+                r = run_mpi(ranks, data, lab, a.n_components, tol=a.tol, deflate=not a.no_deflate)
                 r.update(order=order, ranks_requested=ranks); payload["runs"].append(r)
                 if "error" in r: print("  FAILED:", r["error"], flush=True); ok.discard(ranks); continue
                 ok.add(ranks)

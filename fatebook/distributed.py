@@ -10,7 +10,7 @@ import argparse, builtins, json, os, resource, shutil, subprocess, sys, tempfile
 import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
-from .core import info, warn, debug, optional_import, check_row_stochastic, cells_str, palette, Key
+from .core import info, warn, debug, optional_import, check_row_stochastic, check_choice, cells_str, palette, Key
 from .schur import SchurResult, sort_real_schur, schur_eigenvalues, forbidden_n_states, eigengap
 from .fate import Lineage, _parse_terminal, _FATE_ERR, _STEPS_TOL, _tighten, _max_steps, _ill_conditioned, FatesNotCertified
 
@@ -321,7 +321,47 @@ def distributed_schur(T_rows, # this rank's row block of the row-stochastic n x 
     return SchurResult(X, R, lam, "krylov", res, forb, mp, which, gap, params)
 
 # %% ../nbs/04a_distributed.ipynb #f06443a2
-_REASONS = {-3: "reached max_it", -4: "diverged (residual grew)", -5: "breakdown", -9: "NaN/Inf", -11: "preconditioner failed"}
+_TOL_MIN_DEFLATED = 1e-14   # the smallest GMRES tolerance of the tighter solves with a deflation space
+
+class _NotConverged(RuntimeError):
+    "PETSc GMRES stopped without converging; `pc_failed`: ILU met a zero pivot or NaN (cells that cannot reach a terminal state)."
+    def __init__(self, pc_failed: bool, msg: str): super().__init__(msg); self.pc_failed = pc_failed
+_REASONS = {
+-3: "reached max_it", -4: "diverged (residual grew)", -5: "breakdown", -9: "NaN/Inf", -11: "preconditioner failed"}
+
+def _check_deflate(C: _Comm, Z, nloc, MPI):
+    "`deflate` as a float (nloc x d) array, d the same on every rank, or ValueError."
+    Z = np.asarray(Z, dtype=float)
+    Z = Z[:, None] if Z.ndim == 1 else Z
+    d = Z.shape[1] if Z.ndim == 2 else -1
+    if Z.ndim != 2 or Z.shape[0] != nloc or C.comm.allreduce(d, op=MPI.MAX) != C.comm.allreduce(d, op=MPI.MIN):
+        raise ValueError(f"`deflate` must hold this rank's {nloc} rows of the n x d slow directions (e.g. the Schur vectors "
+                         f"`distributed_schur(...).vectors`), with the same d on every rank; got shape {Z.shape}.")
+    return Z
+
+def _deflation_space(C: _Comm, Z, absorbing, PETSc, MPI):
+    """`(W, rank)`: a PETSc Mat W (n x r, this rank's rows) with orthonormal columns spanning the slow directions
+    `Z` (this rank's rows of n x d, see `_check_deflate`) on the transient cells (zero on the terminal cells, whose
+    values are fixed), the directions of (numerically) no weight there dropped (singular values below 1e-6 of the
+    largest, as `fatebook.linalg._deflation`); `(None, 0)` if nothing is left or Z is not finite on some rank (then a
+    warning)."""
+    d, nloc = Z.shape[1], len(absorbing)
+    if not C.comm.allreduce(bool(np.isfinite(Z).all()), op=MPI.LAND):
+        if C.rank == 0:
+            warn("The deflation directions (`deflate`) are not finite (NaN or inf); solving without them (slower, the same "
+                 "answer). Recompute the Schur vectors if they came from a Schur step.")
+        return None, 0
+    Z = np.where(absorbing[:, None], 0.0, Z)
+    w, E = np.linalg.eigh(C.gram(Z, Z))   # the same Gram matrix on every rank, so the same basis
+    keep = w > 1e-12 * max(w.max(initial=0.0), 1e-300)
+    if not d or not keep.any(): return None, 0
+    Wl = Z @ (E[:, keep] / np.sqrt(w[keep]))
+    r = Wl.shape[1]   # stored as AIJ with full rows: PCDEFLATION forms W'A by a product that PETSc has for AIJ only
+    W = PETSc.Mat().createAIJ(((nloc, None), (None, r)), nnz=(r, r), comm=C.comm)
+    W.setValuesCSR(np.arange(0, r * nloc + 1, r, dtype=PETSc.IntType), np.tile(np.arange(r, dtype=PETSc.IntType), nloc),
+                   np.ascontiguousarray(Wl).ravel())
+    W.assemble()
+    return W, r
 
 class _PetscOp:
     "`op @ u`: this rank's rows of A u for a distributed PETSc Mat A, through the work vectors x and r (a copy)."
@@ -369,6 +409,9 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
                       comm=None, # mpi4py communicator (default COMM_WORLD)
                       show_progress: bool = True, # one line per terminal class on rank 0
                       overwrite: bool = False, # a PETSc Mat T_rows may be turned into the system matrix in place (saves a copy)
+                      deflate: np.ndarray|None = None, # this rank's rows of n x d slow directions (e.g. the Schur vectors `distributed_schur(...).vectors`): a coarse correction (PETSc's PCDEFLATION)
+                      deflation: str = "auto", # 'auto': with `deflate` only when the plain solve fails or cannot be certified; 'always'
+
                      ) -> tuple[np.ndarray, dict]:
     """Fate probabilities of T distributed by rows: for each terminal class k, GMRES (PETSc KSP, block-Jacobi/ILU(0)
     preconditioner) on (I - T) b = 0 with b = 1 on class k and 0 on the other terminal cells. Returns THIS rank's rows
@@ -377,7 +420,11 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
     As `fatebook.fate.fate_probabilities`, the result is certified (`error_bound` >= max |B - B_exact|); a solve
     certified worse than 1e-3 is solved again with residuals small enough for the bound (down to 1e-12, up to 3 times
     while the bound improves, keeping the best), and one that still is not raises `FatesNotCertified` if its values
-    leave [0, 1] or its rows do not sum to 1, else warns."""
+    leave [0, 1] or its rows do not sum to 1, else warns.
+    With `deflate` (slow directions, e.g. this rank's rows of the Schur vectors), a plain solve that fails to converge
+    or cannot be certified (nearly closed parts of the chain) is redone with PETSc's deflation preconditioner on their
+    span (`deflation='always'`: from the start); `info['pc']` and `info['deflation_rank']` say what was used."""
+
     PETSc, SLEPc, MPI = petsc()
     t0 = time.perf_counter()
     C = _Comm(MPI.COMM_WORLD if comm is None else comm)
@@ -408,9 +455,32 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
     ksp = PETSc.KSP().create(comm=C.comm)
     ksp.setOperators(A); ksp.setType("gmres"); ksp.setGMRESRestart(restart)
     ksp.setPCSide(PETSc.PC.Side.RIGHT); ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)   # rtol on the true residual
-    ksp.getPC().setType("bjacobi")   # one ILU(0) block per rank (the whole matrix on one rank)
+    when = check_choice("deflation", deflation, ("auto", "always"))
+    Z = _check_deflate(C, deflate, nloc, MPI) if deflate is not None else None
+    W, rank = None, 0   # the deflation space, built when first used
+    pc = ksp.getPC()
+    pc.setType("bjacobi")   # one ILU(0) block per rank (the whole matrix on one rank)
     ksp.setTolerances(rtol=tol, atol=0.0, max_it=maxiter)
     ksp.setFromOptions()
+    state = dict(deflated=False)
+
+    def use_deflation():   # PCDEFLATION on W: the slow directions solved exactly on the coarse space W'AW (r x r, LU on
+        nonlocal W, rank     # one rank), block Jacobi/ILU(0) for the rest; False (and a warning) if it cannot be set up
+        W, rank = _deflation_space(C, Z, absorbing, PETSc, MPI)
+        if W is None: return False
+        pc.setType("deflation"); pc.setDeflationSpace(W, False); pc.setDeflationReductionFactor(C.size)
+        opts = PETSc.Options(); own = not opts.hasName("deflation_pc_pc_type")
+        if own: opts["deflation_pc_pc_type"] = "bjacobi"   # (PCDEFLATION's own default for the rest is none)
+        try: ksp.setUp()
+        except PETSc.Error as e:   # (W'AW singular: not for slow directions of a chain whose cells all reach a terminal state)
+            if C.rank == 0: warn(f"The deflation preconditioner could not be set up (PETSc error {e.ierr}); solving without it.")
+            W.destroy(); W, rank = None, 0
+            pc.setType("bjacobi"); ksp.setUp(); return False
+        finally:
+            if own: opts.delValue("deflation_pc_pc_type")
+        state["deflated"] = True; return True
+    if Z is not None and when == "always": use_deflation()
+
     x, b = A.createVecs()
     B = np.zeros((nloc, K)); its, res = [0] * K, [0.0] * K
     tr = ~absorbing
@@ -424,13 +494,15 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
             reason, it = ksp.getConvergedReason(), ksp.getIterationNumber()
             if reason < 0 and not again:   # (a tighter solve that stops early is judged by its certificate)
                 pc_failed = reason in (-9, -11)   # a zero pivot or NaN: the singular system of unreachable cells
-                raise RuntimeError(f"PETSc GMRES for terminal state {names[k]!r} did not converge ({_REASONS.get(reason, reason)}, "
+                raise _NotConverged(pc_failed, f"PETSc GMRES for terminal state {names[k]!r} did not converge ({_REASONS.get(reason, reason)}, "
                                    f"{it} iterations, residual {ksp.getResidualNorm() / max(b.norm(), 1e-300):.1e}). "
                                    + ("Most likely some cells cannot reach a terminal state (then the system is singular and "
                                       "ILU meets a zero pivot): find them with `fatebook.fate.unreachable_cells` on one machine, "
                                       "or declare that part of the chain terminal." if pc_failed else
                                       "Nearly closed parts of the chain (weakly coupled clusters) make the system hard for GMRES "
-                                      "with block-Jacobi/ILU(0); try a larger `restart` or `maxiter`, or solve on one machine "
+                                      "with block-Jacobi/ILU(0)" + (" even with the deflation space" if state["deflated"] else
+                                      "; pass their slow directions as `deflate` (the Schur vectors: `run` does so when it "
+                                      "computes them)") + "; or try a larger `restart` or `maxiter`, or solve on one machine "
                                       "(`fatebook.fate.fate_probabilities`, solver='direct'). Cells that cannot reach a terminal "
                                       "state do this too: `fatebook.fate.unreachable_cells` finds them."))
             B[:, k] = x.getArray(); its[k] += int(it); res[k] = float(ksp.getResidualNorm() / max(b.norm(), 1e-300))
@@ -442,23 +514,45 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
         dev = C.comm.allreduce(float(np.abs(B[tr].sum(1) - 1).max(initial=0.0)), op=MPI.MAX)   # (the derived lineage's shift)
         return e + dev, st, sl
 
-    err, steps, slow = solve(tol)
-    first = []
-
-    def again(rtol):   # each tighter solve goes on from the last one
-        if not first: first.append((B.copy(), list(res), steps, slow))   # (what a worse one must not overwrite)
-        e, st, sl = solve(rtol, again=True)
-        return e, (B.copy(), list(res), st, sl)
-
     def say(e, new):
         if show_progress and C.rank == 0:
             print(f"[fatebook.distributed] fates certified only to {e:.1e}: solving again with rtol {new:.0e}",
                   file=sys.stderr, flush=True)
-    # as fatebook.fate: tighter solves while the bound improves (every rank has the same err, so the same steps)
-    tol, err, best = _tighten(again, tol, err, say)
-    if best or first: B[:], res[:], steps, slow = best or first[0]
-    for o in (ksp, A, x, b): o.destroy()
+
+    def attempt(tol):   # the solve at `tol`, then, as fatebook.fate, tighter solves while the bound improves (every
+        first = []      # rank has the same err, so the same steps); with a deflation space these take a few iterations
+        err, steps, slow = solve(tol)   # (16 blobs joined by 1e-4: 5-7 at 1e-12-1e-14), so they go on to 1e-14 even
+                                        # where the bound asks for less (their true residuals decide, as always)
+        def again(rtol):   # each tighter solve goes on from the last one
+            if not first: first.append((B.copy(), list(res), steps, slow))   # (what a worse one must not overwrite)
+            e, st, sl = solve(rtol, again=True)
+            return e, (B.copy(), list(res), st, sl)
+        tol, err, best = _tighten(again, tol, err, say, *((_TOL_MIN_DEFLATED, True) if state["deflated"] else ()))
+        if best or first: B[:], res[:], steps, slow = best or first[0]
+        return tol, err, steps, slow
+
+    tol0, failed = tol, None
+    try: tol, err, steps, slow = attempt(tol0)
+    except _NotConverged as e:
+        if Z is None or state["deflated"] or e.pc_failed: raise
+        failed, err = e, np.inf
+    if Z is not None and not state["deflated"] and err > _FATE_ERR:   # 'auto': the plain solve failed or is not certified
+        if use_deflation():
+            if C.rank == 0:
+                info(f"Fate probabilities: the plain GMRES solve " + ("failed" if failed else f"was certified only to {err:.1e}")
+                     + f"; solving again with {rank} deflation directions.")
+
+            B[:] = 0.0; res[:] = [0.0] * K
+            tol, err, steps, slow = attempt(tol0)
+        elif failed: raise failed
+    for o in (ksp, A, x, b, W):
+
+        if o is not None: o.destroy()
     why = "" if err <= _FATE_ERR else _ill_conditioned(err, steps, slow, False, estimator=False)
+    if why and Z is None:
+        why += (" Or pass the chain's slow directions as `deflate` (its Schur vectors; `run` and `mpiexec ... python -m "
+                "fatebook.distributed` pass those of their own Schur step): GMRES then solves such chains.")
+
     Bt = B[tr]
     rs = Bt.sum(1)
     ok = check_sum_tol if why else max(check_sum_tol, err)   # certified: the values lie within the bound of the truth
@@ -485,7 +579,9 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
     B[absorbing] = 0.0; B[np.flatnonzero(absorbing), lab[absorbing]] = 1.0
     n_trans = int(C.sum(float(tr.sum())))
     if why and C.rank == 0: warn(why)
-    inf = dict(solver="petsc-mpi", pc="bjacobi/ilu(0)", tol=tol, iterations=its, residual=max(res), n_transient=n_trans, n_unreachable=0,
+    inf = dict(solver="petsc-mpi", pc="deflation/bjacobi/ilu(0)" if state["deflated"] else "bjacobi/ilu(0)",
+               deflation_rank=rank if state["deflated"] else 0, tol=tol,
+ iterations=its, residual=max(res), n_transient=n_trans, n_unreachable=0,
                names=names, ranks=C.size, rows=(r0, r1), error_bound=err, max_mean_steps=steps,
                seconds=round(time.perf_counter() - t0, 3))
     return B, inf
@@ -563,6 +659,7 @@ def run(input: str, # .h5ad / .h5 / .npz holding T (see `read_rows`)
         terminal_key: str|None = None, # obs key of the terminal states (default `Key.obs.term_states(backward)`)
         fates: bool|None = None, # None: when terminal states are found; False: skip; True: required
         fate_tol: float = 1e-10, # GMRES relative residual
+        deflate: str|bool|None = None, # slow directions for the fate solve: None, this run's Schur vectors (if any); a .npy path (n x d, e.g. Schur vectors); False: none
         comm=None, show_progress: bool = True,
        ) -> dict|None:
     "Read T by row blocks, run the distributed Schur step and fate probabilities, write every rank's rows to `out`."
@@ -617,10 +714,23 @@ def run(input: str, # .h5ad / .h5 / .npz holding T (see `read_rows`)
             names = [names[i] if names is not None else str(i) for i in used]
             K = len(names)
             p0 = products()
-            B, finfo = distributed_fates(A, lab, names, tol=fate_tol, comm=C.comm, show_progress=show_progress, overwrite=True)
+            Z = None   # the slow directions: a nearly closed part of the chain makes the plain solve fail or stall
+            if isinstance(deflate, str):
+                Zf = np.load(deflate, mmap_mode="r")
+                if Zf.ndim not in (1, 2) or Zf.shape[0] != n:
+                    raise ValueError(f"The deflation directions in {deflate} have shape {Zf.shape}; one row per cell "
+                                     f"(n = {n}) is needed, e.g. Schur vectors n x d.")
+                Z = np.array(Zf[r0:r1], dtype=float); del Zf
+            elif deflate is None and res is not None: Z = res.vectors
+            elif deflate not in (None, False): raise ValueError(f"`deflate` must be None, False or a .npy path; got {deflate!r}.")
+            B, finfo = distributed_fates(A, lab, names, tol=fate_tol, comm=C.comm, show_progress=show_progress, overwrite=True,
+                                         deflate=Z)
+            del Z
             A = None   # became the system matrix I - T and was freed
             stages["fates"] = time.perf_counter() - t; rss["fates"] = _rss_mb(); prods["fates"] = products(p0)
-            log(f"fates: {K} terminal states, {finfo['n_transient']:,} transient cells, GMRES iterations {finfo['iterations']}, "
+            log(f"fates: {K} terminal states, {finfo['n_transient']:,} transient cells, {finfo['pc']} "
+                + (f"(deflation rank {finfo['deflation_rank']}) " if finfo['deflation_rank'] else "") + f"GMRES iterations {finfo['iterations']}, "
+
                 f"{stages['fates']:.1f} s")
     elif fates: raise ValueError("fates=True needs terminal states: pass terminal= (.npy / .h5ad) or an .h5ad input.")
     if A is not None: A.destroy()
@@ -677,6 +787,9 @@ def _parser():
     p.add_argument("--terminal", default=None, help=".npy int labels (-1 transient) or .h5ad with categorical obs[--terminal-key]")
     p.add_argument("--terminal-key", default=None, help="obs key of the terminal states (default fb_term_states_fwd)")
     p.add_argument("--no-fates", action="store_true"); p.add_argument("--fate-tol", type=float, default=1e-10)
+    p.add_argument("--deflate", default=None, help=".npy (n x d) slow directions for the fate solve, e.g. Schur vectors "
+                                                   "(default: this run's Schur vectors, if any)")
+    p.add_argument("--no-deflate", action="store_true", help="solve the fates without deflation")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -691,7 +804,9 @@ def main(argv: list[str]|None = None):
         with threadpool_limits(1):   # one BLAS thread per rank: ranks are the parallelism
             s = run(a.input, a.out, key=a.key, backward=a.backward, n_components=a.n_components or None, which=a.which,
                     tol=a.tol, ncv=a.ncv, maxiter=a.maxiter, seed=a.seed, terminal=a.terminal, terminal_key=a.terminal_key,
-                    fates=False if a.no_fates else None, fate_tol=a.fate_tol, show_progress=not a.quiet)
+                    fates=False if a.no_fates else None, fate_tol=a.fate_tol, show_progress=not a.quiet,
+                    deflate=False if a.no_deflate else a.deflate)
+
     except Exception as e:   # one rank's error must stop every rank (the others would wait in a collective forever)
         msg = f"[fatebook.distributed] rank {MPI.COMM_WORLD.Get_rank()}: {type(e).__name__}: {e}"
         print(msg, file=sys.stderr, flush=True)
@@ -756,14 +871,22 @@ def mpi_fate_probabilities(T, # row-stochastic transition matrix (n x n, sparse)
                            names: list|None = None, colors: list|None = None,
                            tol: float = 1e-10, # GMRES relative residual
                            timeout: float|None = None,
+                           deflate: np.ndarray|None = None, # n x d slow directions (e.g. `sorted_schur(T).vectors`): needed where parts of the chain are nearly closed
                           ) -> tuple[Lineage, dict]:
-    "`fate_probabilities` run by `n_ranks` MPI ranks (PETSc GMRES); returns `(Lineage, info)`."
+    "`fate_probabilities` run by `n_ranks` MPI ranks (PETSc GMRES, with `deflate` PETSc's deflation preconditioner); returns `(Lineage, info)`."
     T = check_row_stochastic(sp.csr_matrix(T))
     labels, names = _parse_terminal(terminal, T.shape[0], names)
+    if deflate is not None:
+        deflate = np.asarray(deflate, dtype=float)
+        if deflate.ndim not in (1, 2) or deflate.shape[0] != T.shape[0]:
+            raise ValueError(f"`deflate` must hold one row per cell (n = {T.shape[0]}, e.g. Schur vectors n x d), got shape {deflate.shape}.")
     with tempfile.TemporaryDirectory(prefix="fatebook-mpi-") as d:
         write_csr(T, os.path.join(d, "T.h5")); np.save(os.path.join(d, "lab.npy"), labels)
+        extra = []
+        if deflate is not None: np.save(os.path.join(d, "deflate.npy"), deflate); extra = ["--deflate", os.path.join(d, "deflate.npy")]
         _launch(n_ranks, [os.path.join(d, "T.h5"), "--out", os.path.join(d, "out.h5"), "--n-components", 0,
-                          "--terminal", os.path.join(d, "lab.npy"), "--fate-tol", tol, "--quiet"], timeout)
+                          "--terminal", os.path.join(d, "lab.npy"), "--fate-tol", tol, "--quiet"] + extra, timeout)
+
         r = read_results(os.path.join(d, "out.h5"))
     lin = Lineage(np.asarray(r["fates"]), names=names, colors=colors)
     return lin, r["fate_info"]

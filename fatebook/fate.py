@@ -316,25 +316,27 @@ _SMOOTH = 3         # Richardson steps on t̂ before a tighter solve (1,000,000 
 _TOL_MIN = 1e-12    # the smallest GMRES tolerance tried for the bound (a 100,000-cell chain needing 3e-13: 240 s, 1,387 iterations)
 _REDO_MAX = 3       # tighter solves after the first, while the bound keeps improving
 
-def _tighter(tol: float, err: float) -> float|None:
+def _tighter(tol: float, err: float, floor: float = _TOL_MIN, reach: bool = False) -> float|None:
     """The tolerance for solving again what a solve at `tol` certified only to `err` (> `_FATE_ERR`): the error shrinks
-    about as the residual does, so tol x `_FATE_ERR` / err / 10; `_TOL_MIN` when err is not finite; None when that is
-    below `_TOL_MIN` (not affordable) or tol is there already. One such step can fall short (the first solve of a
-    nearly closed chain stopped after 1 iteration, and the bound went 4e2 -> 1.2e-3 at 3e-11): the callers take up to
-    `_REDO_MAX` while the bound improves, keeping the best solve."""
-    if tol <= _TOL_MIN: return None
-    if not np.isfinite(err): return _TOL_MIN
+    about as the residual does, so tol x `_FATE_ERR` / err / 10; `floor` when err is not finite; None when that is
+    below `floor` (not affordable) or tol is there already — with `reach`, `floor` itself instead (for solvers whose
+    tighter solves are cheap: the distributed fates with a deflation space, 5–7 GMRES iterations at 1e-12–1e-14). One
+    such step can fall short (the first solve of a nearly closed chain stopped after 1 iteration, and the bound went
+    4e2 -> 1.2e-3 at 3e-11): the callers take up to `_REDO_MAX` while the bound improves, keeping the best solve."""
+    if tol <= floor: return None
+    if not np.isfinite(err): return floor
     new = tol * _FATE_ERR / err / 10
-    return new if new >= _TOL_MIN else None
+    return new if new >= floor else (floor if reach else None)
 
-def _tighten(solve, tol: float, err: float, say=None) -> tuple:
+def _tighten(solve, tol: float, err: float, say=None, floor: float = _TOL_MIN, reach: bool = False) -> tuple:
     """Tighter solves, while the bound `err` of the solve at `tol` exceeds `_FATE_ERR` and each improves it: up to
-    `_REDO_MAX`, at `_tighter`'s tolerances. `solve(tol)` returns (err, state); `say(err, new tol)` announces each.
-    Returns (tol, err, state) of the best solve, state None when the first stands. `fate_probabilities` and
-    `fatebook.distributed.distributed_fates` share this rule."""
+    `_REDO_MAX`, at `_tighter`'s tolerances (`floor`, `reach`). `solve(tol)` returns (err, state); `say(err, new tol)`
+    announces each. Returns (tol, err, state) of the best solve, state None when the first stands. `fate_probabilities`
+    and `fatebook.distributed.distributed_fates` share this rule."""
     state = None
     for _ in range(_REDO_MAX):
-        new = _tighter(tol, err) if err > _FATE_ERR else None
+        new = _tighter(tol, err, floor, reach) if err > _FATE_ERR else None
+
         if new is None: break
         if say is not None: say(err, new)
         e2, s2 = solve(new)

@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 from scipy.linalg import subspace_angles
 from fatebook.core import has_module, Key
-from fatebook.linalg import knn_chain
+from fatebook.linalg import knn_chain, slow_chain
 from fatebook.schur import sorted_schur
 from fatebook.fate import fate_probabilities, gamblers_ruin
 from fatebook import distributed as D
@@ -179,6 +179,35 @@ def test_two_ranks_cli_equals_single_process(tmp_path, chain):
     C1, C0 = gpcca_memberships(s.vectors, 3).chi, gpcca_memberships(ref.vectors, 3).chi
     perm = [int(np.argmax([np.corrcoef(C0[:, i], C1[:, j])[0, 1] for j in range(3)])) for i in range(3)]
     assert sorted(perm) == [0, 1, 2] and np.abs(C0 - C1[:, perm]).max() < 1e-4
+
+
+@needs_mpi
+def test_two_ranks_slow_chain_fates_deflated_by_the_runs_schur_vectors(tmp_path):
+    """16 blobs of cells joined by transitions of weight 1e-4 (the end blobs terminal; 3e8 mean steps to absorption):
+    block-Jacobi GMRES cannot be certified there, so the run's own Schur vectors deflate the fate solve (PCDEFLATION),
+    and the fates equal the direct solve within their certified bound; `--deflate FILE` gives the directions to a run
+    without a Schur step; `--no-deflate` fails as before, with a message."""
+    T, _, blob = slow_chain(1200, "blocks", n_blocks=16, eps=1e-4, seed=0)
+    lab = np.where(blob == 0, 0, np.where(blob == 15, 1, -1))
+    D.write_csr(T, str(tmp_path / "T.h5")); np.save(tmp_path / "lab.npy", lab)
+    np.save(tmp_path / "X.npy", sorted_schur(T, 20).vectors)
+    ref = np.asarray(fate_probabilities(T, lab, solver="direct")[0])
+
+    def run(name, *extra):
+        out = tmp_path / f"{name}.h5"
+        r = subprocess.run([D.mpiexec(), "-n", "2", sys.executable, "-m", "fatebook.distributed", str(tmp_path / "T.h5"),
+                            "--terminal", str(tmp_path / "lab.npy"), "--fate-tol", "1e-8", "--out", str(out), *extra],
+                           capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        return r, (D.read_results(str(out)) if r.returncode == 0 else None)
+    for name, extra in (("schur", ("--n-components", "20")), ("file", ("--n-components", "0", "--deflate", str(tmp_path / "X.npy")))):
+        r, res = run(name, *extra)
+        assert r.returncode == 0, r.stderr
+        assert "deflation rank" in r.stderr, r.stderr
+        inf = res["fate_info"]
+        assert inf["pc"] == "deflation/bjacobi/ilu(0)" and inf["ranks"] == 2 and inf["deflation_rank"] >= 10, inf
+        assert np.abs(np.asarray(res["fates"]) - ref).max() <= inf["error_bound"] <= 1e-3, inf
+    r, _ = run("plain", "--n-components", "20", "--no-deflate")
+    assert r.returncode != 0 and "certified only to" in r.stderr, r.stderr
 
 
 @needs_mpi

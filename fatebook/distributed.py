@@ -16,8 +16,8 @@ from .fate import Lineage, _parse_terminal, _FATE_ERR, _STEPS_TOL, _tighten, _ma
 
 # %% auto #0
 __all__ = ['petsc', 'row_block', 'matrix_shape', 'read_rows', 'write_csr', 'petsc_matrix', 'distributed_schur',
-           'distributed_fates', 'read_labels', 'read_results', 'run', 'main', 'mpiexec', 'mpi_schur',
-           'mpi_fate_probabilities']
+           'GMRESNotConverged', 'distributed_fates', 'read_labels', 'read_results', 'run', 'main', 'mpiexec',
+           'mpi_schur', 'mpi_fate_probabilities']
 
 # %% ../nbs/04a_distributed.ipynb #dd313920
 def petsc(purpose: str = "fatebook.distributed"):
@@ -323,8 +323,8 @@ def distributed_schur(T_rows, # this rank's row block of the row-stochastic n x 
 # %% ../nbs/04a_distributed.ipynb #f06443a2
 _TOL_MIN_DEFLATED = 1e-14   # the smallest GMRES tolerance of the tighter solves with a deflation space
 
-class _NotConverged(RuntimeError):
-    "PETSc GMRES stopped without converging; `pc_failed`: ILU met a zero pivot or NaN (cells that cannot reach a terminal state)."
+class GMRESNotConverged(RuntimeError):
+    "`distributed_fates`: PETSc GMRES stopped without converging; `pc_failed`: ILU met a zero pivot or NaN (cells that cannot reach a terminal state)."
     def __init__(self, pc_failed: bool, msg: str): super().__init__(msg); self.pc_failed = pc_failed
 _REASONS = {
 -3: "reached max_it", -4: "diverged (residual grew)", -5: "breakdown", -9: "NaN/Inf", -11: "preconditioner failed"}
@@ -342,20 +342,26 @@ def _check_deflate(C: _Comm, Z, nloc, MPI):
 def _deflation_space(C: _Comm, Z, absorbing, PETSc, MPI):
     """`(W, rank)`: a PETSc Mat W (n x r, this rank's rows) with orthonormal columns spanning the slow directions
     `Z` (this rank's rows of n x d, see `_check_deflate`) on the transient cells (zero on the terminal cells, whose
-    values are fixed), the directions of (numerically) no weight there dropped (singular values below 1e-6 of the
-    largest, as `fatebook.linalg._deflation`); `(None, 0)` if nothing is left or Z is not finite on some rank (then a
-    warning)."""
+    values are fixed): each direction scaled to unit length there (those with none dropped), then the combinations of
+    (numerically) no weight dropped (singular values below 1e-6 of the largest); `(None, 0)` and a warning if nothing
+    is left or Z is not finite on some rank."""
     d, nloc = Z.shape[1], len(absorbing)
     if not C.comm.allreduce(bool(np.isfinite(Z).all()), op=MPI.LAND):
         if C.rank == 0:
-            warn("The deflation directions (`deflate`) are not finite (NaN or inf); solving without them (slower, the same "
-                 "answer). Recompute the Schur vectors if they came from a Schur step.")
+            warn("The deflation directions (`deflate`) are not finite (NaN or inf); solving without them. Recompute the "
+                 "Schur vectors if they came from a Schur step.")
         return None, 0
     Z = np.where(absorbing[:, None], 0.0, Z)
-    w, E = np.linalg.eigh(C.gram(Z, Z))   # the same Gram matrix on every rank, so the same basis
+    G = C.gram(Z, Z)   # the same Gram matrix on every rank, so the same basis
+    s = np.sqrt(np.clip(np.diag(G), 0.0, None)); on = s > 0   # (unit columns: what is dropped does not depend on scale)
+    w, E = np.linalg.eigh(G[np.ix_(on, on)] / np.outer(s[on], s[on])) if on.any() else (np.zeros(0), np.zeros((0, 0)))
     keep = w > 1e-12 * max(w.max(initial=0.0), 1e-300)
-    if not d or not keep.any(): return None, 0
-    Wl = Z @ (E[:, keep] / np.sqrt(w[keep]))
+    if not d or not keep.any():
+        if C.rank == 0:
+            warn("The deflation directions (`deflate`) have no weight on the transient cells (they live on the terminal "
+                 "cells only, or are zero); solving without them.")
+        return None, 0
+    Wl = Z[:, on] @ (E[:, keep] / np.sqrt(w[keep]) / s[on][:, None])
     r = Wl.shape[1]   # stored as AIJ with full rows: PCDEFLATION forms W'A by a product that PETSc has for AIJ only
     W = PETSc.Mat().createAIJ(((nloc, None), (None, r)), nnz=(r, r), comm=C.comm)
     W.setValuesCSR(np.arange(0, r * nloc + 1, r, dtype=PETSc.IntType), np.tile(np.arange(r, dtype=PETSc.IntType), nloc),
@@ -411,19 +417,19 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
                       overwrite: bool = False, # a PETSc Mat T_rows may be turned into the system matrix in place (saves a copy)
                       deflate: np.ndarray|None = None, # this rank's rows of n x d slow directions (e.g. the Schur vectors `distributed_schur(...).vectors`): a coarse correction (PETSc's PCDEFLATION)
                       deflation: str = "auto", # 'auto': with `deflate` only when the plain solve fails or cannot be certified; 'always'
-
                      ) -> tuple[np.ndarray, dict]:
     """Fate probabilities of T distributed by rows: for each terminal class k, GMRES (PETSc KSP, block-Jacobi/ILU(0)
     preconditioner) on (I - T) b = 0 with b = 1 on class k and 0 on the other terminal cells. Returns THIS rank's rows
     (n_loc x K, in [0, 1]; rows sum to 1 within `error_bound`) and an info dict. Cells that cannot reach a terminal state raise (no reachability search).
     A PETSc Mat is copied (or, with `overwrite=True`, destroyed after being used as the system matrix).
     As `fatebook.fate.fate_probabilities`, the result is certified (`error_bound` >= max |B - B_exact|); a solve
-    certified worse than 1e-3 is solved again with residuals small enough for the bound (down to 1e-12, up to 3 times
+    certified worse than 1e-3 is solved again with residuals small enough for the bound (down to 1e-12, deflated 1e-14; up to 3 times
     while the bound improves, keeping the best), and one that still is not raises `FatesNotCertified` if its values
     leave [0, 1] or its rows do not sum to 1, else warns.
     With `deflate` (slow directions, e.g. this rank's rows of the Schur vectors), a plain solve that fails to converge
     or cannot be certified (nearly closed parts of the chain) is redone with PETSc's deflation preconditioner on their
-    span (`deflation='always'`: from the start); `info['pc']` and `info['deflation_rank']` say what was used."""
+    span (`deflation='always'`: from the start); `info['pc']` and `info['deflation_rank']` say what was used,
+    `info['iterations']` counts the final solve's iterations, `info['plain_iterations']` those of a plain solve redone."""
 
     PETSc, SLEPc, MPI = petsc()
     t0 = time.perf_counter()
@@ -471,7 +477,10 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
         pc.setType("deflation"); pc.setDeflationSpace(W, False); pc.setDeflationReductionFactor(C.size)
         opts = PETSc.Options(); own = not opts.hasName("deflation_pc_pc_type")
         if own: opts["deflation_pc_pc_type"] = "bjacobi"   # (PCDEFLATION's own default for the rest is none)
-        try: ksp.setUp()
+        try:
+            ksp.setUp(); pc.setUp()   # (the PC itself: after a plain solve the KSP counts as set up already)
+            inner = pc.getDeflationPC().getType()   # what preconditions the rest, as set up (reported in info['pc'])
+            state["pc"] = "deflation/" + ("bjacobi/ilu(0)" if inner == "bjacobi" else inner)
         except PETSc.Error as e:   # (W'AW singular: not for slow directions of a chain whose cells all reach a terminal state)
             if C.rank == 0: warn(f"The deflation preconditioner could not be set up (PETSc error {e.ierr}); solving without it.")
             W.destroy(); W, rank = None, 0
@@ -485,22 +494,29 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
     B = np.zeros((nloc, K)); its, res = [0] * K, [0.0] * K
     tr = ~absorbing
 
-    def solve(rtol, again=False):   # every class (again: going on from the last solution), then the certificate
+    def solve(rtol, again=False):   # every class (again: a tighter solve, judged by its certificate), then the certificate
+        # a tighter solve goes on from the last solution (a correction of it: more accurate than starting afresh, 4.7e-4
+        # against 1.1e-3 on a 4-blob chain); a deflated one that breaks down so is solved again from zero (going on from a
+        # solve at 1e-4, deflated GMRES broke down after 100 iterations, found in review; from zero: 7-32 at 1e-14)
         ksp.setTolerances(rtol=rtol, atol=0.0, max_it=maxiter); ksp.setInitialGuessNonzero(again)
         for k in range(K):
             b.setArray((lab == k).astype(float)); x.setArray(B[:, k])
             t = time.perf_counter()
             ksp.solve(b, x)
             reason, it = ksp.getConvergedReason(), ksp.getIterationNumber()
+            if reason < 0 and again and state["deflated"]:
+                x.set(0.0); ksp.setInitialGuessNonzero(False); ksp.solve(b, x); ksp.setInitialGuessNonzero(True)
+                reason, it = ksp.getConvergedReason(), it + ksp.getIterationNumber()
             if reason < 0 and not again:   # (a tighter solve that stops early is judged by its certificate)
                 pc_failed = reason in (-9, -11)   # a zero pivot or NaN: the singular system of unreachable cells
-                raise _NotConverged(pc_failed, f"PETSc GMRES for terminal state {names[k]!r} did not converge ({_REASONS.get(reason, reason)}, "
+                raise GMRESNotConverged(pc_failed, f"PETSc GMRES for terminal state {names[k]!r} did not converge ({_REASONS.get(reason, reason)}, "
                                    f"{it} iterations, residual {ksp.getResidualNorm() / max(b.norm(), 1e-300):.1e}). "
                                    + ("Most likely some cells cannot reach a terminal state (then the system is singular and "
                                       "ILU meets a zero pivot): find them with `fatebook.fate.unreachable_cells` on one machine, "
                                       "or declare that part of the chain terminal." if pc_failed else
                                       "Nearly closed parts of the chain (weakly coupled clusters) make the system hard for GMRES "
                                       "with block-Jacobi/ILU(0)" + (" even with the deflation space" if state["deflated"] else
+                                      " (the given deflation directions could not be used: see the warning)" if Z is not None else
                                       "; pass their slow directions as `deflate` (the Schur vectors: `run` does so when it "
                                       "computes them)") + "; or try a larger `restart` or `maxiter`, or solve on one machine "
                                       "(`fatebook.fate.fate_probabilities`, solver='direct'). Cells that cannot reach a terminal "
@@ -533,7 +549,7 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
 
     tol0, failed = tol, None
     try: tol, err, steps, slow = attempt(tol0)
-    except _NotConverged as e:
+    except GMRESNotConverged as e:
         if Z is None or state["deflated"] or e.pc_failed: raise
         failed, err = e, np.inf
     if Z is not None and not state["deflated"] and err > _FATE_ERR:   # 'auto': the plain solve failed or is not certified
@@ -541,28 +557,25 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
             if C.rank == 0:
                 info(f"Fate probabilities: the plain GMRES solve " + ("failed" if failed else f"was certified only to {err:.1e}")
                      + f"; solving again with {rank} deflation directions.")
-
-            B[:] = 0.0; res[:] = [0.0] * K
+            state["plain_iterations"] = list(its)
+            B[:] = 0.0; res[:] = [0.0] * K; its[:] = [0] * K
             tol, err, steps, slow = attempt(tol0)
         elif failed: raise failed
     for o in (ksp, A, x, b, W):
-
         if o is not None: o.destroy()
     why = "" if err <= _FATE_ERR else _ill_conditioned(err, steps, slow, False, estimator=False)
     if why and Z is None:
         why += (" Or pass the chain's slow directions as `deflate` (its Schur vectors; `run` and `mpiexec ... python -m "
-                "fatebook.distributed` pass those of their own Schur step): GMRES then solves such chains.")
-
+                "fatebook.distributed` pass those of their own Schur step): GMRES then solves nearly closed chains (not "
+                "closed ones: cells that cannot reach a terminal state have no fate).")
     Bt = B[tr]
     rs = Bt.sum(1)
     ok = check_sum_tol if why else max(check_sum_tol, err)   # certified: the values lie within the bound of the truth
     lo = C.comm.allreduce(float(Bt.min(initial=np.inf)), op=MPI.MIN)
     hi = C.comm.allreduce(float(Bt.max(initial=-np.inf)), op=MPI.MAX)
-    if lo < -ok or hi > 1 + ok:
-        raise (FatesNotCertified if why else RuntimeError)(f"Fate probabilities leave [0, 1] (range [{lo:.2e}, {hi:.6f}]) after PETSc "
-                           f"GMRES (residual {max(res):.1e}). " + (why + " Or use a smaller `tol`." if why else "Use a smaller `tol`."))
     # not certified: rows that do not sum to 1 point to cells that cannot reach a terminal state (certified, the row
-    # sums' deviation is part of the bound)
+    # sums' deviation is part of the bound). Checked before the range: the more telling message (a closed non-terminal
+    # blob solved with a deflation space gave values up to 469 and was reported by range only, found in review)
     bad = np.flatnonzero(np.abs(rs - 1) > check_sum_tol) if why else np.zeros(0, int)
     bad_all = np.concatenate(C.comm.allgather(r0 + np.flatnonzero(tr)[bad])) if C.size > 1 else np.flatnonzero(tr)[bad]
     if len(bad_all):
@@ -572,6 +585,9 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
                            "part of the chain that is not terminal), or the solve is inaccurate. Find them with "
                            "`fatebook.fate.unreachable_cells` on one machine and declare that part terminal, or lower `tol`."
                            + (" " + why if why else ""))
+    if lo < -ok or hi > 1 + ok:
+        raise (FatesNotCertified if why else RuntimeError)(f"Fate probabilities leave [0, 1] (range [{lo:.2e}, {hi:.6f}]) after PETSc "
+                           f"GMRES (residual {max(res):.1e}). " + (why + " Or use a smaller `tol`." if why else "Use a smaller `tol`."))
     d = int(np.argmax(C.sum(np.clip(Bt, 0, 1).sum(0))))   # as fatebook.fate: the heaviest lineage is 1 minus the others,
     keep = [j for j in range(K) if j != d]                 # from their solved values (off by <= the bound: its error is the
     Bt[:, d] = 1 - Bt[:, keep].sum(1) if keep else 1.0     # solved one's plus the row sum's deviation), then all clipped
@@ -579,8 +595,8 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
     B[absorbing] = 0.0; B[np.flatnonzero(absorbing), lab[absorbing]] = 1.0
     n_trans = int(C.sum(float(tr.sum())))
     if why and C.rank == 0: warn(why)
-    inf = dict(solver="petsc-mpi", pc="deflation/bjacobi/ilu(0)" if state["deflated"] else "bjacobi/ilu(0)",
-               deflation_rank=rank if state["deflated"] else 0, tol=tol,
+    inf = dict(solver="petsc-mpi", pc=state.get("pc", "bjacobi/ilu(0)"), deflation_rank=rank if state["deflated"] else 0,
+               plain_iterations=state.get("plain_iterations"), tol=tol,
  iterations=its, residual=max(res), n_transient=n_trans, n_unreachable=0,
                names=names, ranks=C.size, rows=(r0, r1), error_bound=err, max_mean_steps=steps,
                seconds=round(time.perf_counter() - t0, 3))
@@ -716,7 +732,9 @@ def run(input: str, # .h5ad / .h5 / .npz holding T (see `read_rows`)
             p0 = products()
             Z = None   # the slow directions: a nearly closed part of the chain makes the plain solve fail or stall
             if isinstance(deflate, str):
-                Zf = np.load(deflate, mmap_mode="r")
+                Zf = np.load(deflate, mmap_mode="r", allow_pickle=False)
+                if not isinstance(Zf, np.ndarray):
+                    raise ValueError(f"{deflate} holds several arrays (.npz); `deflate` needs one .npy file (n x d).")
                 if Zf.ndim not in (1, 2) or Zf.shape[0] != n:
                     raise ValueError(f"The deflation directions in {deflate} have shape {Zf.shape}; one row per cell "
                                      f"(n = {n}) is needed, e.g. Schur vectors n x d.")
@@ -730,7 +748,6 @@ def run(input: str, # .h5ad / .h5 / .npz holding T (see `read_rows`)
             stages["fates"] = time.perf_counter() - t; rss["fates"] = _rss_mb(); prods["fates"] = products(p0)
             log(f"fates: {K} terminal states, {finfo['n_transient']:,} transient cells, {finfo['pc']} "
                 + (f"(deflation rank {finfo['deflation_rank']}) " if finfo['deflation_rank'] else "") + f"GMRES iterations {finfo['iterations']}, "
-
                 f"{stages['fates']:.1f} s")
     elif fates: raise ValueError("fates=True needs terminal states: pass terminal= (.npy / .h5ad) or an .h5ad input.")
     if A is not None: A.destroy()
@@ -787,9 +804,10 @@ def _parser():
     p.add_argument("--terminal", default=None, help=".npy int labels (-1 transient) or .h5ad with categorical obs[--terminal-key]")
     p.add_argument("--terminal-key", default=None, help="obs key of the terminal states (default fb_term_states_fwd)")
     p.add_argument("--no-fates", action="store_true"); p.add_argument("--fate-tol", type=float, default=1e-10)
-    p.add_argument("--deflate", default=None, help=".npy (n x d) slow directions for the fate solve, e.g. Schur vectors "
-                                                   "(default: this run's Schur vectors, if any)")
-    p.add_argument("--no-deflate", action="store_true", help="solve the fates without deflation")
+    dg = p.add_mutually_exclusive_group()
+    dg.add_argument("--deflate", default=None, help=".npy (n x d) slow directions for a fate solve that the plain one cannot "
+                                                    "certify, e.g. Schur vectors (default: this run's Schur vectors, if any)")
+    dg.add_argument("--no-deflate", action="store_true", help="solve the fates without deflation")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -806,7 +824,6 @@ def main(argv: list[str]|None = None):
                     tol=a.tol, ncv=a.ncv, maxiter=a.maxiter, seed=a.seed, terminal=a.terminal, terminal_key=a.terminal_key,
                     fates=False if a.no_fates else None, fate_tol=a.fate_tol, show_progress=not a.quiet,
                     deflate=False if a.no_deflate else a.deflate)
-
     except Exception as e:   # one rank's error must stop every rank (the others would wait in a collective forever)
         msg = f"[fatebook.distributed] rank {MPI.COMM_WORLD.Get_rank()}: {type(e).__name__}: {e}"
         print(msg, file=sys.stderr, flush=True)
@@ -886,7 +903,6 @@ def mpi_fate_probabilities(T, # row-stochastic transition matrix (n x n, sparse)
         if deflate is not None: np.save(os.path.join(d, "deflate.npy"), deflate); extra = ["--deflate", os.path.join(d, "deflate.npy")]
         _launch(n_ranks, [os.path.join(d, "T.h5"), "--out", os.path.join(d, "out.h5"), "--n-components", 0,
                           "--terminal", os.path.join(d, "lab.npy"), "--fate-tol", tol, "--quiet"] + extra, timeout)
-
         r = read_results(os.path.join(d, "out.h5"))
     lin = Lineage(np.asarray(r["fates"]), names=names, colors=colors)
     return lin, r["fate_info"]

@@ -319,14 +319,16 @@ _REDO_MAX = 3       # tighter solves after the first, while the bound keeps impr
 def _tighter(tol: float, err: float, floor: float = _TOL_MIN, reach: bool = False) -> float|None:
     """The tolerance for solving again what a solve at `tol` certified only to `err` (> `_FATE_ERR`): the error shrinks
     about as the residual does, so tol x `_FATE_ERR` / err / 10; `floor` when err is not finite; None when that is
-    below `floor` (not affordable) or tol is there already — with `reach`, `floor` itself instead (for solvers whose
-    tighter solves are cheap: the distributed fates with a deflation space, 5–7 GMRES iterations at 1e-12–1e-14). One
-    such step can fall short (the first solve of a nearly closed chain stopped after 1 iteration, and the bound went
-    4e2 -> 1.2e-3 at 3e-11): the callers take up to `_REDO_MAX` while the bound improves, keeping the best solve."""
+    below `floor` (not affordable) or tol is there already. With `reach` (solvers whose tighter solves are cheap: the
+    distributed fates with a deflation space, 5–7 GMRES iterations at 1e-12–1e-14) `floor` at once: a step to a
+    tolerance the last solve had already met (GMRES often goes past its tolerance) takes 0 iterations and changes
+    nothing, which ended the re-solves of a deflated solve certified only to 6.5e-2 (found in review). One such step
+    can fall short (the first solve of a nearly closed chain stopped after 1 iteration, and the bound went 4e2 ->
+    1.2e-3 at 3e-11): the callers take up to `_REDO_MAX` while the bound improves, keeping the best solve."""
     if tol <= floor: return None
-    if not np.isfinite(err): return floor
+    if reach or not np.isfinite(err): return floor
     new = tol * _FATE_ERR / err / 10
-    return new if new >= floor else (floor if reach else None)
+    return new if new >= floor else None
 
 def _tighten(solve, tol: float, err: float, say=None, floor: float = _TOL_MIN, reach: bool = False) -> tuple:
     """Tighter solves, while the bound `err` of the solve at `tol` exceeds `_FATE_ERR` and each improves it: up to
@@ -336,7 +338,6 @@ def _tighten(solve, tol: float, err: float, say=None, floor: float = _TOL_MIN, r
     state = None
     for _ in range(_REDO_MAX):
         new = _tighter(tol, err, floor, reach) if err > _FATE_ERR else None
-
         if new is None: break
         if say is not None: say(err, new)
         e2, s2 = solve(new)

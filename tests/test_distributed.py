@@ -210,6 +210,47 @@ def test_two_ranks_slow_chain_fates_deflated_by_the_runs_schur_vectors(tmp_path)
     assert r.returncode != 0 and "certified only to" in r.stderr, r.stderr
 
 
+@needs_petsc
+def test_deflated_fates_review_cases(tmp_path, caplog):
+    """Found in review of the deflated fates: (1) the redo after a plain solve ran with no block Jacobi inside the
+    deflation (PETSc had already set up the KSP), though `info['pc']` said so; (2) its tighter solves stopped at a
+    tolerance already met (certified only to 6.5e-2 at tol 1e-4); (3) a closed non-terminal blob, solved with a
+    deflation space, was reported by the range of its values (up to 469) instead of as cells that cannot reach a
+    terminal state; (4) which directions were dropped depended on their scale; (5) directions on terminal cells only
+    were dropped without a word."""
+    from fatebook.fate import FatesNotCertified
+    T, tt, br = slow_chain(1200, "absorbing", eps=1e-2, seed=0)                    # (2): tips of branches 0 and 1
+    lab = np.where((tt > 0.95) & (br < 2), br, -1)
+    ref = np.asarray(fate_probabilities(T, lab, solver="direct")[0]); Z = sorted_schur(T, 20).vectors
+    for tol in (1e-4, 1e-8):
+        B, inf = D.distributed_fates(T, lab, tol=tol, show_progress=False, deflate=Z)
+        assert inf["pc"] == "deflation/bjacobi/ilu(0)", inf                          # (1): what actually ran
+        assert np.abs(B - ref).max() <= inf["error_bound"] <= 1e-3, (tol, inf)
+    T4, _, bl = slow_chain(1200, "blocks", n_blocks=4, eps=1e-4, seed=0)
+    L4 = np.where(bl == 0, 0, np.where(bl == 3, 1, -1)); X4 = sorted_schur(T4, 20).vectors
+    r = [D.distributed_fates(T4, L4, tol=1e-10, show_progress=False, deflate=X4 * s)[1]["deflation_rank"]
+         for s in (np.ones(20), np.r_[1e7, np.ones(19)])]
+    assert r[0] == r[1] >= 12, r                                                     # (4)
+    with caplog.at_level("WARNING", logger="fatebook"):
+        with pytest.raises(FatesNotCertified, match="do not sum to 1"):
+            D.distributed_fates(T4, L4, tol=1e-10, show_progress=False, deflate=(L4 >= 0).astype(float))
+    assert "no weight on the transient cells" in caplog.text                         # (5)
+    C = T4.tocoo(); keep = ~((bl[C.row] == 1) & (bl[C.col] != 1))                   # (3): blob 1 closed, not terminal
+    Tc = sp.csr_matrix((C.data[keep], (C.row[keep], C.col[keep])), shape=T4.shape)
+    Tc = sp.csr_matrix(Tc.multiply(1 / np.asarray(Tc.sum(1))))
+    for mode in ("auto", "always"):
+        with pytest.raises(FatesNotCertified, match="cannot reach a terminal state"):
+            D.distributed_fates(Tc, L4, tol=1e-8, show_progress=False, deflate=sorted_schur(Tc, 20).vectors, deflation=mode)
+    D.write_csr(T4, str(tmp_path / "T.h5")); np.save(tmp_path / "lab.npy", L4); np.savez(tmp_path / "X.npz", X=X4)
+    for extra, msg in ((["--deflate", str(tmp_path / "X.npz")], "holds several arrays"),
+                       (["--deflate", str(tmp_path / "X.npz"), "--no-deflate"], "not allowed with argument")):
+        r = subprocess.run([sys.executable, "-m", "fatebook.distributed", str(tmp_path / "T.h5"), "--terminal",
+                            str(tmp_path / "lab.npy"), "--n-components", "0", "--out", str(tmp_path / "o.h5"), *extra],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and msg in r.stderr, r.stderr
+    assert not (tmp_path / "o.h5").exists()
+
+
 @needs_mpi
 def test_two_ranks_gamblers_ruin_is_linear():
     "Hand-solvable truth: a fair gambler's ruin on 0..N has P(reach N first | i) = i / N."

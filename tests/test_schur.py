@@ -518,9 +518,11 @@ def test_sstep_constant_vector_outside_the_span_and_the_retry(caplog):
     r = sorted_schur(T, 8, method="sstep")
     assert r.params["sstep_retry"] is True and r.residual < 1e-10 and r.params["products"] > first
     # within a spent budget the first result stands (said), and the residual check judges it. How far that first result
-    # drifted depends on rounding: 8.6e-8 with the compiled passes and BCGS-PIP2 (kept), 1e-3 with the BLAS passes and
-    # the old Gram-Schmidt form (the check stops it); both are run
+    # drifted depends on rounding: 8.6e-8 with the compiled passes and BCGS-PIP2 on the Intel VMs (kept), 4.9e-5 with
+    # them on an AMD EPYC VM (2026-12-02) and 1e-3 with the BLAS passes and the old Gram-Schmidt form (the check stops
+    # those); both forms are run, and either outcome must be the rule's: kept with a residual <= 1e-6, or stopped
     import fatebook.linalg as fl
+    outcomes = []
     for pip, nb in ((True, True), (False, False)):
         old = fs._SSTEP_PIP, fl._NB_ON
         fs._SSTEP_PIP, fl._NB_ON = pip, nb
@@ -530,11 +532,13 @@ def test_sstep_constant_vector_outside_the_span_and_the_retry(caplog):
                 first = fs._schur_sstep(T, 8, "LR", None, known=np.full(300, 300 ** -0.5))[3]["products"]
                 try: r2 = sorted_schur(T, 8, method="sstep", maxiter=first + 10)
                 except RuntimeError as e:
-                    assert "is too large" in str(e)
-                    assert not pip, "expected the first result to be kept"
-                else: assert r2.params["sstep_retry"] == "budget" and 1e-8 < r2.residual <= 1e-6, r2.residual
+                    assert "is too large" in str(e); outcomes.append("stopped")
+                else:
+                    assert r2.params["sstep_retry"] == "budget" and 1e-8 < r2.residual <= 1e-6, r2.residual
+                    outcomes.append("kept")
         finally: fs._SSTEP_PIP, fl._NB_ON = old
         assert "did not finish within the budget" in caplog.text
+    assert outcomes[1] == "stopped", outcomes   # (1e-3: far past the check on every machine seen)
 
 
 @pytest.mark.parametrize("method", ["sstep", "arpack"])

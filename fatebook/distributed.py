@@ -326,8 +326,7 @@ _TOL_MIN_DEFLATED = 1e-14   # the smallest GMRES tolerance of the tighter solves
 class GMRESNotConverged(RuntimeError):
     "`distributed_fates`: PETSc GMRES stopped without converging; `pc_failed`: ILU met a zero pivot or NaN (cells that cannot reach a terminal state)."
     def __init__(self, pc_failed: bool, msg: str): super().__init__(msg); self.pc_failed = pc_failed
-_REASONS = {
--3: "reached max_it", -4: "diverged (residual grew)", -5: "breakdown", -9: "NaN/Inf", -11: "preconditioner failed"}
+_REASONS = {-3: "reached max_it", -4: "diverged (residual grew)", -5: "breakdown", -9: "NaN/Inf", -11: "preconditioner failed"}
 
 def _check_deflate(C: _Comm, Z, nloc, MPI):
     "`deflate` as a float (nloc x d) array, d the same on every rank, or ValueError."
@@ -430,7 +429,6 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
     or cannot be certified (nearly closed parts of the chain) is redone with PETSc's deflation preconditioner on their
     span (`deflation='always'`: from the start); `info['pc']` and `info['deflation_rank']` say what was used,
     `info['iterations']` counts the final solve's iterations, `info['plain_iterations']` those of a plain solve redone."""
-
     PETSc, SLEPc, MPI = petsc()
     t0 = time.perf_counter()
     C = _Comm(MPI.COMM_WORLD if comm is None else comm)
@@ -468,7 +466,7 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
     pc.setType("bjacobi")   # one ILU(0) block per rank (the whole matrix on one rank)
     ksp.setTolerances(rtol=tol, atol=0.0, max_it=maxiter)
     ksp.setFromOptions()
-    state = dict(deflated=False)
+    state = {}   # what was used: the inner PC as set up, the plain solve's iterations when redone
 
     def use_deflation():   # PCDEFLATION on W: the slow directions solved exactly on the coarse space W'AW (r x r, LU on
         nonlocal W, rank     # one rank), block Jacobi/ILU(0) for the rest; False (and a warning) if it cannot be set up
@@ -487,7 +485,7 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
             pc.setType("bjacobi"); ksp.setUp(); return False
         finally:
             if own: opts.delValue("deflation_pc_pc_type")
-        state["deflated"] = True; return True
+        return True
     if Z is not None and when == "always": use_deflation()
 
     x, b = A.createVecs()
@@ -504,7 +502,7 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
             t = time.perf_counter()
             ksp.solve(b, x)
             reason, it = ksp.getConvergedReason(), ksp.getIterationNumber()
-            if reason < 0 and again and state["deflated"]:
+            if reason < 0 and again and W is not None:
                 x.set(0.0); ksp.setInitialGuessNonzero(False); ksp.solve(b, x); ksp.setInitialGuessNonzero(True)
                 reason, it = ksp.getConvergedReason(), it + ksp.getIterationNumber()
             if reason < 0 and not again:   # (a tighter solve that stops early is judged by its certificate)
@@ -515,7 +513,7 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
                                       "ILU meets a zero pivot): find them with `fatebook.fate.unreachable_cells` on one machine, "
                                       "or declare that part of the chain terminal." if pc_failed else
                                       "Nearly closed parts of the chain (weakly coupled clusters) make the system hard for GMRES "
-                                      "with block-Jacobi/ILU(0)" + (" even with the deflation space" if state["deflated"] else
+                                      "with block-Jacobi/ILU(0)" + (" even with the deflation space" if W is not None else
                                       " (the given deflation directions could not be used: see the warning)" if Z is not None else
                                       "; pass their slow directions as `deflate` (the Schur vectors: `run` does so when it "
                                       "computes them)") + "; or try a larger `restart` or `maxiter`, or solve on one machine "
@@ -543,16 +541,16 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
             if not first: first.append((B.copy(), list(res), steps, slow))   # (what a worse one must not overwrite)
             e, st, sl = solve(rtol, again=True)
             return e, (B.copy(), list(res), st, sl)
-        tol, err, best = _tighten(again, tol, err, say, *((_TOL_MIN_DEFLATED, True) if state["deflated"] else ()))
+        tol, err, best = _tighten(again, tol, err, say, *((_TOL_MIN_DEFLATED, True) if W is not None else ()))
         if best or first: B[:], res[:], steps, slow = best or first[0]
         return tol, err, steps, slow
 
     tol0, failed = tol, None
     try: tol, err, steps, slow = attempt(tol0)
     except GMRESNotConverged as e:
-        if Z is None or state["deflated"] or e.pc_failed: raise
+        if Z is None or W is not None or e.pc_failed: raise
         failed, err = e, np.inf
-    if Z is not None and not state["deflated"] and err > _FATE_ERR:   # 'auto': the plain solve failed or is not certified
+    if Z is not None and W is None and err > _FATE_ERR:   # 'auto': the plain solve failed or is not certified
         if use_deflation():
             if C.rank == 0:
                 info(f"Fate probabilities: the plain GMRES solve " + ("failed" if failed else f"was certified only to {err:.1e}")
@@ -595,9 +593,8 @@ def distributed_fates(T_rows, # this rank's row block of the row-stochastic n x 
     B[absorbing] = 0.0; B[np.flatnonzero(absorbing), lab[absorbing]] = 1.0
     n_trans = int(C.sum(float(tr.sum())))
     if why and C.rank == 0: warn(why)
-    inf = dict(solver="petsc-mpi", pc=state.get("pc", "bjacobi/ilu(0)"), deflation_rank=rank if state["deflated"] else 0,
-               plain_iterations=state.get("plain_iterations"), tol=tol,
- iterations=its, residual=max(res), n_transient=n_trans, n_unreachable=0,
+    inf = dict(solver="petsc-mpi", pc=state.get("pc", "bjacobi/ilu(0)"), deflation_rank=rank,
+               plain_iterations=state.get("plain_iterations"), tol=tol, iterations=its, residual=max(res), n_transient=n_trans, n_unreachable=0,
                names=names, ranks=C.size, rows=(r0, r1), error_bound=err, max_mean_steps=steps,
                seconds=round(time.perf_counter() - t0, 3))
     return B, inf

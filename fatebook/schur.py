@@ -425,7 +425,8 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
                 se = min(s, mb - p)
                 z = V[:, p]
                 for i in range(se):                                          # monomial block z_i = (A - σ I)^i v_p
-                    Z[:, i] = A @ z
+                    if isinstance(A, RowSplit): A.matmul(z, out=Z[:, i])             # (straight into the block)
+                    else: Z[:, i] = A @ z
                     if sigma: Z[:, i] -= sigma * z
                     z = Z[:, i]
                 nmv += se; bar.update(se)

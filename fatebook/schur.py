@@ -16,7 +16,7 @@ from .core import (info, warn, debug, check_row_stochastic, optional_import, as_
                            check_range, check_choice, check_bool)
 from .linalg import (n_threads, RowSplit, _Rows, _blas_single, block_gmres, _Factor, _IMinus, _DIRECT_MAX,
                              recurrent_classes, _strong_components, _component_edges, ring_chain, knn_chain, slow_chain,
-                             permute_states, _CHUNK)
+                             permute_states, locality_order, _CHUNK)
 
 # %% auto #0
 __all__ = ['schur_blocks', 'schur_eigenvalues', 'sort_real_schur', 'forbidden_n_states', 'eigengap', 'SchurResult',
@@ -352,16 +352,7 @@ def _schur_arpack_(P, m, which, tol, ncv=None, maxiter=None, seed=0, retries=3, 
     raise RuntimeError(f"method='arpack' failed after {retries} attempts: {last_err}. Try a larger `ncv`, "
                        "method='krylov' (SLEPc) or, for moderate n, method='brandts'.")
 
-_REORDER_MIN_N = 100_000  # sorted_schur(reorder=None): sparse T from this size is iterated in RCM order (`_locality_order`)
-
-def _locality_order(T) -> np.ndarray:
-    """A reverse Cuthill–McKee order of T's graph (its pattern read as symmetric, so no T + Tᵀ is formed): neighbours
-    get nearby indices, so a product with T reads the vectors from cache instead of memory. Cells of scanpy's kNN
-    graphs come in no such order. Measured, 30-NN chains (bench/make_scale.py), a product with 4 vectors on 2 threads:
-    1,000,000 cells (42 M non-zeros) 122 → 75 ms, for 1.2 s to find the order and 0.4 s to permute T; 100,000 cells
-    9.4 → 7.2 ms, for 0.09 s."""
-    from scipy.sparse.csgraph import reverse_cuthill_mckee
-    return reverse_cuthill_mckee(sp.csr_matrix(T), symmetric_mode=True)
+_REORDER_MIN_N = 100_000  # sorted_schur(reorder=None): sparse T from this size is iterated in RCM order (`locality_order`)
 
 _SSTEP_MIN_N = 20_000  # 'auto' on sparse input: s-step Krylov–Schur from this size, ARPACK below (faster there)
 _SSTEP_S = 4   # products per block. The monomial block's errors grow ~5-10x per product where eigenvalues cluster at 1:
@@ -634,7 +625,7 @@ def sorted_schur(T, # row-stochastic transition matrix (n x n), scipy sparse or 
     uniform = eta is None
     eta = _check_eta(eta, n)          # (checked before any permutation)
     if reorder and sp.issparse(T):   # iterate on T[order][:, order]; random vectors are drawn in the cells' own order
-        order = _locality_order(T)    # and permuted, so the iteration is the same as without (up to rounding)
+        order = locality_order(T)     # and permuted, so the iteration is the same as without (up to rounding)
         T = permute_states(T, order)  # (one pass, no intermediate copy of T)
         eta = eta[order]
     elif reorder: debug("reorder=True applies to sparse T only; T is dense here.")

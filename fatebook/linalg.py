@@ -94,6 +94,9 @@ class RowSplit:
         """M @ X; with `out` (shape (n,) + X.shape[1:], M's result dtype, not overlapping X) written into it, no new
         array (the s-step Schur basis takes each product straight into its block)."""
         X = np.asarray(X)
+        if X.ndim not in (1, 2) or X.shape[0] != self.shape[1]:   # (scipy's kernel reads X unchecked: say it here)
+            raise ValueError(f"dimension mismatch: a {self.shape[0]} x {self.shape[1]} matrix times an array of shape "
+                             f"{X.shape} (need ({self.shape[1]},) or ({self.shape[1]}, k)).")
         if out is None:
             out = np.empty((self.shape[0],) + X.shape[1:], dtype=np.result_type(self.dtype, X.dtype),
                            order="F" if X.ndim == 2 else "C")
@@ -392,7 +395,8 @@ def locality_order(M: sp.spmatrix, # square sparse matrix (n x n): a kNN graph o
     M = sp.csr_matrix(M)
     if M.shape[0] != M.shape[1]: raise ValueError(f"locality_order needs a square matrix, got shape {M.shape}.")
     key = _pattern_key(M)
-    if _ORDER_CACHE and _ORDER_CACHE[0][0] == key: return _ORDER_CACHE[0][1].copy()
+    last = _ORDER_CACHE[0] if _ORDER_CACHE else None   # (read once: another thread may replace the entry meanwhile)
+    if last is not None and last[0] == key: return last[1].copy()
     order = reverse_cuthill_mckee(M, symmetric_mode=True)
     _ORDER_CACHE[:] = [(key, order.copy())]
     return order

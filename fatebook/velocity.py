@@ -170,6 +170,8 @@ def _sims_nb(indptr, indices, X, V, gx, gv, sim, transpose, vmean, vnorm, rows, 
             nv = vnorm[b]
             if sq > 0.0 and nv > 0.0:
                 s[e] = sdv / nv / np.sqrt(sq); valid[e] = True
+            elif sq != sq:                                # NaN in the expression: NaN, so the caller names the cells
+                s[e] = sq; valid[e] = False               # (masking it as a zero displacement hid it: review)
             else:
                 s[e] = 0.0; valid[e] = False
 

@@ -44,17 +44,25 @@ with S("pipeline"):
 B = np.asarray(g.fate_probabilities)
 added = {s: sorted(set(getattr(a, s).keys()) - keys0[s]) for s in keys0}
 ed = g.eigendecomposition
-def _product_ms(T, reps=10):
-    "Milliseconds per product T @ x on fatebook's threads (RowSplit): the unit of the memory-traffic bound."
+def _product_ms(T, reps=10, order=None):
+    """Milliseconds per product T @ x on fatebook's threads (RowSplit): the unit of the memory-traffic bound. With
+    `order`, of T renumbered in that order (the Schur step iterates in RCM order from 100,000 cells)."""
     import time
-    from fatebook.linalg import RowSplit
-    A, x = RowSplit(T), np.ones(T.shape[0]); A @ x
+    from fatebook.linalg import RowSplit, permute_states
+    if order is not None: T = permute_states(T, order)
+    A, x = RowSplit(T), np.ones(T.shape[0]); out = np.empty(T.shape[0]); A.matmul(x, out=out)
     t = time.perf_counter()
-    for _ in range(reps): A @ x
+    for _ in range(reps): A.matmul(x, out=out)
     return round((time.perf_counter() - t) / reps * 1e3, 3)
 
+def _rcm_product_ms(T):
+    "The same in the order the Schur step used (None if it iterated in the cells' own order)."
+    if SCHUR.get("reorder") != "rcm": return None
+    from fatebook.linalg import locality_order
+    return _product_ms(T, order=locality_order(T))
+
 emit(S.result(tool=f"fatebook {fatebook.__version__}", n=int(a.n_obs), nnz=int(k.transition_matrix.nnz),
-              schur_backend=str(ed.get("method")), schur_params=SCHUR, product_ms=_product_ms(k.transition_matrix),
+              schur_backend=str(ed.get("method")), schur_params=SCHUR, product_ms=_product_ms(k.transition_matrix), product_ms_rcm=_rcm_product_ms(k.transition_matrix),
               macrostates=[str(x) for x in g.macrostates.cat.categories],
               eigenvalues=[round(float(np.real(x)), 6) for x in np.asarray(ed["D"])[:8]],
               fate_means=[round(float(x), 4) for x in np.nanmean(B, 0)], adata_added_keys=added))

@@ -185,8 +185,8 @@ _ORDER_MIN_N = 50_000   # velocity similarities: rows in a locality (RCM) order 
 def _edge_rows(C) -> np.ndarray:
     """The order in which the similarity kernel visits the rows: a reverse Cuthill–McKee order of the kNN graph from
     `_ORDER_MIN_N` cells (`linalg.locality_order`), else the cells' own. Each edge reads its neighbour's expression
-    row, and scanpy's cells come in no order: at 100,000 cells (50 genes, 30 neighbours, one thread) the kernel took
-    0.80 s gathering those rows in the cells' order and 0.13 s in RCM order, where the arithmetic alone is 0.05 s.
+    row, and scanpy's cells come in no order: at 100,000 cells (50 genes, 30 neighbours, one thread) this loop took
+    0.80 s with the rows gathered in the cells' order and 0.13 s in RCM order, where its arithmetic alone is 0.05 s.
     Only the order of the visits changes: every edge gets the same value (no data are permuted or copied)."""
     n = C.shape[0]
     if n < _ORDER_MIN_N or C.shape[1] != n: return np.arange(n, dtype=np.int64)   # (a graph that is not square: as is)

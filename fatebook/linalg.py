@@ -246,35 +246,45 @@ _NB_ON = True   # switch for tests: False runs every pass with BLAS
 
 if njit is not None:
     @_njit_cached(nogil=True, fastmath=_NB_FM)
+    def _nb_vt(V, Y, c, e, acc):
+        """acc += V[c:e]ᵀ Y[c:e] for one chunk of rows. Four columns of V at a time (16 KB of a chunk, kept in L1) meet
+        every column of Y: V is read from L2 once per chunk, not once per column of Y (500,000 x 34 by 4 columns, one
+        thread: 28 → 16 ms; reading V alone takes 13 ms)."""
+        p = V.shape[1]; s = Y.shape[1]; p4 = p - p % 4; m = e - c
+        for j in range(0, p4, 4):
+            v0 = V[c:e, j]; v1 = V[c:e, j + 1]; v2 = V[c:e, j + 2]; v3 = V[c:e, j + 3]
+            for k in range(s):
+                yk = Y[c:e, k]
+                t0 = 0.0; t1 = 0.0; t2 = 0.0; t3 = 0.0
+                for i in range(m):
+                    y = yk[i]; t0 += v0[i] * y; t1 += v1[i] * y; t2 += v2[i] * y; t3 += v3[i] * y
+                acc[j, k] += t0; acc[j + 1, k] += t1; acc[j + 2, k] += t2; acc[j + 3, k] += t3
+        for j in range(p4, p):
+            vj = V[c:e, j]
+            for k in range(s):
+                yk = Y[c:e, k]; t = 0.0
+                for i in range(m): t += vj[i] * yk[i]
+                acc[j, k] += t
+
+    @_njit_cached(nogil=True, fastmath=_NB_FM)
+    def _nb_gram(Y, c, e, acc2):
+        "acc2 += Y[c:e]ᵀ Y[c:e] (upper triangle) for one chunk of rows."
+        s = Y.shape[1]; m = e - c
+        for k in range(s):
+            yk = Y[c:e, k]
+            for j in range(k + 1):
+                yj = Y[c:e, j]
+                t = 0.0
+                for i in range(m): t += yj[i] * yk[i]
+                acc2[j, k] += t
+
+    @_njit_cached(nogil=True, fastmath=_NB_FM)
     def _nb_tmul(V, Z, a, b, acc, acc2, gram):
-        """acc += V[a:b]ᵀ Z[a:b], and with `gram` acc2 += Zᵀ Z (upper triangle), over contiguous column slices. Four
-        columns of V at a time (16 KB of a chunk, kept in L1) meet every column of Z: V is read from L2 once per chunk,
-        not once per column of Z (500,000 x 34 by 4 columns, one thread: 28 → 16 ms; reading V alone takes 13 ms)."""
-        p = V.shape[1]; s = Z.shape[1]; p4 = p - p % 4
+        "acc += V[a:b]ᵀ Z[a:b], and with `gram` acc2 += Zᵀ Z (upper triangle), chunk by chunk (`_nb_vt`, `_nb_gram`)."
         for c in range(a, b, _NB_CHUNK):
-            e = min(b, c + _NB_CHUNK); m = e - c
-            for j in range(0, p4, 4):
-                v0 = V[c:e, j]; v1 = V[c:e, j + 1]; v2 = V[c:e, j + 2]; v3 = V[c:e, j + 3]
-                for k in range(s):
-                    zk = Z[c:e, k]
-                    t0 = 0.0; t1 = 0.0; t2 = 0.0; t3 = 0.0
-                    for i in range(m):
-                        z = zk[i]; t0 += v0[i] * z; t1 += v1[i] * z; t2 += v2[i] * z; t3 += v3[i] * z
-                    acc[j, k] += t0; acc[j + 1, k] += t1; acc[j + 2, k] += t2; acc[j + 3, k] += t3
-            for j in range(p4, p):
-                vj = V[c:e, j]
-                for k in range(s):
-                    zk = Z[c:e, k]; t = 0.0
-                    for i in range(m): t += vj[i] * zk[i]
-                    acc[j, k] += t
-            if gram:
-                for k in range(s):
-                    zk = Z[c:e, k]
-                    for j in range(k + 1):
-                        zj = Z[c:e, j]
-                        t = 0.0
-                        for i in range(m): t += zj[i] * zk[i]
-                        acc2[j, k] += t
+            e = min(b, c + _NB_CHUNK)
+            _nb_vt(V, Z, c, e, acc)
+            if gram: _nb_gram(Z, c, e, acc2)
 
     @_njit_cached(nogil=True, fastmath=_NB_FM)
     def _nb_pass(out, Z, V, C, W, a, b, sub, mode, acc, acc2):
@@ -313,29 +323,8 @@ if njit is not None:
                     for l in range(k + 1):
                         pl = P[l, :m]; w = W[l, k]
                         for i in range(m): ok[i] += pl[i] * w
-            if mode & 1:
-                for j in range(0, p4, 4):
-                    v0 = V[c:e, j]; v1 = V[c:e, j + 1]; v2 = V[c:e, j + 2]; v3 = V[c:e, j + 3]
-                    for k in range(s):
-                        ok = out[c:e, k]
-                        t0 = 0.0; t1 = 0.0; t2 = 0.0; t3 = 0.0
-                        for i in range(m):
-                            o = ok[i]; t0 += v0[i] * o; t1 += v1[i] * o; t2 += v2[i] * o; t3 += v3[i] * o
-                        acc[j, k] += t0; acc[j + 1, k] += t1; acc[j + 2, k] += t2; acc[j + 3, k] += t3
-                for j in range(p4, p):
-                    vj = V[c:e, j]
-                    for k in range(s):
-                        ok = out[c:e, k]; t = 0.0
-                        for i in range(m): t += vj[i] * ok[i]
-                        acc[j, k] += t
-            if mode & 2:
-                for k in range(s):
-                    ok = out[c:e, k]
-                    for j in range(k + 1):
-                        oj = out[c:e, j]
-                        t = 0.0
-                        for i in range(m): t += oj[i] * ok[i]
-                        acc2[j, k] += t
+            if mode & 1: _nb_vt(V, out, c, e, acc)
+            if mode & 2: _nb_gram(out, c, e, acc2)
 
 # %% ../nbs/01a_linalg.ipynb #e1f2a3b5
 if njit is not None:

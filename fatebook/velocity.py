@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 from .core import (Key, MissingKeyError, require_key, progress, as_rng, info, warn, check_choice, check_range,
                            check_int, cells_str)
-from .linalg import n_threads, _pool, _njit_cached, locality_order
+from .linalg import n_threads, _pool, _njit_cached, locality_order, _NB_FM
 from .kernels import Kernel, read_connectivities, _obs_names
 
 # %% auto #0
@@ -135,7 +135,7 @@ def _vstats_nb(V, gv, centre, lo, hi, mean, norm, zero):   # pragma: no cover (c
             x = np.float64(V[i, gv[k]]) - m; q += x * x
         mean[i] = m; norm[i] = np.sqrt(q); zero[i] = z
 
-@_njit_cached(nogil=True, fastmath={"reassoc", "contract", "arcp", "nsz"})   # (sums vectorised; NaN and inf kept)
+@_njit_cached(nogil=True, fastmath=_NB_FM)   # (linalg's flags: sums vectorised; NaN and inf kept)
 def _sims_nb(indptr, indices, X, V, gx, gv, sim, transpose, vmean, vnorm, rows, lo, hi, s, valid):   # pragma: no cover
     """Similarity of every edge of rows rows[lo:hi], fused: one pass over the genes of the two cells. The row's own
     cell (its expression, and forward its centred velocity) is read once per row into two g-vectors."""

@@ -174,6 +174,27 @@ class _Rows:
         if not gram: return None
         C2, G = sum(x[0] for x in r), sum(x[1] for x in r)
         return C2, _sym_upper(G)
+    def solve_tmul_gram(self, out, U, V0, C, W, V, Z):
+        """out = (U - V0 C) W (as `sub_solve`; W upper triangular, out overlapping neither U nor V0), then Vᵀ Z and Zᵀ Z
+        of the same rows while they are in cache, V possibly holding out's columns: the last Gram–Schmidt pass of one
+        s-step block (writing the basis' new columns) and the first of the next in one pass over the basis."""
+        s, k = C.shape[1], Z.shape[1]
+        if max(s, k) <= _NB_MAX_COLS and _nb_ok(out, U, V0, V, Z) and not (np.may_share_memory(out, U)
+                                                                          or np.may_share_memory(out, V0)):
+            C, W = np.ascontiguousarray(C, dtype=float), np.ascontiguousarray(W, dtype=float)
+            def g(a, b):
+                acc, acc2 = np.zeros((V.shape[1], k)), np.zeros((k, k))
+                _nb_solve_tmul(out, U, V0, C, W, V, Z, a, b, acc, acc2)
+                return acc, acc2
+        else:
+            def g(a, b):
+                acc, acc2 = 0.0, 0.0
+                for c in range(a, b, _CHUNK):
+                    e = min(b, c + _CHUNK); out[c:e] = _mm(U[c:e] - _mm(V0[c:e], C), W)
+                    acc = acc + V[c:e].T @ Z[c:e]; acc2 = acc2 + Z[c:e].T @ Z[c:e]
+                return acc, np.triu(acc2)
+        r = self.run(g)
+        return sum(x[0] for x in r), _sym_upper(sum(x[1] for x in r))
     def _pass(self, out, V, C, sub: bool, gram=None):
         """One pass over V in chunks of rows whose temporaries stay in cache: out -= V C (`sub`) or out = V C, and with
         `gram` 'V' or 'out' also Vᵀ out or outᵀ out of the new rows while they are in cache (summed over blocks)."""
@@ -287,44 +308,62 @@ if njit is not None:
             if gram: _nb_gram(Z, c, e, acc2)
 
     @_njit_cached(nogil=True, fastmath=_NB_FM)
+    def _nb_chunk(out, Z, V, C, W, c, e, sub, P):
+        """Rows c:e (at most `_NB_CHUNK`): P = Z - V C (`sub`) or V C; out = P W (W upper triangular; W with no rows:
+        out = P). P is the caller's s x `_NB_CHUNK` scratch. (out may be Z: P is formed before out is written.)"""
+        p = V.shape[1]; s = C.shape[1]; p4 = p - p % 4; sg = -1.0 if sub else 1.0
+        m = e - c
+        for k in range(s):
+            pk = P[k, :m]
+            if sub:
+                zk = Z[c:e, k]
+                for i in range(m): pk[i] = zk[i]
+            else:
+                for i in range(m): pk[i] = 0.0
+        for j in range(0, p4, 4):   # four columns of V (kept in L1) per sweep over each pk: a third fewer loads and
+            v0 = V[c:e, j]; v1 = V[c:e, j + 1]; v2 = V[c:e, j + 2]; v3 = V[c:e, j + 3]   # stores, V from L2 once
+            for k in range(s):
+                pk = P[k, :m]
+                c0 = sg * C[j, k]; c1 = sg * C[j + 1, k]; c2 = sg * C[j + 2, k]; c3 = sg * C[j + 3, k]
+                for i in range(m): pk[i] += v0[i] * c0 + v1[i] * c1 + v2[i] * c2 + v3[i] * c3
+        for j in range(p4, p):
+            vj = V[c:e, j]
+            for k in range(s):
+                pk = P[k, :m]; cj = sg * C[j, k]
+                for i in range(m): pk[i] += vj[i] * cj
+        for k in range(s):
+            ok = out[c:e, k]
+            if W.shape[0] == 0:
+                pk = P[k, :m]
+                for i in range(m): ok[i] = pk[i]
+            else:
+                for i in range(m): ok[i] = 0.0
+                for l in range(k + 1):
+                    pl = P[l, :m]; w = W[l, k]
+                    for i in range(m): ok[i] += pl[i] * w
+
+    @_njit_cached(nogil=True, fastmath=_NB_FM)
     def _nb_pass(out, Z, V, C, W, a, b, sub, mode, acc, acc2):
         """Rows a:b in chunks: P = Z - V C (`sub`) or V C; out = P W (W upper triangular; W with no rows: out = P);
         mode & 1: acc += Vᵀ out, mode & 2: acc2 += outᵀ out (upper triangle), of each chunk while it is in cache. (out may
         be Z: each chunk's P is formed before it is written; out must not share memory with V.)"""
-        p = V.shape[1]; s = C.shape[1]; p4 = p - p % 4; sg = -1.0 if sub else 1.0
-        P = np.empty((s, _NB_CHUNK))
+        P = np.empty((C.shape[1], _NB_CHUNK))
         for c in range(a, b, _NB_CHUNK):
-            e = min(b, c + _NB_CHUNK); m = e - c
-            for k in range(s):
-                pk = P[k, :m]
-                if sub:
-                    zk = Z[c:e, k]
-                    for i in range(m): pk[i] = zk[i]
-                else:
-                    for i in range(m): pk[i] = 0.0
-            for j in range(0, p4, 4):   # four columns of V (kept in L1) per sweep over each pk: a third fewer loads and
-                v0 = V[c:e, j]; v1 = V[c:e, j + 1]; v2 = V[c:e, j + 2]; v3 = V[c:e, j + 3]   # stores, V from L2 once
-                for k in range(s):
-                    pk = P[k, :m]
-                    c0 = sg * C[j, k]; c1 = sg * C[j + 1, k]; c2 = sg * C[j + 2, k]; c3 = sg * C[j + 3, k]
-                    for i in range(m): pk[i] += v0[i] * c0 + v1[i] * c1 + v2[i] * c2 + v3[i] * c3
-            for j in range(p4, p):
-                vj = V[c:e, j]
-                for k in range(s):
-                    pk = P[k, :m]; cj = sg * C[j, k]
-                    for i in range(m): pk[i] += vj[i] * cj
-            for k in range(s):
-                ok = out[c:e, k]
-                if W.shape[0] == 0:
-                    pk = P[k, :m]
-                    for i in range(m): ok[i] = pk[i]
-                else:
-                    for i in range(m): ok[i] = 0.0
-                    for l in range(k + 1):
-                        pl = P[l, :m]; w = W[l, k]
-                        for i in range(m): ok[i] += pl[i] * w
+            e = min(b, c + _NB_CHUNK)
+            _nb_chunk(out, Z, V, C, W, c, e, sub, P)
             if mode & 1: _nb_vt(V, out, c, e, acc)
             if mode & 2: _nb_gram(out, c, e, acc2)
+
+    @_njit_cached(nogil=True, fastmath=_NB_FM)
+    def _nb_solve_tmul(out, U, V0, C, W, V, Z, a, b, acc, acc2):
+        """Rows a:b in chunks: out = (U - V0 C) W, then acc += Vᵀ Z and acc2 += Zᵀ Z (upper triangle) of the same rows
+        while they are in cache (V may contain out's columns: each chunk of out is written before it is read)."""
+        P = np.empty((C.shape[1], _NB_CHUNK))
+        for c in range(a, b, _NB_CHUNK):
+            e = min(b, c + _NB_CHUNK)
+            _nb_chunk(out, U, V0, C, W, c, e, True, P)
+            _nb_vt(V, Z, c, e, acc)
+            _nb_gram(Z, c, e, acc2)
 
 # %% ../nbs/01a_linalg.ipynb #e1f2a3b5
 if njit is not None:

@@ -362,6 +362,7 @@ _SSTEP_S = 4   # products per block. The monomial block's errors grow ~5-10x per
 _SSTEP_SHIFT_MIN = 0.25   # the block is built from A - σ I (σ = mean diagonal) when σ is at least this: lazy chains
 _SSTEP_PIP = True         # block Gram-Schmidt in the Pythagorean form (BCGS-PIP2): 3 passes over the basis per block, not 5
 _SSTEP_PIP_MIN = 1e-8     # ... when every column's part outside the basis is >= 1e-4 of the block's norm (else the old form)
+_SSTEP_FUSE = True        # ... and a block's last pass (writing the basis' new columns) done in the next block's first: 2 passes
 _SSTEP_RETRY = 100       # a true residual above this many times the tolerance: repeat with blocks of 2 products
 _SSTEP_BUDGET = 10_000   # default budget of products with T (maxiter) for 'sstep'
 _SSTEP_CHECKS = 1        # random restarts after convergence that must find nothing new (missed cluster members)
@@ -403,8 +404,9 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
     V = np.empty((n, mb + 1), order="F"); H = np.zeros((mb + 1, mb))      # A V[:, :p] = V[:, :p+1] H[:p+1, :p]
     draw = (lambda f: f(n)) if order is None else (lambda f: f(n)[order])   # random vectors in the cells' own order
     v = draw(rng.random) + 0.5; V[:, 0] = v / np.linalg.norm(v)
-    Z = np.empty((n, s), order="F")
+    Z, Ub = np.empty((n, s), order="F"), np.empty((n, s), order="F")   # the block; its once-orthogonalised columns
     rows = _Rows(n)                              # tall products on the same threads as the sparse ones
+    pend, y0 = None, None                        # V's columns still to be written; the block's start in V's coordinates
     p, nmv, it, checks, found, overshoots, pip_off = 0, 0, 0, 0, 0, 0, 0
     state = dict(converged=0, residual=np.inf)
     checking, result, lam_cut, suspect = None, None, None, None
@@ -414,8 +416,8 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
             while p < mb:
                 if nmv >= budget: raise SchurNotConverged(_sstep_budget_msg(budget, state, k, tol, m))
                 se = min(s, mb - p)
-                z = V[:, p]
-                for i in range(se):                                          # monomial block z_i = (A - σ I)^i v_p
+                z = V[:, p] if pend is None else Ub[:, pend[1] - 1]
+                for i in range(se):                                          # monomial block z_i = (A - σ I)^i z_0
                     if isinstance(A, RowSplit): A.matmul(z, out=Z[:, i])             # (straight into the block)
                     else: Z[:, i] = A @ z
                     if sigma: Z[:, i] -= sigma * z
@@ -428,11 +430,18 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
                 # comes from Zᵀ Z - Cᵀ C, so each pass also normalises and the last one writes V's new columns: no
                 # Cholesky-QR passes. Its rounding is ~eps / (that part's relative size)^2, so a block lying within
                 # 1e-4 of span(V) takes the old form (CGS2, then Cholesky QR twice: two more passes over the block).
-                C, G1 = rows.tmul_gram(Vp, Zs)                                # C = Vpᵀ Zs, G1 = Zsᵀ Zs
+                # Within a cycle the last pass (writing V's new columns Q = (U - Vp C2) R2⁻¹) is deferred and done in
+                # the next block's first pass, chunk by chunk, while V's rows are in cache: two passes over V per block.
+                # The next block then starts from U's last column, u = Vp C2[:, -1] + Q R2[:, -1] (same Krylov space;
+                # its coordinates y0 enter the change of basis below).
+                if pend is None: C, G1 = rows.tmul_gram(Vp, Zs)              # C = Vpᵀ Zs, G1 = Zsᵀ Zs
+                else:
+                    a0, s0, C2p, W2p = pend; pend = None                     # (Vp holds the columns being written)
+                    C, G1 = rows.solve_tmul_gram(V[:, a0 + 1:a0 + 1 + s0], Ub[:, :s0], V[:, :a0 + 1], C2p, W2p, Vp, Zs)
                 R1 = _pip_chol(G1, C) if _SSTEP_PIP else None
                 try:
-                    if R1 is not None:                                       # U = (Zs - Vp C) R1⁻¹ (in Zs), C2 = Vpᵀ U
-                        C2, G2 = rows.sub_solve(Zs, Zs, Vp, C, sla.solve_triangular(R1, np.eye(se)), gram=True)
+                    if R1 is not None:                                       # U = (Zs - Vp C) R1⁻¹ (in Ub), C2 = Vpᵀ U
+                        C2, G2 = rows.sub_solve(Ub[:, :se], Zs, Vp, C, sla.solve_triangular(R1, np.eye(se)), gram=True)
                         R2 = _pip_chol(G2, C2)                               # U = Vp C2 + Q R2, Zs = Vp (C + C2 R1) + Q R2 R1
                         if R2 is None: raise np.linalg.LinAlgError("block Gram-Schmidt lost the block")
                         C += C2 @ R1; Rz = R2 @ R1
@@ -454,17 +463,23 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
                     h = np.linalg.norm(Z1)
                     if h <= 1e-14 * max(np.abs(c1).max(), 1e-300):
                         raise RuntimeError("the Krylov space became invariant (breakdown)")
-                    V[:, p + 1] = Z1 / h; H[:p + 1, p] = c1; H[p + 1, p] = h; p += 1
+                    V[:, p + 1] = Z1 / h; H[:p + 1, p] = c1; H[p + 1, p] = h; p += 1; y0 = None
                     continue
-                if R1 is not None: rows.sub_solve(V[:, p + 1:p + 1 + se], Zs, Vp, C2, sla.solve_triangular(R2, np.eye(se)))
-                else: rows.mul_into(V[:, p + 1:p + 1 + se], Q1, sla.solve_triangular(L2, np.eye(se), lower=True).T)
-                # change of basis: A [v_p, z_1..z_{s-1}] = [z_1..z_s], all known in the new orthonormal basis, gives the
-                # s new columns of H (the input block is upper triangular in the new coordinates)
+                # change of basis: A [z_0, z_1..z_{s-1}] = [z_1..z_s], all known in the new orthonormal basis, gives the
+                # s new columns of H (the input block is upper triangular in the new coordinates; z_0 = v_p, or the
+                # last block's u, whose coordinates y0 end in v_p)
                 Zout = np.zeros((p + 1 + se, se)); Zout[:p + 1] = C; Zout[p + 1:] = Rz
-                Zin = np.zeros((p + se, se)); Zin[p, 0] = 1.0; Zin[:, 1:] = Zout[:p + se, :se - 1]
+                Zin = np.zeros((p + se, se)); Zin[:, 1:] = Zout[:p + se, :se - 1]
+                if y0 is None: Zin[p, 0] = 1.0
+                else: Zin[:p + 1, 0] = y0
                 Yb = Zout - H[:p + 1 + se, :p] @ Zin[:p]
-                if sigma: Yb[:p + se] += sigma * Zin                         # A [v_p, z_1..] = [z_1..z_s] + σ [v_p, z_1..]
+                if sigma: Yb[:p + se] += sigma * Zin                         # A [z_0, z_1..] = [z_1..z_s] + σ [z_0, z_1..]
                 H[:p + 1 + se, p:p + se] = sla.solve_triangular(Zin[p:p + se], Yb.T, trans="T", lower=False).T
+                y0 = None
+                if R1 is None: rows.mul_into(V[:, p + 1:p + 1 + se], Q1, sla.solve_triangular(L2, np.eye(se), lower=True).T)
+                elif p + se < mb and _SSTEP_FUSE:                            # Q with the next block's first pass
+                    pend = (p, se, C2, sla.solve_triangular(R2, np.eye(se))); y0 = np.r_[C2[:, -1], R2[:, -1]]
+                else: rows.sub_solve(V[:, p + 1:p + 1 + se], Ub[:, :se], Vp, C2, sla.solve_triangular(R2, np.eye(se)))
                 p += se
             it += 1
             if checking is not None:   # a check cycle: did the fresh random vector find a wanted eigenvalue we missed?

@@ -164,7 +164,11 @@ def _lead_set(R, Q, m, which="LR", tol=None):
 
 # %% ../nbs/03_schur.ipynb #047e312f
 def _eta_postprocess(P, Q, eta, which, PQ=None):
-    "Basis of span(Q) with first column √η and R sorted; returns X = V/√η (X[:,0] ≡ 1, XᵀDX = I) and R."
+    """Basis of span(Q) with first column √η and R sorted; returns X = V/√η (X[:,0] ≡ 1, XᵀDX = I, Fortran order)
+    and R. `PQ`: P Q (n x m), or the Krylov–Schur relation `(S, v, b)` with P Q = Q S + v bᵀ, or None (then one
+    product P Y). The new basis is Y = [√η, Q A − √η βᵀ] for small A, β, so all but the last step work on m x m
+    matrices: Q is read in a few passes and only X is written (the tall form of the same steps, with eight n x m
+    temporaries, took 1.5 s at 1,000,000 cells on bench's VM, most of it first-touching fresh pages)."""
     n, m = Q.shape
     se = np.sqrt(eta)
     c = Q.T @ se
@@ -179,28 +183,40 @@ def _eta_postprocess(P, Q, eta, which, PQ=None):
                          "eigenvalues (nearly closed sets of cells) of which the solver found only a part. Use more "
                          "Schur vectors than the cluster has members (n_components), or another method ('krylov' "
                          "with SLEPc; 'brandts' on a dense matrix).")
+    if m == 1: return np.ones((n, 1), order="F"), np.array([[float(se @ (P @ se))]])
     v = c / np.sqrt(cap); e = np.zeros(m); e[0] = 1.0; w = v - e
-    V = Q - 2 * np.outer(Q @ w, w) / (w @ w) if np.linalg.norm(w) > 1e-15 else Q.copy()  # V = Q H, H e1 = v
-    V[:, 0] = se
-    if m > 1:
-        W = V[:, 1:] - np.outer(se, se @ V[:, 1:])
-        try:   # W is orthonormal up to the solver's residual: Cholesky QR (BLAS-3) instead of Householder
-            L = np.linalg.cholesky(W.T @ W); W = W @ sla.solve_triangular(L, np.eye(m - 1), lower=True).T
-        except np.linalg.LinAlgError: W, _ = np.linalg.qr(W)
+    H = np.eye(m) - 2 * np.outer(w, w) / (w @ w) if np.linalg.norm(w) > 1e-15 else np.eye(m)   # Q H e1 = Q v ≈ √η
+    M1, G = H[:, 1:], Q.T @ Q                       # G ≈ I (the solver's orthonormality, not assumed)
+    r = M1.T @ c                                    # W = Q M1 − √η rᵀ: the other columns, √η projected out (r ≈ 0)
+    try: L = np.linalg.cholesky(M1.T @ G @ M1 - (2 - float(se @ se)) * np.outer(r, r))   # Wᵀ W: Cholesky QR of W
+    except np.linalg.LinAlgError: L = None
+    if L is not None:
+        Li = sla.solve_triangular(L, np.eye(m - 1), lower=True)
+        A, beta = M1 @ Li.T, Li @ r                 # W L⁻ᵀ = Q A − √η βᵀ, orthonormal
+    # Y lies in span(Q, √η): P Q is reused unless √η sticks out of span(Q) by more than 1e-10 (up to 1e-3 is accepted
+    # above; reusing P Q then gave residuals up to 5e-7 on 1,000-cell slow chains, found in review): then P Y itself
+    out = 0.0 if PQ is None else float(np.linalg.norm(se - Q @ c))   # (1 - cap is rounding below ~1e-16: the norm)
+    W = None
+    if L is not None and PQ is not None and out <= 1e-10:   # Yᵀ P Y = (Yᵀ P Q)(Qᵀ Y), all m x m
+        if isinstance(PQ, tuple):
+            S_, v_, b_ = PQ
+            QtPQ, sPQ = G @ S_ + np.outer(Q.T @ v_, b_), c @ S_ + float(se @ v_) * b_
+        else: QtPQ, sPQ = Q.T @ PQ, se @ PQ
+        Rt = np.vstack([sPQ, A.T @ QtPQ - np.outer(beta, sPQ)]) @ np.c_[c, G @ A - np.outer(c, beta)]
+    else:   # the basis itself: P Y by a product (or by P Q), and Householder QR where Cholesky QR failed
+        W = Q @ A - np.outer(se, beta) if L is not None else np.linalg.qr(Q @ M1 - np.outer(se, r))[0]
         Y = np.column_stack([se, W])
-        # Y lies in span(Q, √η): P Q is reused unless √η sticks out of span(Q) by more than 1e-10 (up to 1e-3 is accepted
-        # above; reusing P Q then gave residuals up to 5e-7 on 1,000-cell slow chains, found in review): then P Y itself
-        out = 0.0 if PQ is None else np.linalg.norm(se - Q @ c)   # (1 - cap is rounding below ~1e-16: the norm itself)
-        PY = P @ Y if PQ is None or out > 1e-10 else PQ @ (Q.T @ Y)
-        Rt = np.vstack([se, W.T]) @ PY
-        R22, Z = sla.schur(Rt[1:, 1:], output="real")
-        R22, Z, _ = sort_real_schur(R22, Z, m - 1, which)
-        V = np.column_stack([se, W @ Z])
-        R = np.zeros((m, m)); R[0, 0] = Rt[0, 0]; R[0, 1:] = Rt[0, 1:] @ Z; R[1:, 1:] = R22
+        if PQ is None or out > 1e-10: PY = P @ Y
+        else: PY = (Q @ PQ[0] + np.outer(PQ[1], PQ[2]) if isinstance(PQ, tuple) else PQ) @ (Q.T @ Y)
+        Rt = Y.T @ PY
+    R22, Z = sla.schur(Rt[1:, 1:], output="real")
+    R22, Z, _ = sort_real_schur(R22, Z, m - 1, which)
+    R = np.zeros((m, m)); R[0, 0] = Rt[0, 0]; R[0, 1:] = Rt[0, 1:] @ Z; R[1:, 1:] = R22
+    X = np.empty((n, m), order="F"); X[:, 0] = 1.0  # X = [√η, W Z] / √η, written once
+    if W is None:
+        np.matmul(Q, A @ Z, out=X[:, 1:]); X[:, 1:] /= se[:, None]; X[:, 1:] -= beta @ Z
     else:
-        R = np.array([[float(se @ (P @ se))]])
-    X = V / se[:, None]
-    X[:, 0] = 1.0
+        np.matmul(W, Z, out=X[:, 1:]); X[:, 1:] /= se[:, None]
     return X, R
 
 # %% ../nbs/03_schur.ipynb #909fbd96
@@ -504,14 +520,13 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
                 b = H[mb, :mb] @ Y
                 X = np.empty((n, kk)); Yk = np.ascontiguousarray(Y[:, :kk])
                 rows.mul_into(X, V[:, :mb], Yk)
-                PX = _relation(rows, X, S[:kk, :kk], V[:, mb], b[:kk])       # the relation gives P X without a product
                 mp = m + (1 if m < kk and abs(S[m, m - 1]) > _subdiag_tol(S) else 0)
                 same = suspect is not None and suspect[2] == mp and _same_span(suspect[0], X[:, :mp], rows)
                 if suspect is not None and not same: found += 1; checks = 0      # a missed eigenvalue: check again
                 overshoots += same; suspect = None
                 result = (X[:, :mp], S[:mp, :mp], mp, dict(ncv=mb, s=s, restarts=it, products=nmv, checks=checks,
                                                            found_by_checks=found, overshoots=overshoots, cgs_blocks=pip_off,
-                                                           _PQ=PX[:, :mp]))
+                                                           _PQ=(S[:mp, :mp], V[:, mb].copy(), b[:mp])))
                 if same or checks >= _SSTEP_CHECKS: return result             # (same: the check ran, and longer)
                 # check: lock the converged vectors (their residual coefficients set to 0, an error <= tol) and go on
                 # from a fresh random vector orthogonal to them; a wanted eigenvalue that the Krylov space had missed
@@ -541,18 +556,6 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
         raise
     finally:
         bar.close()
-
-def _relation(rows, X, S, v, b):
-    """P X = X S + v bᵀ (the Krylov–Schur relation of the converged vectors) into one new n x k array: X S by one BLAS
-    call straight into it, v bᵀ added in chunks of rows, so no n x k temporaries (X S, v bᵀ and their sum were three
-    fresh 170 MB arrays at 1,000,000 cells, ~1.3 s of first-touch page faults per convergence on bench's VM) and the
-    same values bit for bit as `X @ S + np.outer(v, b)` (BLAS on row blocks rounds some rows differently: review)."""
-    out = np.matmul(X, S, out=np.empty(X.shape))
-    def f(a, e):
-        for c in range(a, e, _CHUNK):
-            d = min(e, c + _CHUNK); out[c:d] += np.outer(v[c:d], b)
-    rows.run(f)
-    return out
 
 def _pip_chol(G, C):
     """Upper Cholesky factor R of G - Cᵀ C (G = Zᵀ Z, C = Vᵀ Z: Rᵀ R is the Gram matrix of Z's part outside span(V),

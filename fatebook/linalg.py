@@ -195,6 +195,24 @@ class _Rows:
                 return acc, np.triu(acc2)
         r = self.run(g)
         return sum(x[0] for x in r), _sym_upper(sum(x[1] for x in r))
+    def rotate_tmul_gram(self, V, Y, src, Z):
+        """V[:, :l] = V[:, :q] Y (Y q x l, q <= src) and V[:, l] = V[:, src] in place, then Vᵀ Z and Zᵀ Z over the new
+        V[:, :l+1], chunk by chunk while the rows are in cache: a thick restart's rotation and the first Gram–Schmidt
+        pass of the next block in one pass over the basis. The same values bit for bit as `mul_into`, the copy and
+        `tmul_gram` one after the other (the same chunks, in the same order)."""
+        q, l = Y.shape; s = Z.shape[1]; Y = np.ascontiguousarray(Y, dtype=float)
+        nb = s <= _NB_MAX_COLS and _nb_ok(V, Z)
+        def g(a, b):
+            acc, acc2 = (np.zeros((l + 1, s)), np.zeros((s, s))) if nb else (0.0, 0.0)
+            for c in range(a, b, _CHUNK):
+                e = min(b, c + _CHUNK); P = _mm(V[c:e, :q], Y)   # (formed before it is written: it reads those rows)
+                V[c:e, :l] = P; V[c:e, l] = V[c:e, src]
+                if nb: _nb_tmul(V[:, :l + 1], Z, c, e, acc, acc2, True)
+                else:
+                    Vc = V[c:e, :l + 1]; acc = acc + Vc.T @ Z[c:e]; acc2 = acc2 + Z[c:e].T @ Z[c:e]
+            return acc, (acc2 if nb else np.triu(acc2))
+        r = self.run(g)
+        return sum(x[0] for x in r), _sym_upper(sum(x[1] for x in r))
     def _pass(self, out, V, C, sub: bool, gram=None):
         """One pass over V in chunks of rows whose temporaries stay in cache: out -= V C (`sub`) or out = V C, and with
         `gram` 'V' or 'out' also Vᵀ out or outᵀ out of the new rows while they are in cache (summed over blocks)."""

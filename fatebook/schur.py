@@ -422,7 +422,8 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
     v = draw(rng.random) + 0.5; V[:, 0] = v / np.linalg.norm(v)
     Z, Ub = np.empty((n, s), order="F"), np.empty((n, s), order="F")   # the block; its once-orthogonalised columns
     rows = _Rows(n)                              # tall products on the same threads as the sparse ones
-    pend, y0 = None, None                        # V's columns still to be written; the block's start in V's coordinates
+    pend, y0, rot = None, None, None             # V's columns still to be written; the block's start in V's coordinates;
+                                                 # a restart's rotation still to be done
     p, nmv, it, checks, found, overshoots, pip_off = 0, 0, 0, 0, 0, 0, 0
     state = dict(converged=0, residual=np.inf)
     checking, result, lam_cut, suspect = None, None, None, None
@@ -432,7 +433,7 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
             while p < mb:
                 if nmv >= budget: raise SchurNotConverged(_sstep_budget_msg(budget, state, k, tol, m))
                 se = min(s, mb - p)
-                z = V[:, p] if pend is None else Ub[:, pend[1] - 1]
+                z = V[:, mb] if rot is not None else V[:, p] if pend is None else Ub[:, pend[1] - 1]
                 for i in range(se):                                          # monomial block z_i = (A - σ I)^i z_0
                     if isinstance(A, RowSplit): A.matmul(z, out=Z[:, i])             # (straight into the block)
                     else: Z[:, i] = A @ z
@@ -450,7 +451,9 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
                 # the next block's first pass, chunk by chunk, while V's rows are in cache: two passes over V per block.
                 # The next block then starts from U's last column, u = Vp C2[:, -1] + Q R2[:, -1] (same Krylov space;
                 # its coordinates y0 enter the change of basis below).
-                if pend is None: C, G1 = rows.tmul_gram(Vp, Zs)              # C = Vpᵀ Zs, G1 = Zsᵀ Zs
+                if rot is not None:                                          # (after a restart: V rotated first)
+                    C, G1 = rows.rotate_tmul_gram(V, rot, mb, Zs); rot = None
+                elif pend is None: C, G1 = rows.tmul_gram(Vp, Zs)            # C = Vpᵀ Zs, G1 = Zsᵀ Zs
                 else:
                     a0, s0, C2p, W2p = pend; pend = None                     # (Vp holds the columns being written)
                     C, G1 = rows.solve_tmul_gram(V[:, a0 + 1:a0 + 1 + s0], Ub[:, :s0], V[:, :a0 + 1], C2p, W2p, Vp, Zs)
@@ -545,9 +548,10 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
                 continue
             S, Y, l = _lead_set(S0, Y0, min(k + (mb - k) // 2, mb - 1), which)   # restart set: half the basis
             b = H[mb, :mb] @ Y
-            Yl = np.ascontiguousarray(Y[:, :l])                              # thick restart: keep the l leading Schur vectors
-            rows.mul_into(V[:, :l], V[:, :mb], Yl)                            # (each chunk's product is formed before it is written)
-            V[:, l] = V[:, mb]                                               # (column l is read by the restart: move v_mb after)
+            # thick restart: keep the l leading Schur vectors, V[:, :l] = V[:, :mb] Y[:, :l], and v_mb as V[:, l]. The
+            # next block's products start from v_mb (which the rotation leaves alone), and the rotation is done in that
+            # block's first Gram–Schmidt pass, chunk by chunk (bit for bit the same as rotating first: one pass fewer)
+            rot = np.ascontiguousarray(Y[:, :l])
             H[:] = 0; H[:l, :l] = S[:l, :l]; H[l, :l] = b[:l]
             p = l
     except KeyboardInterrupt:

@@ -125,7 +125,7 @@ class _Rows:
     def __init__(self, n: int, threads: int|None = None, min_n: int|None = None):
         t = (n_threads() if threads is None else threads) if n >= (_ROWS_MIN_N if min_n is None else min_n) else 1
         cuts = np.linspace(0, n, max(t, 1) + 1).astype(int)
-        self.blocks = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+        self.blocks = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a] or [(0, n)]   # (n = 0: one empty block)
     def run(self, fn):
         "fn(a, b) for every row block; the results in block order."
         if len(self.blocks) == 1: return [fn(*self.blocks[0])]

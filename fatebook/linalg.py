@@ -153,48 +153,34 @@ class _Rows:
                 return acc, np.triu(acc2)
         r = self.run(g); C, G = sum(x[0] for x in r), sum(x[1] for x in r)
         return C, _sym_upper(G)
-    def sub_solve(self, out, Z, V, C, W, gram: bool = False):
+    def sub_solve(self, out, Z, V, C, W, gram: bool = False, then=None):
         """out = (Z - V C) W for an upper triangular W (out may be Z, not V), and with `gram` also Vᵀ out and outᵀ out
-        of the new rows while they are in cache: one pass over V."""
-        s = C.shape[1]
-        if s <= _NB_MAX_COLS and _nb_ok(out, Z, V) and not np.may_share_memory(out, V):
+        of the new rows while they are in cache: one pass over V. `then=(Vt, Zt)`: the sums are Vtᵀ Zt and Ztᵀ Zt
+        instead, taken after out is written (Vt may hold out's columns)."""
+        Va, Ya = (V, out) if then is None else then
+        s, k = C.shape[1], Ya.shape[1]
+        if max(s, k) <= _NB_MAX_COLS and _nb_ok(out, Z, V, Va, Ya) and not np.may_share_memory(out, V):
             C, W = np.ascontiguousarray(C, dtype=float), np.ascontiguousarray(W, dtype=float)
             def g(a, b):
-                acc, acc2 = np.zeros((V.shape[1], s)), np.zeros((s, s))
-                _nb_pass(out, Z, V, C, W, a, b, True, 3 if gram else 0, acc, acc2)
+                acc, acc2 = np.zeros((Va.shape[1], k)), np.zeros((k, k))
+                _nb_pass(out, Z, V, C, W, a, b, True, 3 if gram else 0, acc, acc2, Va, Ya)
                 return acc, acc2
         else:
             def g(a, b):
                 acc, acc2 = 0.0, 0.0
                 for c in range(a, b, _CHUNK):
                     e = min(b, c + _CHUNK); out[c:e] = _mm(Z[c:e] - _mm(V[c:e], C), W)
-                    if gram: acc = acc + V[c:e].T @ out[c:e]; acc2 = acc2 + out[c:e].T @ out[c:e]
+                    if gram: acc = acc + Va[c:e].T @ Ya[c:e]; acc2 = acc2 + Ya[c:e].T @ Ya[c:e]
                 return acc, (np.triu(acc2) if gram else acc2)
         r = self.run(g)
         if not gram: return None
         C2, G = sum(x[0] for x in r), sum(x[1] for x in r)
         return C2, _sym_upper(G)
     def solve_tmul_gram(self, out, U, V0, C, W, V, Z):
-        """out = (U - V0 C) W (as `sub_solve`; W upper triangular, out overlapping neither U nor V0), then Vᵀ Z and Zᵀ Z
-        of the same rows while they are in cache, V possibly holding out's columns: the last Gram–Schmidt pass of one
-        s-step block (writing the basis' new columns) and the first of the next in one pass over the basis."""
-        s, k = C.shape[1], Z.shape[1]
-        if max(s, k) <= _NB_MAX_COLS and _nb_ok(out, U, V0, V, Z) and not (np.may_share_memory(out, U)
-                                                                          or np.may_share_memory(out, V0)):
-            C, W = np.ascontiguousarray(C, dtype=float), np.ascontiguousarray(W, dtype=float)
-            def g(a, b):
-                acc, acc2 = np.zeros((V.shape[1], k)), np.zeros((k, k))
-                _nb_solve_tmul(out, U, V0, C, W, V, Z, a, b, acc, acc2)
-                return acc, acc2
-        else:
-            def g(a, b):
-                acc, acc2 = 0.0, 0.0
-                for c in range(a, b, _CHUNK):
-                    e = min(b, c + _CHUNK); out[c:e] = _mm(U[c:e] - _mm(V0[c:e], C), W)
-                    acc = acc + V[c:e].T @ Z[c:e]; acc2 = acc2 + Z[c:e].T @ Z[c:e]
-                return acc, np.triu(acc2)
-        r = self.run(g)
-        return sum(x[0] for x in r), _sym_upper(sum(x[1] for x in r))
+        """out = (U - V0 C) W, then Vᵀ Z and Zᵀ Z of the same rows while they are in cache (`sub_solve` with `then`),
+        V possibly holding out's columns: the last Gram–Schmidt pass of one s-step block (writing the basis' new
+        columns) and the first of the next in one pass over the basis."""
+        return self.sub_solve(out, U, V0, C, W, gram=True, then=(V, Z))
     def rotate_tmul_gram(self, V, Y, src, Z):
         """V[:, :l] = V[:, :q] Y (Y q x l, q <= src) and V[:, l] = V[:, src] in place, then Vᵀ Z and Zᵀ Z over the new
         V[:, :l+1], chunk by chunk while the rows are in cache: a thick restart's rotation and the first Gram–Schmidt
@@ -220,7 +206,7 @@ class _Rows:
             mode = {None: 0, "V": 1, "out": 2}[gram]; s = C.shape[1]; C = np.ascontiguousarray(C, dtype=float)
             def g(a, b):
                 acc = np.zeros((V.shape[1], s) if mode == 1 else (s, s))
-                _nb_pass(out, out, V, C, _NB_NONE, a, b, sub, mode, acc, acc)
+                _nb_pass(out, out, V, C, _NB_NONE, a, b, sub, mode, acc, acc, V, out)
                 return acc
             acc = self.run(g)
             if not gram: return None
@@ -361,27 +347,17 @@ if njit is not None:
                     for i in range(m): ok[i] += pl[i] * w
 
     @_njit_cached(nogil=True, fastmath=_NB_FM)
-    def _nb_pass(out, Z, V, C, W, a, b, sub, mode, acc, acc2):
+    def _nb_pass(out, Z, V, C, W, a, b, sub, mode, acc, acc2, Va, Ya):
         """Rows a:b in chunks: P = Z - V C (`sub`) or V C; out = P W (W upper triangular; W with no rows: out = P);
-        mode & 1: acc += Vᵀ out, mode & 2: acc2 += outᵀ out (upper triangle), of each chunk while it is in cache. (out may
+        mode & 1: acc += Vaᵀ Ya, mode & 2: acc2 += Yaᵀ Ya (upper triangle), of each chunk while it is in cache, after
+        out is written (Va, Ya: V, out; or the next pass's basis and block, Va possibly holding out's columns). (out may
         be Z: each chunk's P is formed before it is written; out must not share memory with V.)"""
         P = np.empty((C.shape[1], _NB_CHUNK))
         for c in range(a, b, _NB_CHUNK):
             e = min(b, c + _NB_CHUNK)
             _nb_chunk(out, Z, V, C, W, c, e, sub, P)
-            if mode & 1: _nb_vt(V, out, c, e, acc)
-            if mode & 2: _nb_gram(out, c, e, acc2)
-
-    @_njit_cached(nogil=True, fastmath=_NB_FM)
-    def _nb_solve_tmul(out, U, V0, C, W, V, Z, a, b, acc, acc2):
-        """Rows a:b in chunks: out = (U - V0 C) W, then acc += Vᵀ Z and acc2 += Zᵀ Z (upper triangle) of the same rows
-        while they are in cache (V may contain out's columns: each chunk of out is written before it is read)."""
-        P = np.empty((C.shape[1], _NB_CHUNK))
-        for c in range(a, b, _NB_CHUNK):
-            e = min(b, c + _NB_CHUNK)
-            _nb_chunk(out, U, V0, C, W, c, e, True, P)
-            _nb_vt(V, Z, c, e, acc)
-            _nb_gram(Z, c, e, acc2)
+            if mode & 1: _nb_vt(Va, Ya, c, e, acc)
+            if mode & 2: _nb_gram(Ya, c, e, acc2)
 
 # %% ../nbs/01a_linalg.ipynb #e1f2a3b5
 if njit is not None:

@@ -379,6 +379,11 @@ _SSTEP_SHIFT_MIN = 0.25   # the block is built from A - σ I (σ = mean diagonal
 _SSTEP_PIP = True         # block Gram-Schmidt in the Pythagorean form (BCGS-PIP2): 3 passes over the basis per block, not 5
 _SSTEP_PIP_MIN = 1e-8     # ... when every column's part outside the basis is >= 1e-4 of the block's norm (else the old form)
 _SSTEP_FUSE = True        # ... and a block's last pass (writing the basis' new columns) done in the next block's first: 2 passes
+_SSTEP_LOST = 1e-6        # a block column whose part outside the basis is below this of its norm: the block is redone
+                          # with one product (Arnoldi). Healthy chains measured >= 4e-5 (kNN, slow chains, rings, up to
+                          # 100,000 cells); a block that has run out of the Krylov space (low-rank T) 1e-17-1e-7
+_SSTEP_COND = 1e-10       # ... or when its smallest part is below this of its largest (the block's own conditioning)
+_SSTEP_INVARIANT = 1e-12  # Arnoldi: a new direction below this of |A v| is rounding: span(V) is invariant (a fresh start)
 _SSTEP_RETRY = 100       # a true residual above this many times the tolerance: repeat with blocks of 2 products
 _SSTEP_BUDGET = 10_000   # default budget of products with T (maxiter) for 'sstep'
 _SSTEP_CHECKS = 1        # random restarts after convergence that must find nothing new (missed cluster members)
@@ -398,7 +403,9 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
     Converged when the RMS residual of the wanted Schur vectors is <= tol; then `_SSTEP_CHECKS` restarts from a fresh
     random vector (the converged vectors locked) must find no further wanted eigenvalue. Stops with
     `SchurNotConverged` after `maxiter` products. `known`: an exact eigenvector of a wanted eigenvalue (for T, the
-    constant vector): a check starts from its part outside the converged span when there is one."""
+    constant vector): a check starts from its part outside the converged span when there is one. A block lying within
+    the basis up to rounding is redone with one product; a basis spanning an invariant subspace (T of low rank) goes on
+    from a fresh random direction orthogonal to it (counted as `breakdowns`)."""
     n = P.shape[0]
     k = m + 2                                  # as for ARPACK: the partner of the m-th eigenvalue, and one more
     if k + s >= n - 1:
@@ -424,7 +431,7 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
     rows = _Rows(n)                              # tall products on the same threads as the sparse ones
     pend, y0, rot = None, None, None             # V's columns still to be written; the block's start in V's coordinates;
                                                  # a restart's rotation still to be done
-    p, nmv, it, checks, found, overshoots, pip_off = 0, 0, 0, 0, 0, 0, 0
+    p, nmv, it, checks, found, overshoots, pip_off, breakdowns = 0, 0, 0, 0, 0, 0, 0, 0
     state = dict(converged=0, residual=np.inf)
     checking, result, lam_cut, suspect = None, None, None, None
     bar = progress(total=budget, desc=desc, show=show)
@@ -472,17 +479,30 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
                         Q1 = np.empty_like(Zs)
                         L2 = np.linalg.cholesky(rows.mul_gram(Q1, Zs, sla.solve_triangular(L1, np.eye(se), lower=True).T))
                         Rz = L2.T @ L1.T
+                    # each column's part outside span(V, earlier columns) against the column's own norm (G1's diagonal):
+                    # a block that has (nearly) run out of the Krylov space is rounding noise of uniform size, which a
+                    # test within the block (dz.min() against dz.max()) cannot see; normalised, it is not orthogonal
+                    # to V, and the change of basis below divides by it (errors ~ eps / that part)
                     dz = np.abs(np.diag(Rz))
-                    if dz.min() < 1e-10 * dz.max(): raise np.linalg.LinAlgError("ill-conditioned block")
+                    if dz.min() < _SSTEP_COND * dz.max() or (dz < _SSTEP_LOST * np.sqrt(np.diag(G1))).any():
+                        raise np.linalg.LinAlgError("ill-conditioned block")
                 except np.linalg.LinAlgError:
-                    if se == 1: raise RuntimeError("the Krylov space became invariant (breakdown)")
                     Z1 = A @ V[:, p]; nmv += 1; bar.update(1)                # redo the step with a single product
-                    c1 = V[:, :p + 1].T @ Z1; Z1 -= V[:, :p + 1] @ c1
+                    c1 = V[:, :p + 1].T @ Z1; h0 = np.linalg.norm(Z1); Z1 -= V[:, :p + 1] @ c1
                     c2 = V[:, :p + 1].T @ Z1; Z1 -= V[:, :p + 1] @ c2; c1 += c2
                     h = np.linalg.norm(Z1)
-                    if h <= 1e-14 * max(np.abs(c1).max(), 1e-300):
-                        raise RuntimeError("the Krylov space became invariant (breakdown)")
-                    V[:, p + 1] = Z1 / h; H[:p + 1, p] = c1; H[p + 1, p] = h; p += 1; y0 = None
+                    if h <= _SSTEP_INVARIANT * h0:
+                        # span(V) is invariant (to rounding): the Krylov space of v_0 is exhausted (T of low rank, or a
+                        # start within a few eigenvectors). As ARPACK does, go on from a fresh random direction
+                        # orthogonal to V, with H[p+1, p] = 0: the relation A V = V H stays exact, and the eigenvalues
+                        # found so far are exact ones
+                        Z1 = draw(rng.standard_normal)
+                        for _ in range(2): Z1 -= V[:, :p + 1] @ (V[:, :p + 1].T @ Z1)
+                        h, h_sub = np.linalg.norm(Z1), 0.0
+                        if h == 0: raise RuntimeError("the Krylov space became invariant (breakdown)")
+                        breakdowns += 1
+                    else: h_sub = h
+                    V[:, p + 1] = Z1 / h; H[:p + 1, p] = c1; H[p + 1, p] = h_sub; p += 1; y0 = None
                     continue
                 # change of basis: A [z_0, z_1..z_{s-1}] = [z_1..z_s], all known in the new orthonormal basis, gives the
                 # s new columns of H (the input block is upper triangular in the new coordinates; z_0 = v_p, or the
@@ -504,7 +524,7 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
             if checking is not None:   # a check cycle: did the fresh random vector find a wanted eigenvalue we missed?
                 lam_new = np.linalg.eigvals(H[checking:mb, checking:mb])   # (Hessenberg, not yet triangular)
                 if max(_sort_key(x, which)[0] for x in lam_new) <= lam_cut + 1e-9:   # (1e-9: Ritz values may overshoot)
-                    result[3].update(products=nmv, checks=checks, cgs_blocks=pip_off)   # nothing new: the converged set stands
+                    result[3].update(products=nmv, checks=checks, cgs_blocks=pip_off, breakdowns=breakdowns)   # nothing new
                     return result
                 # a candidate: go on until the wanted set converges again. It is a missed eigenvalue only if the converged
                 # span then changes: a Ritz value of the non-normal T can lie above every eigenvalue left (measured at
@@ -529,6 +549,7 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
                 overshoots += same; suspect = None
                 result = (X[:, :mp], S[:mp, :mp], mp, dict(ncv=mb, s=s, restarts=it, products=nmv, checks=checks,
                                                            found_by_checks=found, overshoots=overshoots, cgs_blocks=pip_off,
+                                                           breakdowns=breakdowns,
                                                            _PQ=(S[:mp, :mp], V[:, mb].copy(), b[:mp])))
                 if same or checks >= _SSTEP_CHECKS: return result             # (same: the check ran, and longer)
                 # check: lock the converged vectors (their residual coefficients set to 0, an error <= tol) and go on

@@ -11,7 +11,7 @@ import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
 from .core import info, warn, debug, optional_import, check_row_stochastic, check_choice, cells_str, palette, Key
-from .schur import SchurResult, sort_real_schur, schur_eigenvalues, forbidden_n_states, eigengap
+from .schur import SchurResult, sort_real_schur, schur_eigenvalues, forbidden_n_states, eigengap, _eta_post_rows
 from .fate import Lineage, _parse_terminal, _FATE_ERR, _STEPS_TOL, _tighten, _max_steps, _ill_conditioned, FatesNotCertified
 
 # %% auto #0
@@ -155,34 +155,16 @@ def _mult_cols(A, X):
     x.destroy(); y.destroy()
     return out
 
+class _MatOp:
+    "A PETSc Mat as an operator on this rank's rows: `op @ X` (n_loc x k) is `_mult_cols(A, X)`."
+    def __init__(self, A): self.A = A
+    def __matmul__(self, X): return _mult_cols(self.A, X)
+
 def _eta_post(C: _Comm, A, Q, PQ, se, which):
-    """`fatebook.schur._eta_postprocess` on row-distributed Q (n x m, orthonormal, P Q = PQ): the basis of span(Q) whose
-    first column is √η, the rest sorted; returns this rank's rows of X = V/√η (X[:,0] ≡ 1) and R."""
-    m = Q.shape[1]
-    c = C.gram(Q, se)
-    cap = float(c @ c)
-    if cap < 1 - 1e-6:
-        raise ValueError(f"The constant vector is not in the span of the leading {m} Schur vectors (captured {cap:.3g} of "
-                         f"it). With which={which!r} the eigenvalue 1 is not among the leading eigenvalues; use which='LR' or "
-                         "a larger n_components.")
-    v = c / np.sqrt(cap); e = np.zeros(m); e[0] = 1.0; w = v - e
-    V = Q - 2 * np.outer(Q @ w, w) / (w @ w) if np.linalg.norm(w) > 1e-15 else Q.copy()   # V = Q H with H e1 = v
-    V[:, 0] = se
-    if m > 1:
-        W = V[:, 1:] - np.outer(se, C.gram(se, V[:, 1:]))
-        W = _cholqr(C, W)
-        Y = np.column_stack([se, W])
-        PY = PQ @ C.gram(Q, Y)                              # Y lies in span(Q): P Y = (P Q)(Qᵀ Y), no product with P
-        Rt = C.gram(Y, PY)
-        R22, Z = sla.schur(Rt[1:, 1:], output="real")
-        R22, Z, _ = sort_real_schur(R22, Z, m - 1, which)
-        R22, Z = C.same((R22, Z))
-        V = np.column_stack([se, W @ Z])
-        R = np.zeros((m, m)); R[0, 0] = Rt[0, 0]; R[0, 1:] = Rt[0, 1:] @ Z; R[1:, 1:] = R22
-    else:
-        R = np.array([[float(C.sum(se @ _mult_cols(A, se[:, None])[:, 0]))]])
-    X = V / se[:, None]; X[:, 0] = 1.0
-    return X, R
+    """`fatebook.schur._eta_post_rows` (the serial post-processing itself) on row-distributed Q (n x m, orthonormal,
+    P Q = PQ), its tall products reduced over the ranks by `C`: the basis of span(Q) whose first column is √η, the rest
+    sorted; returns this rank's rows of X = V/√η (X[:,0] ≡ 1) and R (the same on every rank)."""
+    return _eta_post_rows(_MatOp(A), Q, se, which, PQ, comm=C)
 
 def _check_rows(C: _Comm, T_rows, r0, atol=1e-6):
     "`check_row_stochastic` for a row block (finite, >= 0, rows sum to 1 within `atol`); every rank raises if any fails."

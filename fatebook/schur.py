@@ -169,9 +169,17 @@ def _eta_postprocess(P, Q, eta, which, PQ=None):
     product P Y). The new basis is Y = [√η, Q A − √η βᵀ] for small A, β, so all but the last step work on m x m
     matrices: Q is read in a few passes and only X is written (the tall form of the same steps, with eight n x m
     temporaries, took 1.5 s at 1,000,000 cells on bench's VM, most of it first-touching fresh pages)."""
+    return _eta_post_rows(P, Q, np.sqrt(eta), which, PQ)
+
+def _eta_post_rows(P, Q, se, which, PQ=None, comm=None):
+    """`_eta_postprocess` from √η (`se`), on rows: with `comm` (reductions over ranks: `gram`, `sum`, `same`, as
+    `fatebook.distributed`'s) Q, se, PQ and the products of P are this rank's rows, every tall product is a reduction
+    to m x m, and the small decisions are rank 0's; the rows of X returned are this rank's. One process: comm=None."""
+    gram = comm.gram if comm is not None else (lambda A_, B_: A_.T @ B_)
+    tot = comm.sum if comm is not None else (lambda x: x)
+    same = comm.same if comm is not None else (lambda o: o)
     n, m = Q.shape
-    se = np.sqrt(eta)
-    c = Q.T @ se
+    c = gram(Q, se)
     cap = float(c @ c)
     if cap < 1 - 1e-6:
         if which == "LM":
@@ -181,36 +189,40 @@ def _eta_postprocess(P, Q, eta, which, PQ=None):
         raise ValueError(f"The constant vector (eigenvector of the eigenvalue 1) is not in the span of the leading {m} "
                          f"Schur vectors (captured {cap:.6f} of it): the eigenvalue 1 is in a cluster of nearly equal "
                          "eigenvalues (nearly closed sets of cells) of which the solver found only a part. Use more "
-                         "Schur vectors than the cluster has members (n_components), or another method ('krylov' "
-                         "with SLEPc; 'brandts' on a dense matrix).")
-    if m == 1: return np.ones((n, 1), order="F"), np.array([[float(se @ (P @ se))]])
+                         "Schur vectors than the cluster has members (n_components)" + (
+                             ", or another method ('krylov' with SLEPc; 'brandts' on a dense matrix)." if comm is None
+                             else ", or a smaller `tol`."))
+    if m == 1: return np.ones((n, 1), order="F"), np.array([[float(tot(se @ (P @ se[:, None])[:, 0]))]])
     v = c / np.sqrt(cap); e = np.zeros(m); e[0] = 1.0; w = v - e
     H = np.eye(m) - 2 * np.outer(w, w) / (w @ w) if np.linalg.norm(w) > 1e-15 else np.eye(m)   # Q H e1 = Q v ≈ √η
-    M1, G = H[:, 1:], Q.T @ Q                       # G ≈ I (the solver's orthonormality, not assumed)
+    M1, G = H[:, 1:], gram(Q, Q)                    # G ≈ I (the solver's orthonormality, not assumed)
     r = M1.T @ c                                    # W = Q M1 − √η rᵀ: the other columns, √η projected out (r ≈ 0)
-    try: L = np.linalg.cholesky(M1.T @ G @ M1 - (2 - float(se @ se)) * np.outer(r, r))   # Wᵀ W: Cholesky QR of W
+    try: L = np.linalg.cholesky(M1.T @ G @ M1 - (2 - float(tot(se @ se))) * np.outer(r, r))   # Wᵀ W: Cholesky QR of W
     except np.linalg.LinAlgError: L = None
     if L is not None:
         Li = sla.solve_triangular(L, np.eye(m - 1), lower=True)
         A, beta = M1 @ Li.T, Li @ r                 # W L⁻ᵀ = Q A − √η βᵀ, orthonormal
     # Y lies in span(Q, √η): P Q is reused unless √η sticks out of span(Q) by more than 1e-10 (up to 1e-3 is accepted
     # above; reusing P Q then gave residuals up to 5e-7 on 1,000-cell slow chains, found in review): then P Y itself
-    out = 0.0 if PQ is None else float(np.linalg.norm(se - Q @ c))   # (1 - cap is rounding below ~1e-16: the norm)
+    out = 0.0 if PQ is None else float(np.sqrt(tot(np.sum((se - Q @ c) ** 2))))   # (1 - cap is rounding below ~1e-16)
     W = None
     if L is not None and PQ is not None and out <= 1e-10:   # Yᵀ P Y = (Yᵀ P Q)(Qᵀ Y), all m x m
         if isinstance(PQ, tuple):
             S_, v_, b_ = PQ
-            QtPQ, sPQ = G @ S_ + np.outer(Q.T @ v_, b_), c @ S_ + float(se @ v_) * b_
-        else: QtPQ, sPQ = Q.T @ PQ, se @ PQ
+            QtPQ, sPQ = G @ S_ + np.outer(gram(Q, v_), b_), c @ S_ + float(tot(se @ v_)) * b_
+        else: QtPQ, sPQ = gram(Q, PQ), gram(PQ, se)
         Rt = np.vstack([sPQ, A.T @ QtPQ - np.outer(beta, sPQ)]) @ np.c_[c, G @ A - np.outer(c, beta)]
     else:   # the basis itself: P Y by a product (or by P Q), and Householder QR where Cholesky QR failed
-        W = Q @ A - np.outer(se, beta) if L is not None else np.linalg.qr(Q @ M1 - np.outer(se, r))[0]
+        if L is not None: W = Q @ A - np.outer(se, beta)
+        elif comm is None: W = np.linalg.qr(Q @ M1 - np.outer(se, r))[0]
+        else: raise np.linalg.LinAlgError("the Schur vectors are not linearly independent (Cholesky QR failed)")
         Y = np.column_stack([se, W])
         if PQ is None or out > 1e-10: PY = P @ Y
-        else: PY = (Q @ PQ[0] + np.outer(PQ[1], PQ[2]) if isinstance(PQ, tuple) else PQ) @ (Q.T @ Y)
-        Rt = Y.T @ PY
+        else: PY = (Q @ PQ[0] + np.outer(PQ[1], PQ[2]) if isinstance(PQ, tuple) else PQ) @ gram(Q, Y)
+        Rt = gram(Y, PY)
     R22, Z = sla.schur(Rt[1:, 1:], output="real")
     R22, Z, _ = sort_real_schur(R22, Z, m - 1, which)
+    Rt, R22, Z = same((Rt, R22, Z))
     R = np.zeros((m, m)); R[0, 0] = Rt[0, 0]; R[0, 1:] = Rt[0, 1:] @ Z; R[1:, 1:] = R22
     X = np.empty((n, m), order="F"); X[:, 0] = 1.0  # X = [√η, W Z] / √η, written once
     if W is None:

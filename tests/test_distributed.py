@@ -1,6 +1,6 @@
 """fatebook.distributed: T read by row blocks, SLEPc Krylov–Schur and PETSc GMRES under `mpiexec -n 2`, against the
 single-process results (Schur subspace angle < 1e-6, fates to 1e-6) and hand-solvable truth (gambler's ruin)."""
-import functools, os, shutil, subprocess, sys
+import functools, json, os, shutil, subprocess, sys
 import numpy as np
 import pandas as pd
 import pytest
@@ -296,3 +296,46 @@ def test_installed_petsc_is_built_with_mpi():
     import petsc
     conf = open(os.path.join(petsc.get_petsc_dir(), "lib", "petsc", "conf", "petscvariables")).read()
     assert "MPI_IS_MPIUNI = 1" not in conf
+
+
+_ETA_SCRIPT = r'''
+import json, sys
+import numpy as np, scipy.sparse as sp
+from mpi4py import MPI
+import fatebook.distributed as D
+from fatebook.schur import _eta_postprocess
+comm = MPI.COMM_WORLD; C = D._Comm(comm)
+rg = np.random.default_rng(11); n, m = 300, 6                     # the construction of 03_schur's test of the three PQ forms
+eta = rg.random(n) + 0.5; eta /= eta.sum(); se = np.sqrt(eta)
+Q0 = np.linalg.qr(np.c_[se, rg.standard_normal((n, m - 1))])[0]
+v = rg.standard_normal(n); v -= Q0 @ (Q0.T @ v); v /= np.linalg.norm(v)
+S0 = np.triu(rg.random((m, m))) + np.diag(np.linspace(1, 0.5, m)); S0[0, 0] = 1.0
+b0 = 1e-3 * rg.standard_normal(m); b0[0] = 0.0
+U = np.linalg.qr(rg.standard_normal((m, m)))[0]
+Q, S, b = Q0 @ U, U.T @ S0 @ U, U.T @ b0
+PQ = Q @ S + np.outer(v, b); Pd = PQ @ Q.T + 0.7 * np.outer(Q[:, 1], v)   # P Q = PQ, and P maps v into span(Q)
+out = {}
+for name, s_ in (("inside", se), ("outside", se + float(sys.argv[2]) * v)):   # √η outside span(Q) by 1e-8: P Y by a product
+    Xs, Rs = _eta_postprocess(Pd, Q, s_ ** 2, "LR", PQ)
+    r0, r1 = [(0, 137), (137, n)][C.rank] if C.size == 2 else (0, n)
+    A = D.petsc_matrix(sp.csr_matrix(Pd[r0:r1]), comm)
+    X, R = D._eta_post(C, A, Q[r0:r1], PQ[r0:r1], s_[r0:r1], "LR")
+    Xall = np.vstack(comm.allgather(X))
+    out[name] = dict(X=float(np.abs(Xall - Xs).max()), R=float(np.abs(R - Rs).max()))
+    A.destroy()
+if C.rank == 0: json.dump(out, open(sys.argv[1], "w"))
+'''
+
+
+@needs_mpi
+def test_two_ranks_eta_postprocessing_is_the_serial_code(tmp_path):
+    """The distributed post-processing is the serial one with reductions over the ranks (until 2026-12-03 it was a copy
+    of the older tall form, which also lacked the serial guard: √η outside span(Q) by more than 1e-10 takes a product
+    P Y instead of reusing P Q). Two ranks against one process, √η inside span(Q) and outside it by 1e-8."""
+    (tmp_path / "eta.py").write_text(_ETA_SCRIPT)
+    r = subprocess.run([D.mpiexec(), "-n", "2", sys.executable, str(tmp_path / "eta.py"), str(tmp_path / "out.json"), "1e-8"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    for case in ("inside", "outside"):
+        assert out[case]["X"] < 1e-10 and out[case]["R"] < 1e-12, out

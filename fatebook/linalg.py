@@ -12,7 +12,7 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 from scipy.sparse.csgraph import connected_components
-from .core import warn, debug, optional_import, as_rng, progress, check_choice
+from .core import warn, debug, optional_import, as_rng, progress, check_choice, check_int
 
 # %% auto #0
 __all__ = ['n_threads', 'RowSplit', 'permute_states', 'locality_order', 'block_gmres', 'schur_deflation', 'recurrent_classes',
@@ -791,6 +791,8 @@ def knn_chain(n: int = 2000, # number of cells
              ) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
     "A synthetic kNN transition matrix on a branching trajectory: returns `(T, pseudotime, branch)`; for tests and benchmarks."
     from scipy.spatial import cKDTree
+    n = check_int("n", n, 2)
+    n_neighbors = check_int("n_neighbors", n_neighbors, 1, n - 1, hint=f"(each of the n = {n} cells needs that many others)")
     rng = as_rng(seed)
     t = rng.random(n); b = rng.integers(n_branches, size=n)
     dirs = rng.normal(size=(n_branches, dim)); dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
@@ -815,6 +817,8 @@ def slow_chain(n: int = 3000, # number of cells
     "A slowly mixing kNN transition matrix: returns `(T, pseudotime, label)` (branch 0-2 and 3 for the stem, or the blob); for tests and benchmarks."
     from scipy.spatial import cKDTree
     kind = check_choice("kind", kind, ("long", "absorbing", "blocks"))
+    n = check_int("n", n, 2)
+    n_neighbors = check_int("n_neighbors", n_neighbors, 1, n - 1, hint=f"(each of the n = {n} cells needs that many others)")
     rng = as_rng(seed); dim = 5
     if kind in ("long", "absorbing"):
         length, noise = (15.0, 0.05) if kind == "long" else (1.5, 0.08)

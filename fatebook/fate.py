@@ -248,7 +248,7 @@ def _as_T(T) -> sp.csr_matrix:
     "T checked by the one row-stochastic rule (at its own dtype's precision), as float64 CSR."
     return sp.csr_matrix(check_row_stochastic(T if sp.issparse(T) else np.asarray(T)))
 
-def _deflation_input(T, deflate, trans, A, tol=1e-8, embed=False):
+def _deflation_input(T, deflate, trans, A, tol=1e-8, embed=False, into=None):
     """What `_Factor` gets for `deflate`: None; the rows `trans` of an n x d array (A Z is then one product with d
     columns); or, for a tuple (X, R) of Schur vectors and Schur matrix of T (T X = X R), `(Z, A Z)` from the relation
     (`schur_deflation`: no product, only the transitions into the absorbing cells). One product with a random
@@ -275,7 +275,7 @@ def _deflation_input(T, deflate, trans, A, tol=1e-8, embed=False):
         raise ValueError(f"`deflate=(X, R)` needs Schur vectors X (n x d) and the Schur matrix R (d x d) of T; got shapes "
                          f"{X.shape} and {R.shape} for n = {T.shape[0]}.")
     with np.errstate(invalid="ignore", over="ignore"):   # a non-finite R gives a NaN err: the check below rejects it
-        Z, AZ = schur_deflation(T, X, R, trans, embed=embed)
+        Z, AZ = schur_deflation(T, X, R, trans, embed=embed, into=into)
         if not len(trans) or not Z.shape[1]: return Z
         c = np.random.default_rng(0).standard_normal(Z.shape[1])
         az = A @ (Z @ c)
@@ -306,7 +306,7 @@ def _setup(T, terminal, names, irreducible=None, embed=None):
     m = A.shape[0]
     S = np.bincount(r * (K + 1) + cls[T.indices[e]], weights=T.data[e], minlength=m * (K + 1)).reshape(m, K + 1)
     esc = S[:, K].copy() if unreach.any() else None
-    return T, n, labels, names, K, absorbing, unreach, trans, A, np.ascontiguousarray(S[:, :K]), esc, embed
+    return T, n, labels, names, K, absorbing, unreach, trans, A, np.ascontiguousarray(S[:, :K]), esc, embed, (e, r)
 
 _FATE_ERR = 1e-3    # certified error of the fates (absolute) above which the solve is redone (LU or a smaller tol), then warned
 _STEPS_TOL = 0.3    # the rough solve that bounds the mean number of steps to absorption
@@ -426,14 +426,14 @@ def fate_probabilities(T, # row-stochastic transition matrix (n x n), sparse or 
     _check_solver(solver, tol)
     check_choice("unreachable", unreachable, ("nan", "raise", "lineage"))
     t0 = time.perf_counter()
-    T, n, labels, names, K, absorbing, unreach, trans, A, S, esc, embed = _setup(T, terminal, names, irreducible)
+    T, n, labels, names, K, absorbing, unreach, trans, A, S, esc, embed, into = _setup(T, terminal, names, irreducible)
     nu = int(unreach.sum())
     if nu and unreachable == "raise":
         raise ValueError(f"{nu} transient cell(s) cannot reach any terminal state (cells {cells_str(np.flatnonzero(unreach))}). "
                          "They sit in a closed part of the chain that is not declared terminal; add it as a terminal state, "
                          "or pass unreachable='nan' or 'lineage'.")
     if K == 1 and not nu: warn("Only one terminal state: every cell gets fate probability 1.")
-    F = _Factor(A, solver, tol, show_progress, deflate=_deflation_input(T, deflate, trans, A, tol, embed))
+    F = _Factor(A, solver, tol, show_progress, deflate=_deflation_input(T, deflate, trans, A, tol, embed, into))
     RHS = S if esc is None else np.column_stack([S, esc])
     sel = trans if embed else slice(None)   # the transient cells among the solver's unknowns
     d = int(np.argmax(np.abs(S).sum(axis=0)))
@@ -649,8 +649,8 @@ def absorption_times(T, # row-stochastic transition matrix (n x n)
             for x in g: new[labels == cnames.index(x)] = j
             out_names.append(group_name(g, taken=out_names + [c for c in cnames if c not in g]))
         labels, cnames = new, out_names
-    Tc, n, labels, cnames, K, absorbing, unreach, trans, A, S, esc, embed = _setup(Tc, labels, cnames)
-    F = _Factor(A, solver, tol, show_progress, deflate=_deflation_input(Tc, deflate, trans, A, tol, embed))
+    Tc, n, labels, cnames, K, absorbing, unreach, trans, A, S, esc, embed, into = _setup(Tc, labels, cnames)
+    F = _Factor(A, solver, tol, show_progress, deflate=_deflation_input(Tc, deflate, trans, A, tol, embed, into))
     sel = trans if embed else slice(None)   # the transient cells among the solver's unknowns
     one = np.zeros(A.shape[0]); one[sel] = 1.0           # (a right-hand side is zero outside the transient cells)
     # certified errors, cell by cell: |X - X̂| <= (I - Q)⁻¹ (|R| + the error of the right-hand side), R the solve's residual

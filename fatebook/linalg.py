@@ -716,6 +716,7 @@ def schur_deflation(T: sp.spmatrix, # row-stochastic transition matrix (n x n, C
                     R: np.ndarray, # Schur matrix (d x d)
                     rows: np.ndarray, # the unknowns of I − T[rows][:, rows] (e.g. the transient cells)
                     embed: bool = False, # n-row arrays, zero outside `rows`, for the embedded system (`_IMinus(T, rows=rows)`)
+                    into: tuple|None = None, # `_into(T, other, pos)` if the caller has it (fate_probabilities' setup does)
                    ) -> tuple[np.ndarray, np.ndarray]:
     "`(Z, A Z)` for A = I − T[rows][:, rows] and Z = X[rows], from the Schur relation without a product with T."
     T = sp.csr_matrix(T); n = T.shape[0]; rows = np.asarray(rows)
@@ -725,7 +726,7 @@ def schur_deflation(T: sp.spmatrix, # row-stochastic transition matrix (n x n, C
     if embed:
         Z = np.array(X, order="C"); Z[other] = 0; AZ = X - X @ R; AZ[other] = 0
     else: Z, AZ = np.ascontiguousarray(X[rows]), X[rows] - (X @ R)[rows]
-    e, r = _into(T, other, pos)                                # the transitions into `other` (few)
+    e, r = _into(T, other, pos) if into is None else into     # the transitions into `other` (few)
     if len(e): np.add.at(AZ, r, T.data[e, None] * X[T.indices[e]])
     return Z, AZ
 

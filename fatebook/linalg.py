@@ -558,7 +558,8 @@ def _block_gmres(A, B, tol, restart, maxiter, M, x0, show, CU=(None, None), exac
         V[:, 0] = (R / np.where(beta > 0, beta, 1.0)).T
         j_end = restart
         for j in range(restart):
-            W = np.ascontiguousarray((A @ np.ascontiguousarray(Mf(V[:, j].T))).T)  # k x n
+            W = np.ascontiguousarray((A @ Mf(V[:, j].T)).T)  # k x n (V[:, j].T: n x k with contiguous columns, as the
+                                                             # products read them: no transposed copies; bit-identical)
             n_it += 1
             if d:  # operator (I - CC') A M: the deflated directions never enter the Krylov space (row blocks on threads)
                 g = rows.tmul(C, W.T); rows.sub_mul(W.T, C, g); G[:, j] = g

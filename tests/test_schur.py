@@ -471,7 +471,6 @@ def test_sstep_low_rank_chain_runs_out_of_krylov_space(n, g, m):
     assert r.method == "sstep" and r.residual < 1e-9 and not r.params.get("sstep_retry")
 
 
-
 def test_sstep_fast_mixing_chain_keeps_its_cost():
     """Review of 906004b: on a full-rank chain whose eigenvalues other than 1 all lie below 0.03 (a rank-10 chain plus
     1% of a kNN chain) every s-step block lies within 1e-6 of the basis, so every block was thrown away and redone with
@@ -496,6 +495,7 @@ def test_sstep_budget_message_after_convergence():
         sorted_schur(T, 3, method="sstep", maxiter=100)
     r = sorted_schur(T, 3, method="sstep")
     assert r.params["products"] < 300 and r.residual < 1e-10
+
 
 @pytest.mark.parametrize("n,seed,m", [(120, 2, 3), (120, 3, 3), (120, 0, 6), (300, 3, 3), (300, 0, 6)])
 def test_sstep_drift_is_not_diagnosed_as_a_cluster(n, seed, m):

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import breadth_first_order
 from .core import (warn, debug, check_row_stochastic, cells_str, palette, to_hex, mean_color, as_name, split_keys,
                            group_name, check_choice, check_range)
-from .linalg import _Factor, _IMinus, _strong_components, _component_edges, schur_deflation, _into, _FALLBACK_MAX
+from .linalg import _Factor, _IMinus, _strong_components, _component_edges, _Relation, _into, _FALLBACK_MAX
 
 # %% auto #0
 __all__ = ['Lineage', 'unreachable_cells', 'FatesNotCertified', 'fate_probabilities', 'gamblers_ruin', 'absorption_times']
@@ -250,8 +250,9 @@ def _as_T(T) -> sp.csr_matrix:
 
 def _deflation_input(T, deflate, trans, A, tol=1e-8, embed=False, into=None):
     """What `_Factor` gets for `deflate`: None; the rows `trans` of an n x d array (A Z is then one product with d
-    columns); or, for a tuple (X, R) of Schur vectors and Schur matrix of T (T X = X R), `(Z, A Z)` from the relation
-    (`schur_deflation`: no product, only the transitions into the absorbing cells). One product with a random
+    columns); or, for a tuple (X, R) of Schur vectors and Schur matrix of T (T X = X R), A Z from the relation, in
+    factors (`_Relation`: `schur_deflation` without forming its arrays; no product, only the transitions into the
+    absorbing cells). One product with a random
     combination of the columns checks that the relation holds for this T to a tenth of the solve's `tol` (at most
     1e-8): Schur vectors of another matrix, of a stale one, or with a Schur matrix that is not finite, fall back to the
     product; directions (vectors) that are not finite are dropped with a warning (no deflation). GMRES then still
@@ -275,13 +276,13 @@ def _deflation_input(T, deflate, trans, A, tol=1e-8, embed=False, into=None):
         raise ValueError(f"`deflate=(X, R)` needs Schur vectors X (n x d) and the Schur matrix R (d x d) of T; got shapes "
                          f"{X.shape} and {R.shape} for n = {T.shape[0]}.")
     with np.errstate(invalid="ignore", over="ignore"):   # a non-finite R gives a NaN err: the check below rejects it
-        Z, AZ = schur_deflation(T, X, R, trans, embed=embed, into=into)
-        if not len(trans) or not Z.shape[1]: return Z
-        c = np.random.default_rng(0).standard_normal(Z.shape[1])
-        az = A @ (Z @ c)
-        err = np.abs(az - AZ @ c).max() / max(np.abs(az).max(), 1e-300)
-    if not err <= min(1e-8, 0.1 * tol): return Z   # not a Schur relation of this T to the solve's accuracy (or NaN)
-    return Z, AZ
+        rel = _Relation(T, X, R, trans, embed=embed, into=into)   # A Z in factors (`schur_deflation`'s arrays unformed)
+        if not len(trans) or not X.shape[1]: return rel.z()
+        z, azc = rel.apply(np.random.default_rng(0).standard_normal(X.shape[1]))
+        az = A @ z
+        err = np.abs(az - azc).max() / max(np.abs(az).max(), 1e-300)
+    if not err <= min(1e-8, 0.1 * tol): return rel.z()   # not a Schur relation of this T to the solve's accuracy (or NaN)
+    return rel
 
 _EMBED_MIN, _EMBED_OTHER = 20_000, 0.1   # the embedded system from this many cells, if at most this share is not transient
 

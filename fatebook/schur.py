@@ -453,7 +453,7 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
             while p < mb:
                 if nmv >= budget:
                     raise SchurNotConverged(_sstep_budget_msg(budget, state, k, tol, m, "check" if checking is not None
-                                                              else "candidate" if suspect is not None else None))
+                                                              else "candidate" if suspect is not None else None, mb))
                 se = min(s_cur, mb - p)
                 z = V[:, mb] if rot is not None else V[:, p] if pend is None else Ub[:, pend[1] - 1]
                 for i in range(se):                                          # monomial block z_i = (A - σ I)^i z_0
@@ -599,7 +599,7 @@ def _schur_sstep_(P, m, which, tol, ncv=None, maxiter=None, seed=0, s=_SSTEP_S, 
             p = l
     except KeyboardInterrupt:
         warn(f"Schur decomposition interrupted after {nmv} products with T ({state['converged']} of {k} Schur vectors "
-             f"converged, RMS residual {state['residual']:.1e}, tolerance {tol:.0e}).")
+             f"converged, {_residual_str(state, tol)}).")
         raise
     finally:
         bar.close()
@@ -617,7 +617,16 @@ def _same_span(X1, X2, rows=None, tol: float = 1e-4) -> bool:
     smin = np.linalg.svd(C, compute_uv=False).min()
     return bool(1.0 - min(smin, 1.0) ** 2 <= tol ** 2)
 
-def _sstep_budget_msg(budget, state, k, tol, m, phase=None):
+def _residual_str(state, tol) -> str:
+    "How far the s-step iteration got, for messages: its RMS residual, or that no restart has measured one yet."
+    r = state["residual"]
+    return (f"RMS residual {r:.1e}" if np.isfinite(r) else "no restart yet, so no residual") + f", tolerance {tol:.0e}"
+
+def _sstep_budget_msg(budget, state, k, tol, m, phase=None, ncv=None):
+    if phase is None and not np.isfinite(state["residual"]):   # the first basis was not even built: nothing to diagnose
+        return (f"method='sstep' did not converge within maxiter={budget:,} products with T: the budget ended before "
+                f"the first restart (the Krylov basis takes {ncv or 'ncv'} products), so nothing could converge yet. "
+                f"Raise the budget (`maxiter={max(2 * budget, 4 * (ncv or 0))}` or more).")
     if phase is not None:   # the wanted set had converged; what ran out was the check for missed cluster members
         return (f"method='sstep' ran out of its budget of maxiter={budget:,} products with T after the leading {k} Schur "
                 "vectors had converged: " + ("the check for missed members of a cluster of eigenvalues at 1 (a restart "
@@ -625,7 +634,7 @@ def _sstep_budget_msg(budget, state, k, tol, m, phase=None):
                 "that the check found above the converged ones had not converged yet") + f". Raise the budget "
                 f"(`maxiter={2 * budget}`).")
     return (f"method='sstep' did not converge within maxiter={budget:,} products with T: {state['converged']} of {k} "
-            f"Schur vectors converged (RMS residual {state['residual']:.1e}, tolerance {tol:.0e}). The leading eigenvalues "
+            f"Schur vectors converged ({_residual_str(state, tol)}). The leading eigenvalues "
             "crowd against 1 (a slowly mixing chain: long branches, nearly absorbing ends or weakly coupled clusters). "
             f"Raise the budget (`maxiter={2 * budget}`), use fewer Schur vectors than n_components={m} if the eigengap "
             "allows it, or accept a looser `tol`.")

@@ -520,6 +520,12 @@ def test_sstep_budget_stops_with_a_clear_message():
     T, _, _ = slow_chain(3000, "long", seed=0)
     with pytest.raises(fs.SchurNotConverged, match=r"did not converge within maxiter=60 products.*Raise the budget \(`maxiter=120`\)"):
         sorted_schur(T, 20, method="sstep", maxiter=60)
+    # a budget spent before the first restart has no residual to report ("RMS residual inf" before) and no grounds to
+    # blame crowded eigenvalues: it says what ran out
+    with pytest.raises(fs.SchurNotConverged, match=r"maxiter=25 products.*before the first restart \(the Krylov basis "
+                                                   r"takes 45 products\).*`maxiter=180` or more") as e:
+        sorted_schur(T, 20, method="sstep", maxiter=25)
+    assert "inf" not in str(e.value) and "crowd" not in str(e.value)
     with pytest.raises(fs.SchurNotConverged):   # 'auto' does not fall back to the slower ARPACK after a spent budget
         fs._SSTEP_MIN_N, old = 0, fs._SSTEP_MIN_N
         try: sorted_schur(T, 20, maxiter=60)

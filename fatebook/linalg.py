@@ -573,7 +573,7 @@ def _block_gmres(A, B, tol, restart, maxiter, M, x0, show, CU=(None, None), exac
         j_end = restart; W = np.empty((ka, n))   # each product is written into W (rows contiguous), no temporaries
         for j in range(restart):
             Vj = Mf(V[:, j].T)   # n x k with contiguous columns, as the products read them (no transposed copies)
-            if hasattr(A, "matmul"): A.matmul(Vj, out=W.T)   # (RowSplit, _IMinus: straight into W; bit-identical)
+            if isinstance(A, (RowSplit, _IMinus)): A.matmul(Vj, out=W.T)   # (straight into W; bit-identical)
             else: W[...] = (A @ Vj).T
             n_it += 1
             if d:  # operator (I - CC') A M: the deflated directions never enter the Krylov space (row blocks on threads)

@@ -371,3 +371,31 @@ def test_non_finite_deflation_is_dropped_with_a_warning(embed, monkeypatch):
     assert not any("not finite" in m for m in log), log
     np.testing.assert_allclose(np.asarray(B), np.asarray(ref), atol=1e-8)
     assert inf["iterations"] == F.fate_probabilities(T, lab, solver="gmres", tol=1e-10, deflate=sr.vectors)[1]["iterations"]
+
+
+@pytest.mark.parametrize("embed", [False, True])
+def test_schur_relation_deflation_solves_as_products_do(embed, monkeypatch):
+    """The deflation the estimators use, from the Schur relation in factors (`linalg._Relation`: no Z or A Z formed,
+    the basis built from X in a few passes), solves as the one from products does: the same iterations and the fates of
+    sparse LU, on both systems (sliced and embedded, forced through the thresholds), with terminal cells at three branch
+    ends and two closed cells that no walk leaves (unreachable, so an escape column rides along)."""
+    import scipy.sparse as sp
+    import fatebook.fate as F
+    from fatebook.linalg import knn_chain, _Relation
+    from fatebook.schur import sorted_schur
+    if embed: monkeypatch.setattr(F, "_EMBED_MIN", 0); monkeypatch.setattr(F, "_EMBED_OTHER", 1.0)
+    T, t, b = knn_chain(3000, n_branches=3, bias=20.0, seed=2)
+    T = T.tolil(); i, j = np.argsort(t)[1500:1502]; T[i] = 0; T[j] = 0; T[i, j] = 1.0; T[j, i] = 1.0; T = sp.csr_matrix(T)
+    top = np.argsort(t)[-90:]; lab = np.full(3000, -1); lab[top] = b[top]
+    sr = sorted_schur(T, 10)
+    kinds = []
+    def spy(*a, **k):
+        d = real(*a, **k); kinds.append(type(d).__name__); return d
+    real = F._deflation_input; monkeypatch.setattr(F, "_deflation_input", spy)
+    Bd, _ = F.fate_probabilities(T, lab, solver="direct", unreachable="lineage")
+    Br, ir = F.fate_probabilities(T, lab, solver="gmres", tol=1e-10, deflate=(sr.vectors, sr.matrix), unreachable="lineage")
+    Bp, ip = F.fate_probabilities(T, lab, solver="gmres", tol=1e-10, deflate=sr.vectors, unreachable="lineage")
+    assert kinds == ["NoneType", _Relation.__name__, "ndarray"], kinds   # (the relation passed its check)
+    assert ir["n_unreachable"] == 2 and ir["iterations"] == ip["iterations"], (ir, ip)
+    np.testing.assert_allclose(np.asarray(Br), np.asarray(Bd), atol=1e-8)
+    np.testing.assert_allclose(np.asarray(Br), np.asarray(Bp), atol=1e-9)

@@ -759,7 +759,8 @@ class _Relation:
         self.X = X if embed else X[rows]
         self.zero = np.flatnonzero(other) if embed else np.zeros(0, np.int64)
         self.fix = np.union1d(self.zero, r)
-        self.AZf = self.X[self.fix] @ self.N; self.AZf[np.isin(self.fix, self.zero)] = 0
+        self.P = self.X[self.fix] @ self.N   # X_r (I − R) on the fixed rows, which `gram` takes out again
+        self.AZf = self.P.copy(); self.AZf[np.isin(self.fix, self.zero)] = 0
         if len(e): np.add.at(self.AZf, np.searchsorted(self.fix, r), T.data[e, None] * X[T.indices[e]])
         self.shape = self.X.shape
     def z(self) -> np.ndarray:
@@ -768,8 +769,7 @@ class _Relation:
         AZ = self.X @ self.N; AZ[self.fix] = self.AZf; return AZ
     def gram(self, rows: _Rows) -> np.ndarray:
         "(A Z)ᵀ A Z from X_rᵀ X_r (one pass) and the fixed rows."
-        P = self.X[self.fix] @ self.N
-        return self.N.T @ rows.tmul(self.X, self.X) @ self.N - P.T @ P + self.AZf.T @ self.AZf
+        return self.N.T @ rows.tmul(self.X, self.X) @ self.N - self.P.T @ self.P + self.AZf.T @ self.AZf
     def mul(self, rows: _Rows, out: np.ndarray, M: np.ndarray, az: bool = True):
         "out = A Z M, or Z M (`az=False`): one pass over X_r."
         rows.mul_into(out, self.X, self.N @ M if az else M)
@@ -789,9 +789,11 @@ def _into(T: sp.csr_matrix, target: np.ndarray, pos: np.ndarray) -> tuple[np.nda
     positions in `T.data` / `T.indices`, and `pos` of their rows. One pass of booleans over the non-zeros, in chunks
     of `_INTO_CHUNK` taken into one buffer (NumPy widens the indices to 64 bits: a chunk at a time stays in cache;
     100,000 cells, 4.2 M non-zeros: 10.9 → 6.5 ms)."""
-    ind = T.indices; buf = np.empty(min(len(ind), _INTO_CHUNK), np.bool_)
-    e = np.concatenate([np.flatnonzero(np.take(target, ind[a:a + _INTO_CHUNK], out=buf[:min(_INTO_CHUNK, len(ind) - a)])) + a
-                        for a in range(0, len(ind), _INTO_CHUNK)] or [np.zeros(0, np.int64)])
+    ind = T.indices; buf = np.empty(min(len(ind), _INTO_CHUNK), np.bool_); e = [np.zeros(0, np.int64)]
+    for a in range(0, len(ind), _INTO_CHUNK):
+        x = ind[a:a + _INTO_CHUNK]
+        e.append(np.flatnonzero(np.take(target, x, out=buf[:len(x)])) + a)
+    e = np.concatenate(e)
     r = pos[np.searchsorted(T.indptr, e, side="right") - 1]
     return e[r >= 0], r[r >= 0]
 

@@ -622,11 +622,11 @@ def _residual_str(state, tol) -> str:
     r = state["residual"]
     return (f"RMS residual {r:.1e}" if np.isfinite(r) else "no restart yet, so no residual") + f", tolerance {tol:.0e}"
 
-def _sstep_budget_msg(budget, state, k, tol, m, phase=None, ncv=None):
+def _sstep_budget_msg(budget, state, k, tol, m, phase, ncv):
     if phase is None and not np.isfinite(state["residual"]):   # the first basis was not even built: nothing to diagnose
         return (f"method='sstep' did not converge within maxiter={budget:,} products with T: the budget ended before "
-                f"the first restart (the Krylov basis takes {ncv or 'ncv'} products), so nothing could converge yet. "
-                f"Raise the budget (`maxiter={max(2 * budget, 4 * (ncv or 0))}` or more).")
+                f"the first restart (the Krylov basis takes {ncv} products), so nothing could converge yet. "
+                f"Raise the budget (`maxiter={max(2 * budget, 4 * ncv)}` or more).")
     if phase is not None:   # the wanted set had converged; what ran out was the check for missed cluster members
         return (f"method='sstep' ran out of its budget of maxiter={budget:,} products with T after the leading {k} Schur "
                 "vectors had converged: " + ("the check for missed members of a cluster of eigenvalues at 1 (a restart "

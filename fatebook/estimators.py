@@ -670,8 +670,9 @@ class BaseEstimator:
                                  keys: Sequence[str]|None = None,    # terminal states ('A, B' merges)
                                  calculate_variance: bool = False,   # also the variance (2 solves per lineage)
                                  solver: str = "auto",
-                                 tol: float = 1e-8):
-        """Mean (and optionally variance of) time to absorption, conditioned on each lineage (SPEC §6.3).
+                                 tol: float|None = None):   # None: 1e-8, then 1e-12 where times are undetermined
+        """Mean (and optionally variance of) time to absorption, conditioned on each lineage (SPEC §6.3). The solve is
+        deflated by the Schur vectors when they are there; see `fatebook.fate.absorption_times` for `tol`.
 
         Writes: `obsm[Key.obsm.absorption_times]` (DataFrame)."""
         from fatebook.fate import absorption_times

@@ -656,6 +656,7 @@ class _Factor:
         self.show = show_progress if show_progress is not None else (None if n > 20_000 else False)
         self.lu = self.M = self._op = None; self._CU = (None, None); self._exact = True; self.rebuilt = False
         self.max_residual = self.last_residual = self.rough_residual = 0.0; self.estimate_iterations = 0
+        self.quiet = False   # True: no warning when GMRES stops short of tol (a caller that certifies the result itself)
 
     def _operator(self):   # A as used by GMRES, and the deflation basis: built once, shared by every solve
         if self._op is None:
@@ -722,7 +723,7 @@ class _Factor:
             if bad and self.auto and self.n_unknowns <= _FALLBACK_MAX:
                 debug(f"GMRES did not converge for {len(bad)} right-hand side(s); falling back to sparse LU.")
                 self.solver = "direct"; X = self._lu().solve(B); res = None
-            elif bad:
+            elif bad and not self.quiet:
                 warn(f"GMRES did not converge for {len(bad)} right-hand side(s) {bad[:5]} (rtol={self.tol}); "
                      "try solver='direct'.")
         r = np.abs(self.A @ X - B if res is None else res).max(axis=0) / max(1.0, np.abs(B).max())

@@ -659,6 +659,7 @@ def absorption_times(T, # row-stochastic transition matrix (n x n)
         labels, cnames = new, out_names
     Tc, n, labels, cnames, K, absorbing, unreach, trans, A, S, esc, embed, into = _setup(Tc, labels, cnames)
     F = _Factor(A, solver, tol, show_progress, deflate=_deflation_input(Tc, deflate, trans, A, tol, embed, into))
+    F.quiet = auto_tol   # (tol=None: GMRES stopping short is said by the certificate, cell by cell, as NaN and why)
     sel = trans if embed else slice(None)   # the transient cells among the solver's unknowns
     one = np.zeros(A.shape[0]); one[sel] = 1.0           # (a right-hand side is zero outside the transient cells)
     # certified errors, cell by cell: |X - X̂| <= (I - Q)⁻¹ (|R| + the error of the right-hand side), R the solve's residual
@@ -671,14 +672,15 @@ def absorption_times(T, # row-stochastic transition matrix (n x n)
         if not (failed and F.auto and F.solver != "direct" and F.n_unknowns <= _FALLBACK_MAX): break
         debug(f"Absorption times: {why.strip()} Solving by sparse LU."); F.solver = "direct"
     n_bad = int(bad_m.sum() + bad_v.sum())
-    if auto_tol and n_bad and F.solver != "direct" and F.tol > _TOL_MIN:   # (tol=None) once more, tighter
+    retried = auto_tol and n_bad and F.solver != "direct" and F.tol > _TOL_MIN
+    if retried:   # (tol=None) once more, tighter
         debug(f"Absorption times: {n_bad:,} value(s) not determined to {_TIME_REL:.0%} at tol={F.tol:g}; solving again "
               f"with tol={_TOL_MIN:g}.")
         # (a new factor: a Schur relation that held to the first solve's accuracy may not to this one's, and its
-        # deflation is then built from products, see `_deflation_input`)
-        F2 = _Factor(A, solver, _TOL_MIN, show_progress,
-                     deflate=_deflation_input(Tc, deflate, trans, A, _TOL_MIN, embed, into))
-        F2.quiet = True   # (GMRES stopping short of 1e-12 is no error here: every value kept is certified to 1%)
+        # deflation is then built from products, see `_deflation_input`; other deflation inputs are taken as they are)
+        F2 = _Factor(A, solver, _TOL_MIN, show_progress, deflate=_deflation_input(Tc, deflate, trans, A, _TOL_MIN, embed,
+                     into) if isinstance(F.deflate, _Relation) else F.deflate)
+        F2.quiet = True
         r = _abs_times(F2, A, S, esc, one, sel, n, trans, absorbing, labels, cnames, K, reach, calculate_variance)
         if int(r[1].sum() + r[2].sum()) < n_bad: (cols, bad_m, bad_v, why, failed), F = r, F2
     if bad_m.any() or bad_v.any():
@@ -686,10 +688,14 @@ def absorption_times(T, # row-stochastic transition matrix (n x n)
         per = "; ".join(f"{c!r}: {a:,} mean(s)" + (f", {b:,} variance(s)" if calculate_variance else "")
                         for c, a, b in zip(cnames, nm_, nv_) if a or b)
         lu = F.n_unknowns <= _FALLBACK_MAX   # (sparse LU affordable)
-        how = ("Sparse LU (solver='direct') is as accurate as this gets: declare nearly closed parts of the chain "
-               "terminal states." if F.solver == "direct" else ("A smaller `tol`" + (" (or solver='direct')" if lu else "")
-               + " determines more of them.") if F.tol > _TOL_MIN else "solver='direct' determines more of them." if lu
-               else f"These cells reach the lineage too rarely for GMRES at tol={F.tol:g} to determine their time.")
+        if F.solver == "direct":
+            how = ("Sparse LU (solver='direct') is as accurate as this gets: declare nearly closed parts of the chain "
+                   "terminal states.")
+        elif not retried and F.tol > _TOL_MIN:
+            how = "A smaller `tol`" + (" (or solver='direct')" if lu else "") + " determines more of them."
+        elif lu: how = "solver='direct' determines more of them."
+        elif failed: how = "Declaring the nearly closed parts of the chain terminal states determines them."
+        else: how = f"These cells reach the lineage too rarely for a solve at tol={F.tol:g} to determine their time."
         warn(f"Absorption times not determined to {_TIME_REL:.0%} by this solve are NaN: {per} of {len(trans):,} transient "
              f"cells.{why} {how}")
     df = pd.DataFrame(cols)

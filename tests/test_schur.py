@@ -596,11 +596,11 @@ def test_settled_lead_needs_converged_vectors_and_the_same_eigenvalues():
     R[np.diag_indices(5)] = [1.0, 0.9, 0.8, 0.7, 0.6]
     old = (None, R[:3, :3].copy(), 3, {})
     b = np.zeros(5)
-    assert fs._settled_lead(R, b, 5, old, "LR", 1e-10) == [0, 1, 2]
-    b[1] = 1e-6; assert fs._settled_lead(R, b, 5, old, "LR", 1e-10) is None     # a leading vector not converged
-    b[1] = 0.0; b[4] = 1.0; assert fs._settled_lead(R, b, 5, old, "LR", 1e-10) == [0, 1, 2]   # below the lead: free
+    assert fs._settled_lead(R, b, 5, old, "LR", 1e-10)
+    b[1] = 1e-6; assert not fs._settled_lead(R, b, 5, old, "LR", 1e-10)          # a leading vector not converged
+    b[1] = 0.0; b[4] = 1.0; assert fs._settled_lead(R, b, 5, old, "LR", 1e-10)   # below the lead: free
     R2 = R.copy(); R2[3, 3] = 0.85                                              # a new eigenvalue in the lead
-    assert fs._settled_lead(R2, np.zeros(5), 5, old, "LR", 1e-10) is None
+    assert not fs._settled_lead(R2, np.zeros(5), 5, old, "LR", 1e-10)
 
 
 def test_same_span_compares_subspaces_not_bases():

@@ -83,6 +83,45 @@ def _col_stats(B, n):
         const = B.max(axis=0) == B.min(axis=0)
     return mean, ss, const
 
+_DRIVERS_CHUNK = 1 << 22   # float64 values in the working buffer of a dense block (32 MB)
+
+def _dense_block(X, rows, s: int, e: int, Yc: np.ndarray, spearman: bool):
+    """(centred sums of squares, constancy, centred cross products with `Yc`) of the dense genes X[:, s:e] over the
+    cells `rows` (an index array, or None: all), read in row chunks into one reused float64 buffer of at most
+    `_DRIVERS_CHUNK` values: X is never copied whole. (Converting a block of 1,024 genes to float64 first cost
+    n x 1,024 x 8 bytes plus two temporaries of that size: 24 GB at 1,000,000 cells.) Two passes, means first: exact
+    centred sums, Σ (x - x̄)² and Σ (x - x̄)(y - ȳ). Spearman ranks need whole columns: the block is ranked first (its
+    caller keeps it to ~`_DRIVERS_CHUNK` values)."""
+    n, b = (X.shape[0] if rows is None else len(rows)), e - s
+    if spearman:   # (ranks of the selected cells, n x b float64)
+        X, rows, s, e = stats.rankdata(X[:, s:e] if rows is None else X[rows, s:e], axis=0), None, 0, b
+    R = max(1, _DRIVERS_CHUNK // max(b, 1))
+    def chunks():
+        for a in range(0, n, R): yield a, min(n, a + R), X[a:a + R, s:e] if rows is None else X[rows[a:a + R], s:e]
+    tot, lo, hi = np.zeros(b), None, None
+    for _, _, C in chunks():
+        tot += C.sum(axis=0, dtype=np.float64)
+        cl, ch = C.min(axis=0), C.max(axis=0)
+        lo, hi = (cl, ch) if lo is None else (np.minimum(lo, cl), np.maximum(hi, ch))
+    mean = tot / n
+    buf, ss, num = np.empty((min(R, n), b)), np.zeros(b), np.zeros((b, Yc.shape[1]))
+    for a, a2, C in chunks():
+        D = buf[:a2 - a]; np.subtract(C, mean, out=D)
+        ss += np.einsum("ij,ij->j", D, D); num += D.T @ Yc[a:a2]
+    return ss, lo == hi, num
+
+def _cell_rows(cells, n: int) -> np.ndarray:
+    "`cells` (indices or a boolean mask of n cells) as an index array; raises naming the bad value."
+    c = np.asarray(cells)
+    if c.dtype == bool:
+        if c.shape != (n,): raise ValueError(f"`cells` as a boolean mask needs one entry per cell ({n}), got shape {c.shape}.")
+        return np.flatnonzero(c)
+    if c.ndim != 1 or not (c.size == 0 or np.issubdtype(c.dtype, np.integer)):
+        raise TypeError(f"`cells` must be integer indices or a boolean mask of the {n} cells, got {c.dtype} of shape {c.shape}.")
+    if c.size and (c.min() < -n or c.max() >= n):
+        raise IndexError(f"`cells` holds indices outside the {n} cells (range {c.min()}..{c.max()}).")
+    return np.arange(n)[c]
+
 def lineage_drivers(
     X,                                   # expression, cells x genes (numpy array or scipy sparse)
     fates,                               # fate probabilities, cells x lineages (array or `Lineage`)
@@ -91,11 +130,14 @@ def lineage_drivers(
     method: str='pearson',               # 'pearson' or 'spearman'
     confidence_level: float=0.95,        # level of the Fisher-z confidence interval
     pvalue: str='t',                     # 't' (exact, as scipy.stats.pearsonr) or 'fisher' (CellRank's normal approximation)
-    block_size: int|None=None,           # genes per block (default: 1024 for dense X; all genes for sparse X up to 1e8 non-zeros)
+    block_size: int|None=None,           # genes per block (default: 1024 for dense X, ~4e6 / cells for dense Spearman; all genes for sparse X up to 1e8 non-zeros)
     sort_by: str|None=None,              # lineage name: sort genes by its correlation, descending (default: gene order)
     show_progress: bool|None=None,       # progress bar over gene blocks (default: `settings.progress_bar`)
+    cells=None,                          # the cells to use (rows of X and fates): indices or a boolean mask; default all
 ) -> pd.DataFrame:
-    "Correlate every gene with every lineage: r, two-sided p, BH q (per lineage) and Fisher-z CI, one row per gene."
+    """Correlate every gene with every lineage: r, two-sided p, BH q (per lineage) and Fisher-z CI, one row per gene.
+    Dense X is read in place, in blocks of genes and chunks of cells (working memory ~32 MB per block plus, for
+    Spearman, the block's ranks): no float64 copy of X. Sparse X is never densified (its float64 copy is nnz-sized)."""
     check_choice("method", method, ("pearson", "spearman"))
     check_choice("pvalue", pvalue, ("t", "fisher"))
     check_range("confidence_level", confidence_level, 0, 1, lo_open=True, hi_open=True)
@@ -122,10 +164,14 @@ def lineage_drivers(
         try: sort_by = find_name(sort_by, lineage_names, "lineage")
         except KeyError as e: raise ValueError(f"sort_by: {e.args[0]}") from None
     # cells with undefined fates (unreachable from every terminal state) cannot be correlated
-    ok = np.isfinite(Y).all(axis=1)
+    sel = np.arange(X.shape[0]) if cells is None else _cell_rows(cells, X.shape[0])
+    ok = np.isfinite(Y[sel]).all(axis=1)
     if not ok.all():
         warn(f"{int((~ok).sum())} cell(s) have NaN fate probabilities (unreachable); they are left out of the drivers.")
-        X, Y = X[ok], Y[ok]
+    rows = None if cells is None and ok.all() else sel[ok]   # the cells to read (None: all): dense X is not row-copied
+    if rows is not None:
+        Y = Y[rows]
+        if sp.issparse(X): X, rows = X[rows], None
     n = Y.shape[0]
     if n < 4: raise ValueError(f"Need at least 4 cells to correlate (Fisher CI uses n-3), got {n}.")
 
@@ -133,7 +179,8 @@ def lineage_drivers(
         Y = stats.rankdata(Y, axis=0)
         if sp.issparse(X): X = _rank_sparse(X)
     if block_size is None:   # sparse blocks are never densified: one block unless the data are huge
-        block_size = max(g, 1) if sp.issparse(X) and X.nnz <= 100_000_000 else 1024
+        block_size = (max(g, 1) if sp.issparse(X) and X.nnz <= 100_000_000 else 1024 if sp.issparse(X) or method == "pearson"
+                      else max(1, min(1024, _DRIVERS_CHUNK // n)))   # (dense Spearman: a block's ranks, n x block)
     if method == "pearson" and sp.issparse(X):   # one block: CSR/CSC as given (no conversion); several: CSC slices fast
         X = sp.csc_matrix(X) if g > block_size or not (sp.isspmatrix_csr(X) or sp.isspmatrix_csc(X)) else X
     ymean, yss, yconst = _col_stats(Y, n)
@@ -150,13 +197,12 @@ def lineage_drivers(
     r = np.empty((g, Y.shape[1])); n_const = 0
     starts = range(0, g, block_size)
     for s in progress(starts, total=len(starts), desc="drivers", show=show_progress if len(starts) > 1 else False):
-        B = X if (s == 0 and g <= block_size) else X[:, s:s + block_size]   # one block: no slicing copy
-        if sp.issparse(B): B = B if B.dtype == np.float64 else B.astype(np.float64)
-        else:
-            B = np.asarray(B, dtype=np.float64)
-            if method == "spearman": B = stats.rankdata(B, axis=0)
-        _, xss, xconst = _col_stats(B, n)
-        num = np.asarray(B.T @ Yc)                           # sum_i x_i (y_i - ybar) = centred cross product, exact
+        if sp.issparse(X):
+            B = X if (s == 0 and g <= block_size) else X[:, s:s + block_size]   # one block: no slicing copy
+            B = B if B.dtype == np.float64 else B.astype(np.float64)
+            _, xss, xconst = _col_stats(B, n)
+            num = np.asarray(B.T @ Yc)                       # sum_i x_i (y_i - ybar) = centred cross product, exact
+        else: xss, xconst, num = _dense_block(X, rows, s, min(g, s + block_size), Yc, method == "spearman")
         with np.errstate(invalid="ignore", divide="ignore"):
             rb = num / np.sqrt(np.outer(xss, yss))
         rb[xconst] = np.nan; n_const += int(xconst.sum())

@@ -867,9 +867,9 @@ class BaseEstimator:
         if mask.sum() < 4:
             raise ValueError(f"Only {int(mask.sum())} cell(s) selected (with finite fate probabilities); correlations need at "
                              "least 4. Select more clusters.")
-        Xs, Ys = (X, Y) if mask.all() else (X[np.flatnonzero(mask)], Y[mask])   # no row copy when all cells are used
-        with timed() as t:
-            df = lineage_drivers(Xs, Ys, lineage_names=lin_names, gene_names=list(map(str, genes)), method=method,
+        with timed() as t:   # (the selected cells by index: dense X is read in place, not row-copied)
+            df = lineage_drivers(X, Y, cells=None if mask.all() else np.flatnonzero(mask), lineage_names=lin_names,
+                                 gene_names=list(map(str, genes)), method=method,
                                  confidence_level=confidence_level, sort_by=lin_names[0], **kw)
         key = Key.varm.drivers(self.backward)
         if use_raw:

@@ -116,11 +116,16 @@ def _cell_rows(cells, n: int) -> np.ndarray:
     if c.dtype == bool:
         if c.shape != (n,): raise ValueError(f"`cells` as a boolean mask needs one entry per cell ({n}), got shape {c.shape}.")
         return np.flatnonzero(c)
-    if c.ndim != 1 or not (c.size == 0 or np.issubdtype(c.dtype, np.integer)):
+    if c.ndim == 1 and c.size == 0: return np.zeros(0, np.int64)
+    if c.ndim != 1 or not np.issubdtype(c.dtype, np.integer):
         raise TypeError(f"`cells` must be integer indices or a boolean mask of the {n} cells, got {c.dtype} of shape {c.shape}.")
     if c.size and (c.min() < -n or c.max() >= n):
         raise IndexError(f"`cells` holds indices outside the {n} cells (range {c.min()}..{c.max()}).")
-    return np.arange(n)[c]
+    rows = np.arange(n)[c]
+    if len(np.unique(rows)) < len(rows):   # (a cell counted twice inflates n and the significance)
+        raise ValueError("`cells` holds duplicate indices; give each cell once (a 0/1 mask must be boolean, "
+                         "e.g. `cells=mask.astype(bool)`).")
+    return rows
 
 def lineage_drivers(
     X,                                   # expression, cells x genes (numpy array or scipy sparse)
@@ -153,7 +158,13 @@ def lineage_drivers(
         raise ValueError(f"Got {len(lineage_names)} lineage names for {Y.shape[1]} fate columns.")
     if len(set(lineage_names)) != len(lineage_names):
         raise ValueError(f"Lineage names must be unique, got {lineage_names}.")
-    if not sp.issparse(X): X = np.asarray(X)
+    if not sp.issparse(X):
+        X = np.asarray(X)
+        if X.dtype.kind == "c": raise TypeError(f"X must be real, got dtype {X.dtype}.")
+        if X.dtype.kind not in "biuf":   # (object columns, pandas nullable types: the values as floats)
+            try: X = X.astype(np.float64)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"X must be numeric, got dtype {X.dtype} ({e}).") from None
     if X.ndim != 2: raise ValueError(f"X must be 2-D (cells x genes), got shape {X.shape}.")
     if X.shape[0] != Y.shape[0]:
         raise ValueError(f"X has {X.shape[0]} cells (rows) but the fate probabilities have {Y.shape[0]}.")

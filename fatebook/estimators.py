@@ -867,8 +867,11 @@ class BaseEstimator:
         if mask.sum() < 4:
             raise ValueError(f"Only {int(mask.sum())} cell(s) selected (with finite fate probabilities); correlations need at "
                              "least 4. Select more clusters.")
-        with timed() as t:   # (the selected cells by index: dense X is read in place, not row-copied)
-            df = lineage_drivers(X, Y, cells=None if mask.all() else np.flatnonzero(mask), lineage_names=lin_names,
+        cells = None if mask.all() else np.flatnonzero(mask)   # (by index: dense X is read in place, not row-copied)
+        if cells is not None and not (isinstance(X, np.ndarray) or sp.issparse(X)):   # (a backed AnnData: the rows)
+            X, Y, cells = X[cells], Y[cells], None
+        with timed() as t:
+            df = lineage_drivers(X, Y, cells=cells, lineage_names=lin_names,
                                  gene_names=list(map(str, genes)), method=method,
                                  confidence_level=confidence_level, sort_by=lin_names[0], **kw)
         key = Key.varm.drivers(self.backward)

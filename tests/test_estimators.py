@@ -109,6 +109,26 @@ def test_drivers_options(est):
     with pytest.raises(KeyError, match="cluster_key='nope'"): est.compute_lineage_drivers(cluster_key="nope", clusters=["x"])
 
 
+@pytest.mark.parametrize("kind", ["dense", "csr"])
+def test_drivers_of_selected_clusters_on_a_backed_anndata(kind, tmp_path):
+    "compute_lineage_drivers(clusters=...) on an AnnData opened with backed='r+' (X stays on disk): the selected rows are read."
+    from fatebook.kernels import PrecomputedKernel
+    rng = np.random.default_rng(0); n, g = 80, 6
+    T = sp.diags([np.r_[0.5 * np.ones(n - 2), 0], np.r_[1, np.zeros(n - 2), 1], np.r_[0, 0.5 * np.ones(n - 2)]], [-1, 0, 1]).tocsr()
+    X = (np.outer(np.arange(n) / n, rng.random(g)) + .2 * rng.random((n, g))).astype(np.float32)
+    obs = pd.DataFrame({"clusters": pd.Categorical(np.repeat(list("ab"), n // 2))}, index=[f"c{i}" for i in range(n)])
+    ad.AnnData(X=X if kind == "dense" else sp.csr_matrix(X), obs=obs).write_h5ad(tmp_path / "b.h5ad")
+    b = ad.read_h5ad(tmp_path / "b.h5ad", backed="r+")
+    try:
+        e = BaseEstimator(PrecomputedKernel(b, matrix=T))
+        e.set_terminal_states({"L": ["c0"], "R": [f"c{n - 1}"]}).compute_fate_probabilities()
+        df = e.compute_lineage_drivers(cluster_key="clusters", clusters=["a"])
+        B = np.asarray(e.fate_probabilities)
+        want = [np.corrcoef(X[:40, j], B[:40, 0])[0, 1] for j in range(g)]
+        np.testing.assert_allclose(df.loc[[str(v) for v in b.var_names], "L_corr"], want, rtol=1e-6)
+        assert e.params["lineage_drivers"]["n_cells"] == 40
+    finally: b.file.close()
+
 def test_h5ad_roundtrip(est, tmp_path):
     est.set_terminal_states({"L": [0], "R": [8]}).set_initial_states({"S": [4]})
     est.compute_fate_probabilities().compute_absorption_times(calculate_variance=True)

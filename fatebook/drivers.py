@@ -67,23 +67,48 @@ def _col_stats(B, n):
         cnt = np.bincount(idx, minlength=g)
         mean = np.bincount(idx, weights=data, minlength=g) / n
         ss = np.bincount(idx, weights=(data - mean[idx]) ** 2, minlength=g) + (n - cnt) * mean ** 2
-        # constant columns: only a column with ss at rounding level (<= 1e-12 of its sum of squares; a column that
-        # differs in one cell by one float32 step has ~1e-15/n) can be constant; decide those exactly from min == max
-        const = np.zeros(g, bool)
-        cand = np.flatnonzero(ss <= 1e-12 * (ss + n * mean ** 2))
-        if len(cand):
-            C = B[:, cand].tocsc()
-            for j, c in enumerate(cand):
-                v = C.data[C.indptr[j]:C.indptr[j + 1]]
-                if cnt[c] < n: v = np.r_[v, 0.0]          # the implicit zeros
-                const[c] = len(v) == 0 or v.min() == v.max()
+        const = _sparse_const(B, mean, ss, cnt, n)
     else:
         mean = B.mean(axis=0)
         ss = ((B - mean) ** 2).sum(axis=0)
         const = B.max(axis=0) == B.min(axis=0)
     return mean, ss, const
 
+def _sparse_const(B, mean, ss, cnt, n) -> np.ndarray:
+    """Constant columns of sparse B: only a column with ss at rounding level (<= 1e-12 of its sum of squares; a column
+    that differs in one cell by one float32 step has ~1e-15/n) can be constant; those are decided exactly, min == max."""
+    const = np.zeros(B.shape[1], bool)
+    cand = np.flatnonzero(ss <= 1e-12 * (ss + n * mean ** 2))
+    if len(cand):
+        C = sp.csc_matrix(B[:, cand])
+        for j, c in enumerate(cand):
+            v = C.data[C.indptr[j]:C.indptr[j + 1]]
+            if cnt[c] < n: v = np.r_[v, 0.0]          # the implicit zeros
+            const[c] = len(v) == 0 or v.min() == v.max()
+    return const
+
+def _csr_stats(X, n: int, Yc: np.ndarray):
+    """(centred sums of squares, constancy, centred cross products with `Yc`) of every gene of CSR X (canonical), for
+    Pearson, by chunks of rows of ~`_SPARSE_CHUNK` stored entries: no copy of X (each chunk's values in float64 alone).
+    Two passes, means first; Σ (x - x̄)(y - ȳ) = Σ x (y - ȳ) over the stored entries, Σ (x - x̄)² over them plus
+    (n - stored) x̄² for the implicit zeros."""
+    g, ip, K = X.shape[1], X.indptr, Yc.shape[1]
+    cuts = np.unique(np.r_[0, np.searchsorted(ip, np.arange(_SPARSE_CHUNK, X.nnz, _SPARSE_CHUNK)), n])
+    parts = list(zip(cuts[:-1], cuts[1:]))
+    cnt, tot = np.zeros(g), np.zeros(g)
+    for a, b in parts:
+        ind = X.indices[ip[a]:ip[b]]
+        cnt += np.bincount(ind, minlength=g); tot += np.bincount(ind, weights=X.data[ip[a]:ip[b]], minlength=g)
+    mean = tot / n
+    ss, num = (n - cnt) * mean ** 2, np.zeros((g, K))
+    for a, b in parts:
+        ind, d = X.indices[ip[a]:ip[b]], X.data[ip[a]:ip[b]].astype(np.float64)
+        ss += np.bincount(ind, weights=(d - mean[ind]) ** 2, minlength=g)
+        num += sp.csr_matrix((d, ind, ip[a:b + 1] - ip[a]), shape=(b - a, g)).T @ Yc[a:b]   # (the chunk's rows)
+    return ss, _sparse_const(X, mean, ss, cnt, n), num
+
 _DRIVERS_CHUNK = 1 << 22   # float64 values in the working buffer of a dense block (32 MB)
+_SPARSE_CHUNK = 1 << 20    # stored entries per block of sparse X (its ranks and temporaries: ~10 arrays of 8 MB)
 
 def _dense_block(X, rows, s: int, e: int, Yc: np.ndarray, spearman: bool):
     """(centred sums of squares, constancy, centred cross products with `Yc`) of the dense genes X[:, s:e] over the
@@ -135,14 +160,15 @@ def lineage_drivers(
     method: str='pearson',               # 'pearson' or 'spearman'
     confidence_level: float=0.95,        # level of the Fisher-z confidence interval
     pvalue: str='t',                     # 't' (exact, as scipy.stats.pearsonr) or 'fisher' (CellRank's normal approximation)
-    block_size: int|None=None,           # genes per block (default: 1024 for dense X, ~4e6 / cells for dense Spearman; all genes for sparse X up to 1e8 non-zeros)
+    block_size: int|None=None,           # genes per block (default: 1024 for dense X, ~4e6 / cells for dense Spearman; for sparse X blocks of ~1e6 stored entries)
     sort_by: str|None=None,              # lineage name: sort genes by its correlation, descending (default: gene order)
     show_progress: bool|None=None,       # progress bar over gene blocks (default: `settings.progress_bar`)
     cells=None,                          # the cells to use (rows of X and fates): indices or a boolean mask; default all
 ) -> pd.DataFrame:
     """Correlate every gene with every lineage: r, two-sided p, BH q (per lineage) and Fisher-z CI, one row per gene.
     Dense X is read in place, in blocks of genes and chunks of cells (working memory ~32 MB per block plus, for
-    Spearman, the block's ranks): no float64 copy of X. Sparse X is never densified (its float64 copy is nnz-sized)."""
+    Spearman, the block's ranks): no float64 copy of X. Sparse X is never densified: it goes by CSC blocks of ~1e6
+    stored entries, each converted (float64, ranks) alone (CSR input: one CSC copy of it, in its own dtype)."""
     check_choice("method", method, ("pearson", "spearman"))
     check_choice("pvalue", pvalue, ("t", "fisher"))
     check_range("confidence_level", confidence_level, 0, 1, lo_open=True, hi_open=True)
@@ -180,20 +206,26 @@ def lineage_drivers(
     if not ok.all():
         warn(f"{int((~ok).sum())} cell(s) have NaN fate probabilities (unreachable); they are left out of the drivers.")
     rows = None if cells is None and ok.all() else sel[ok]   # the cells to read (None: all): dense X is not row-copied
+    if sp.issparse(X):
+        if X.format not in ("csr", "csc"): X = sp.csc_matrix(X)   # (COO, DIA, ...)
+        if not X.has_canonical_format: X = X.copy(); X.sum_duplicates()   # (a cell's gene stored twice: one value, the sum)
     if rows is not None:
         Y = Y[rows]
         if sp.issparse(X): X, rows = X[rows], None
     n = Y.shape[0]
     if n < 4: raise ValueError(f"Need at least 4 cells to correlate (Fisher CI uses n-3), got {n}.")
 
-    if method == "spearman":
-        Y = stats.rankdata(Y, axis=0)
-        if sp.issparse(X): X = _rank_sparse(X)
-    if block_size is None:   # sparse blocks are never densified: one block unless the data are huge
-        block_size = (max(g, 1) if sp.issparse(X) and X.nnz <= 100_000_000 else 1024 if sp.issparse(X) or method == "pearson"
-                      else max(1, min(1024, _DRIVERS_CHUNK // n)))   # (dense Spearman: a block's ranks, n x block)
-    if method == "pearson" and sp.issparse(X):   # one block: CSR/CSC as given (no conversion); several: CSC slices fast
-        X = sp.csc_matrix(X) if g > block_size or not (sp.isspmatrix_csr(X) or sp.isspmatrix_csc(X)) else X
+    if method == "spearman": Y = stats.rankdata(Y, axis=0)
+    if block_size is None:   # (dense Spearman: a block's ranks, n x block; sparse: blocks by stored entries, below)
+        block_size = max(g, 1) if sp.issparse(X) else 1024 if method == "pearson" else max(1, min(1024, _DRIVERS_CHUNK // n))
+    if sp.issparse(X) and method == "pearson" and X.format == "csr": bounds = [(0, g)]   # (one pass by rows, `_csr_stats`)
+    elif sp.issparse(X):   # CSC column blocks of at most `_SPARSE_CHUNK` stored entries (at least one gene): a block is
+        X = sp.csc_matrix(X)   # converted (float64, ranks) alone. (CSC input as is; CSR: one copy, in its own dtype)
+        ip, bounds, s = X.indptr, [], 0
+        while s < g:
+            e = min(g, s + block_size, max(s + 1, int(np.searchsorted(ip, ip[s] + _SPARSE_CHUNK, side="right")) - 1))
+            bounds.append((s, e)); s = e
+    else: bounds = [(s, min(g, s + block_size)) for s in range(0, g, block_size)]
     ymean, yss, yconst = _col_stats(Y, n)
     if yconst.all():
         raise ValueError(f"The fate probabilities of {'the only lineage' if len(yconst) == 1 else 'every lineage'} "
@@ -206,19 +238,19 @@ def lineage_drivers(
     Yc = Y - ymean
 
     r = np.empty((g, Y.shape[1])); n_const = 0
-    starts = range(0, g, block_size)
-    for s in progress(starts, total=len(starts), desc="drivers", show=show_progress if len(starts) > 1 else False):
-        if sp.issparse(X):
-            B = X if (s == 0 and g <= block_size) else X[:, s:s + block_size]   # one block: no slicing copy
-            B = B if B.dtype == np.float64 else B.astype(np.float64)
+    for s, e in progress(bounds, total=len(bounds), desc="drivers", show=show_progress if len(bounds) > 1 else False):
+        if sp.issparse(X) and X.format == "csr": xss, xconst, num = _csr_stats(X, n, Yc)
+        elif sp.issparse(X):
+            B = sp.csc_matrix((X.data[ip[s]:ip[e]], X.indices[ip[s]:ip[e]], ip[s:e + 1] - ip[s]), shape=(n, e - s))
+            B = _rank_sparse(B) if method == "spearman" else B if B.dtype == np.float64 else B.astype(np.float64)
             _, xss, xconst = _col_stats(B, n)
             num = np.asarray(B.T @ Yc)                       # sum_i x_i (y_i - ybar) = centred cross product, exact
-        else: xss, xconst, num = _dense_block(X, rows, s, min(g, s + block_size), Yc, method == "spearman")
+        else: xss, xconst, num = _dense_block(X, rows, s, e, Yc, method == "spearman")
         with np.errstate(invalid="ignore", divide="ignore"):
             rb = num / np.sqrt(np.outer(xss, yss))
         rb[xconst] = np.nan; n_const += int(xconst.sum())
         rb[:, yconst] = np.nan
-        r[s:s + block_size] = np.clip(rb, -1, 1)
+        r[s:e] = np.clip(rb, -1, 1)
 
     with np.errstate(divide="ignore", invalid="ignore"):
         if pvalue == "t":   # two-sided p of the exact test, written as scipy does: a Beta(n/2-1, n/2-1) on [-1, 1]

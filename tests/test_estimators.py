@@ -98,6 +98,11 @@ def test_drivers_options(est):
     assert list(d2.columns[:1]) == ["R_corr"] and d2.loc["pos", "R_corr"] == pytest.approx(1.0)
     d3 = est.compute_lineage_drivers(cluster_key="clusters", clusters=["mid"])
     assert est.params["lineage_drivers"]["n_cells"] == 7
+    mid = np.flatnonzero(est.adata.obs["clusters"].to_numpy() == "mid")
+    d3b = est.compute_lineage_drivers(cells=mid)                       # lineage_drivers' cells=, passed through
+    pd.testing.assert_frame_equal(d3b, d3)
+    est.compute_lineage_drivers(cluster_key="clusters", clusters=["mid"], cells=mid[:5])   # both apply
+    assert est.params["lineage_drivers"]["n_cells"] == 5
     assert est.compute_lineage_drivers(return_drivers=False) is None
     d4 = est.compute_lineage_drivers(use_raw=True)                     # no .raw: warns and uses X
     pd.testing.assert_frame_equal(d4, df)

@@ -58,20 +58,10 @@ def _rank_sparse(X) -> sp.csc_matrix:
 
 # %% ../nbs/05_drivers.ipynb #e4c2822f
 def _col_stats(B, n):
-    "Column means, centred sums of squares and constancy of a block `B` (dense, CSR or CSC), exact two-pass."
-    if sp.issparse(B):
-        if not (sp.isspmatrix_csr(B) or sp.isspmatrix_csc(B)): B = sp.csr_matrix(B)
-        g = B.shape[1]
-        idx = B.indices if sp.isspmatrix_csr(B) else np.repeat(np.arange(g), np.diff(B.indptr))   # column of each entry
-        data = B.data
-        cnt = np.bincount(idx, minlength=g)
-        mean = np.bincount(idx, weights=data, minlength=g) / n
-        ss = np.bincount(idx, weights=(data - mean[idx]) ** 2, minlength=g) + (n - cnt) * mean ** 2
-        const = _sparse_const(B, mean, ss, cnt, n)
-    else:
-        mean = B.mean(axis=0)
-        ss = ((B - mean) ** 2).sum(axis=0)
-        const = B.max(axis=0) == B.min(axis=0)
+    "Column means, centred sums of squares and constancy of a dense block `B` (the fates), exact two-pass."
+    mean = B.mean(axis=0)
+    ss = ((B - mean) ** 2).sum(axis=0)
+    const = B.max(axis=0) == B.min(axis=0)
     return mean, ss, const
 
 def _sparse_const(B, mean, ss, cnt, n) -> np.ndarray:
@@ -108,6 +98,17 @@ def _csr_stats(X, n: int, Yc: np.ndarray):
         P = sp.csr_matrix((dc, ind, ip[a:b + 1] - ip[a]), shape=(b - a, g))   # (the chunk's rows, centred values)
         num += P.T @ Yc[a:b]; P.data = np.ones_like(dc); ys += P.T @ Yc[a:b]
     return ss, _sparse_const(X, mean, ss, cnt, n), num + _implicit(mean, cnt, n, ys, Yc)
+
+def _csc_stats(B, n: int, Yc: np.ndarray):
+    """`_csr_stats` for one float64 CSC block of genes (canonical), read whole: the same centred sums, in one go."""
+    g = B.shape[1]
+    col, cnt = np.repeat(np.arange(g), np.diff(B.indptr)), np.diff(B.indptr)   # each stored entry's gene; entries per gene
+    mean = np.bincount(col, weights=B.data, minlength=g) / n
+    dc = B.data - mean[col]
+    ss = np.bincount(col, weights=dc ** 2, minlength=g) + (n - cnt) * mean ** 2
+    P = sp.csc_matrix((dc, B.indices, B.indptr), shape=B.shape)             # (centred stored values)
+    num = np.asarray(P.T @ Yc); P.data = np.ones_like(dc)
+    return ss, _sparse_const(B, mean, ss, cnt, n), num + _implicit(mean, cnt, n, np.asarray(P.T @ Yc), Yc)
 
 def _implicit(mean, cnt, n: int, ys, Yc) -> np.ndarray:
     """The implicit zeros' part of Σ (x - x̄)(y - ȳ), -x̄ (Σ (y - ȳ) - Σ over the stored entries), per gene and lineage;
@@ -255,12 +256,7 @@ def lineage_drivers(
             nan_genes = (np.unique(np.repeat(np.arange(e - s), np.diff(B.indptr))[np.isnan(B.data)]) if method == "spearman"
                          else [])                                                 # (ranks would take NaN as a value)
             B = _rank_sparse(B) if method == "spearman" else B if B.dtype == np.float64 else B.astype(np.float64)
-            col = np.repeat(np.arange(e - s), np.diff(B.indptr))                 # each stored entry's gene
-            mean_b, xss, xconst = _col_stats(B, n)
-            P = sp.csc_matrix((B.data - mean_b[col], B.indices, B.indptr), shape=B.shape)   # centred stored values
-            num = np.asarray(P.T @ Yc); P.data = np.ones_like(P.data)
-            num = num + _implicit(mean_b, np.diff(B.indptr), n, np.asarray(P.T @ Yc), Yc)
-            xss = xss.copy(); xss[nan_genes] = np.nan
+            xss, xconst, num = _csc_stats(B, n, Yc); xss[nan_genes] = np.nan
         else: xss, xconst, num = _dense_block(X, rows, s, e, Yc, method == "spearman")
         with np.errstate(invalid="ignore", divide="ignore"):
             rb = num / np.sqrt(np.outer(xss, yss))

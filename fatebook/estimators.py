@@ -863,10 +863,10 @@ class BaseEstimator:
             cluster_key = cluster_key or Key.read["clusters"]
             mask &= self._cluster_mask(cluster_key, clusters, "clusters")
             clusters = [as_name(c) for c in ([clusters] if isinstance(clusters, (str, int, float, np.generic)) else clusters)]
-        if kw.get("cells") is not None:   # (lineage_drivers' own selection, passed through: with `clusters`, both apply)
+        sel = kw.pop("cells", None)   # (lineage_drivers' own selection, passed through: with `clusters`, both apply)
+        if sel is not None:
             from fatebook.drivers import _cell_rows
-            keep = np.zeros(adata.n_obs, bool); keep[_cell_rows(kw["cells"], adata.n_obs)] = True; mask &= keep
-        kw.pop("cells", None)
+            keep = np.zeros(adata.n_obs, bool); keep[_cell_rows(sel, adata.n_obs)] = True; mask &= keep
         mask &= ~np.isnan(Y).any(axis=1)
         if mask.sum() < 4:
             raise ValueError(f"Only {int(mask.sum())} cell(s) selected (with finite fate probabilities); correlations need at "

@@ -77,27 +77,77 @@ def _sparse_const(B, mean, ss, cnt, n) -> np.ndarray:
             const[c] = len(v) == 0 or v.min() == v.max()
     return const
 
-def _csr_stats(X, n: int, Yc: np.ndarray):
-    """(centred sums of squares, constancy, centred cross products with `Yc`) of every gene of CSR X (canonical), for
-    Pearson, by chunks of rows of ~`_SPARSE_CHUNK` stored entries: no copy of X (each chunk's values in float64 alone).
-    Two passes, means first; the centred sums over the stored entries, plus the implicit zeros' part (`_implicit`)."""
-    g, ip, K = X.shape[1], X.indptr, Yc.shape[1]
-    cuts = np.unique(np.r_[0, np.searchsorted(ip, np.arange(_SPARSE_CHUNK, X.nnz, _SPARSE_CHUNK)), n])
-    parts = list(zip(cuts[:-1], cuts[1:]))
+def _on_disk(X) -> bool:
+    """X is read from a file by slices of rows: an h5py or zarr array (a backed AnnData's dense X) or an AnnData's backed
+    sparse matrix, anything 2-D with `shape`, `dtype` and slicing that is neither a numpy array nor scipy sparse."""
+    return (not (isinstance(X, (np.ndarray, pd.DataFrame)) or sp.issparse(X)) and hasattr(X, "__getitem__")
+            and hasattr(X, "dtype") and len(getattr(X, "shape", ())) == 2)
+
+def _windows(N: int, rows, R: int):
+    """Windows of at most R rows w:w2 of a file of N rows, each with the rows a:a2 of the selection lying in it and
+    where (`take`, positions in the window; None: the whole window). `rows`: the selected rows, sorted (None: all)."""
+    for w in range(0, N, R):
+        w2 = min(N, w + R)
+        if rows is None: yield w, w2, w, w2, None; continue
+        a, a2 = (int(x) for x in np.searchsorted(rows, [w, w2]))
+        if a2 > a: yield a, a2, w, w2, (None if a2 - a == w2 - w else rows[a:a2] - w)
+
+def _csr_chunks(X, rows=None):
+    """A function giving (a, b, indices, data, indptr) for chunks of ~`_SPARSE_CHUNK` stored entries of CSR X, rows
+    a:b of the selection, each row's genes once. X in memory (canonical, `rows` None): views of its arrays. X on disk
+    (an AnnData's backed CSR matrix; `rows` sorted or None): windows of rows read one at a time, each made canonical
+    (a cell's gene stored twice summed) alone: X is never in memory whole."""
+    if not _on_disk(X):
+        ip = X.indptr
+        cuts = np.unique(np.r_[0, np.searchsorted(ip, np.arange(_SPARSE_CHUNK, X.nnz, _SPARSE_CHUNK)), X.shape[0]])
+        def gen():
+            for a, b in zip(cuts[:-1], cuts[1:]): yield a, b, X.indices[ip[a]:ip[b]], X.data[ip[a]:ip[b]], ip[a:b + 1] - ip[a]
+        return gen
+    N = X.shape[0]
+    try: nnz = int(X.group["data"].shape[0])   # (anndata's backed matrices; else windows of 2^14 rows)
+    except Exception: nnz = None
+    R = max(1, _SPARSE_CHUNK * N // max(nnz, 1)) if nnz is not None else 1 << 14
+    def gen():
+        for a, a2, w, w2, take in _windows(N, rows, R):
+            C = sp.csr_matrix(X[w:w2])
+            if take is not None: C = C[take]
+            if not C.has_canonical_format: C = C.copy(); C.sum_duplicates()
+            yield a, a2, C.indices, C.data, C.indptr
+    return gen
+
+def _csr_stats(chunks, n: int, g: int, Yc: np.ndarray):
+    """(centred sums of squares, constancy, centred cross products with `Yc`) of every gene of CSR X, for Pearson, from
+    its `chunks` (`_csr_chunks`): no copy of X (each chunk's values in float64 alone). Two passes, means first; the
+    centred sums over the stored entries, plus the implicit zeros' part (`_implicit`); a third for constancy, only when
+    a gene with stored values has a sum of squares at rounding level."""
+    K = Yc.shape[1]
     cnt, tot = np.zeros(g), np.zeros(g)
-    for a, b in parts:
-        ind = X.indices[ip[a]:ip[b]]
+    for a, b, ind, dat, _ in chunks():
         cnt += np.bincount(ind, minlength=g)
-        tot += np.bincount(ind, weights=X.data[ip[a]:ip[b]].astype(np.float64, copy=False), minlength=g)
+        tot += np.bincount(ind, weights=dat.astype(np.float64, copy=False), minlength=g)
     mean = tot / n
     ss, num, ys = (n - cnt) * mean ** 2, np.zeros((g, K)), np.zeros((g, K))
-    for a, b in parts:
-        ind = X.indices[ip[a]:ip[b]]
-        dc = X.data[ip[a]:ip[b]].astype(np.float64) - mean[ind]
+    for a, b, ind, dat, ptr in chunks():
+        dc = dat.astype(np.float64) - mean[ind]
         ss += np.bincount(ind, weights=dc ** 2, minlength=g)
-        P = sp.csr_matrix((dc, ind, ip[a:b + 1] - ip[a]), shape=(b - a, g))   # (the chunk's rows, centred values)
+        P = sp.csr_matrix((dc, ind, ptr), shape=(b - a, g))   # (the chunk's rows, centred values)
         num += P.T @ Yc[a:b]; P.data = np.ones_like(dc); ys += P.T @ Yc[a:b]
-    return ss, _sparse_const(X, mean, ss, cnt, n), num + _implicit(mean, cnt, n, ys, Yc)
+    return ss, _chunks_const(chunks, mean, ss, cnt, n, g), num + _implicit(mean, cnt, n, ys, Yc)
+
+def _chunks_const(chunks, mean, ss, cnt, n: int, g: int) -> np.ndarray:
+    """`_sparse_const` from CSR chunks: a gene with no stored value is constant (0); a candidate with stored values is
+    decided exactly by their min and max (with 0 if some cells are not stored), in one pass over its entries."""
+    const = cnt == 0
+    cand = (ss <= 1e-12 * (ss + n * mean ** 2)) & ~const
+    if cand.any():
+        lo, hi = np.full(g, np.inf), np.full(g, -np.inf)
+        for *_, ind, dat, _ in chunks():
+            m = cand[ind]
+            if m.any(): np.minimum.at(lo, ind[m], dat[m]); np.maximum.at(hi, ind[m], dat[m])
+        part = cnt < n
+        lo[part], hi[part] = np.minimum(lo[part], 0.0), np.maximum(hi[part], 0.0)
+        const[cand] = lo[cand] == hi[cand]
+    return const
 
 def _csc_stats(B, n: int, Yc: np.ndarray):
     """`_csr_stats` for one float64 CSC block of genes (canonical), read whole: the same centred sums, in one go."""
@@ -125,13 +175,20 @@ def _dense_block(X, rows, s: int, e: int, Yc: np.ndarray, spearman: bool):
     `_DRIVERS_CHUNK` values: X is never copied whole. (Converting a block of 1,024 genes to float64 first cost
     n x 1,024 x 8 bytes plus two temporaries of that size: 24 GB at 1,000,000 cells.) Two passes, means first: exact
     centred sums, Σ (x - x̄)² and Σ (x - x̄)(y - ȳ). Spearman ranks need whole columns: the block is ranked first (its
-    caller keeps it to ~`_DRIVERS_CHUNK` values)."""
+    caller keeps it to ~`_DRIVERS_CHUNK` values). X on disk (`_on_disk`; `rows` sorted): windows of at most that many
+    values read one at a time, each pass one read of the block's columns of the file."""
     n, b = (X.shape[0] if rows is None else len(rows)), e - s
-    if spearman:   # (ranks of the selected cells, n x b float64)
-        X, rows, s, e = stats.rankdata(X[:, s:e] if rows is None else X[rows, s:e], axis=0), None, 0, b
     R = max(1, _DRIVERS_CHUNK // max(b, 1))
     def chunks():
-        for a in range(0, n, R): yield a, min(n, a + R), X[a:a + R, s:e] if rows is None else X[rows[a:a + R], s:e]
+        if _on_disk(X):
+            for a, a2, w, w2, take in _windows(X.shape[0], rows, R):
+                C = np.asarray(X[w:w2, s:e]); yield a, a2, C if take is None else C[take]
+        else:
+            for a in range(0, n, R): yield a, min(n, a + R), X[a:a + R, s:e] if rows is None else X[rows[a:a + R], s:e]
+    if spearman:   # (ranks of the selected cells, n x b float64)
+        if _on_disk(X): X = np.concatenate([C for *_, C in chunks()])
+        else: X = X[:, s:e] if rows is None else X[rows, s:e]
+        X, rows, s, e = stats.rankdata(X, axis=0), None, 0, b
     tot, lo, hi = np.zeros(b), None, None
     for _, _, C in chunks():
         tot += C.sum(axis=0, dtype=np.float64)
@@ -178,7 +235,11 @@ def lineage_drivers(
     Dense X is read in place, in blocks of genes and chunks of cells (working memory ~32 MB per block plus, for
     Spearman, the block's ranks): no float64 copy of X. Sparse X is never densified: it goes by CSC blocks of ~1e6
     stored entries, each converted (float64, ranks) alone (CSR Pearson is read in place; other CSR input is copied to CSC
-    once, in its own dtype; a non-canonical X is first summed on a copy)."""
+    once, in its own dtype; a non-canonical X is first summed on a copy). X in a file (a backed AnnData's X, h5py or
+    zarr arrays) is read by windows of rows and never held whole: dense Pearson all genes per read (two reads of the
+    file), dense Spearman one read per block of ~4e6 / cells genes (as in memory; slow on a large file), backed CSR
+    Pearson by windows of ~1e6 stored entries; backed sparse Spearman, or a backed CSC matrix, reads the selected rows
+    into memory (sparse). Raises TypeError for complex or non-numeric X, ValueError for shapes that do not match."""
     check_choice("method", method, ("pearson", "spearman"))
     check_choice("pvalue", pvalue, ("t", "fisher"))
     check_range("confidence_level", confidence_level, 0, 1, lo_open=True, hi_open=True)
@@ -194,14 +255,18 @@ def lineage_drivers(
         raise ValueError(f"Got {len(lineage_names)} lineage names for {Y.shape[1]} fate columns.")
     if len(set(lineage_names)) != len(lineage_names):
         raise ValueError(f"Lineage names must be unique, got {lineage_names}.")
-    if not sp.issparse(X):
+    disk = _on_disk(X)   # (read by windows of rows; `sparse_disk`: a backed sparse matrix)
+    sparse_disk = disk and X.shape[0] > 0 and sp.issparse(X[0:1])
+    if disk and np.dtype(X.dtype).kind not in "biuf":
+        raise TypeError(f"X must be real numbers, got dtype {X.dtype} (in a file: convert it when writing).")
+    if not (disk or sp.issparse(X)):
         X = np.asarray(X)
         if X.dtype.kind == "c": raise TypeError(f"X must be real, got dtype {X.dtype}.")
         if X.dtype.kind not in "biuf":   # (object columns, pandas nullable types: the values as floats)
             try: X = X.astype(np.float64)
             except (TypeError, ValueError) as e:
                 raise TypeError(f"X must be numeric, got dtype {X.dtype} ({e}).") from None
-    if X.ndim != 2: raise ValueError(f"X must be 2-D (cells x genes), got shape {X.shape}.")
+    if len(X.shape) != 2: raise ValueError(f"X must be 2-D (cells x genes), got shape {X.shape}.")
     if X.shape[0] != Y.shape[0]:
         raise ValueError(f"X has {X.shape[0]} cells (rows) but the fate probabilities have {Y.shape[0]}.")
     g = X.shape[1]
@@ -216,6 +281,12 @@ def lineage_drivers(
     if not ok.all():
         warn(f"{int((~ok).sum())} cell(s) have NaN fate probabilities (unreachable); they are left out of the drivers.")
     rows = None if cells is None and ok.all() else sel[ok]   # the cells to read (None: all): dense X is not row-copied
+    if disk and rows is not None: rows = np.sort(rows)       # (a file is read in its own order; Y follows the rows)
+    if sparse_disk and (method == "spearman" or getattr(X, "format", "csr") != "csr"):
+        # ranks need whole columns, and a CSC file is read by columns: the selected rows, in memory (sparse)
+        X, disk, sparse_disk = sp.csr_matrix(X[rows] if rows is not None else X[0:X.shape[0]]), False, False
+        if not X.has_canonical_format: X.sum_duplicates()   # (X is this read's own)
+        if rows is not None: Y, rows = Y[rows], None
     if sp.issparse(X):
         if X.dtype.kind == "c": raise TypeError(f"X must be real, got dtype {X.dtype}.")
         if X.format not in ("csr", "csc"): X = sp.csc_matrix(X)   # (COO, DIA, ...)
@@ -227,9 +298,11 @@ def lineage_drivers(
     if n < 4: raise ValueError(f"Need at least 4 cells to correlate (Fisher CI uses n-3), got {n}.")
 
     if method == "spearman": Y = stats.rankdata(Y, axis=0)
-    if block_size is None:   # (dense Spearman: a block's ranks, n x block; sparse: blocks by stored entries, below)
-        block_size = max(g, 1) if sp.issparse(X) else 1024 if method == "pearson" else max(1, min(1024, _DRIVERS_CHUNK // n))
-    if sp.issparse(X) and method == "pearson" and X.format == "csr": bounds = [(0, g)]   # (one pass by rows, `_csr_stats`)
+    if block_size is None:   # (dense Spearman: a block's ranks, n x block; sparse: blocks by stored entries, below; a
+        block_size = (max(g, 1) if sp.issparse(X) or (disk and method == "pearson")   # file: all genes per read)
+                      else 1024 if method == "pearson" else max(1, min(1024, _DRIVERS_CHUNK // n)))
+    if sparse_disk or (sp.issparse(X) and method == "pearson" and X.format == "csr"):   # (one pass by rows, `_csr_stats`)
+        bounds, chunks = [(0, g)], _csr_chunks(X, rows)
     elif sp.issparse(X):   # CSC column blocks of at most `_SPARSE_CHUNK` stored entries (at least one gene): a block is
         X = sp.csc_matrix(X)   # converted (float64, ranks) alone. (CSC input as is; CSR: one copy, in its own dtype)
         ip, bounds, s = X.indptr, [], 0
@@ -250,7 +323,7 @@ def lineage_drivers(
 
     r = np.empty((g, Y.shape[1])); n_const = 0
     for s, e in progress(bounds, total=len(bounds), desc="drivers", show=show_progress if len(bounds) > 1 else False):
-        if sp.issparse(X) and X.format == "csr": xss, xconst, num = _csr_stats(X, n, Yc)
+        if sparse_disk or (sp.issparse(X) and X.format == "csr"): xss, xconst, num = _csr_stats(chunks, n, g, Yc)
         elif sp.issparse(X):
             B = sp.csc_matrix((X.data[ip[s]:ip[e]], X.indices[ip[s]:ip[e]], ip[s:e + 1] - ip[s]), shape=(n, e - s))
             nan_genes = (np.unique(np.repeat(np.arange(e - s), np.diff(B.indptr))[np.isnan(B.data)]) if method == "spearman"

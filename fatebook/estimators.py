@@ -871,9 +871,8 @@ class BaseEstimator:
         if mask.sum() < 4:
             raise ValueError(f"Only {int(mask.sum())} cell(s) selected (with finite fate probabilities); correlations need at "
                              "least 4. Select more clusters.")
-        cells = None if mask.all() else np.flatnonzero(mask)   # (by index: dense X is read in place, not row-copied)
-        if cells is not None and not (isinstance(X, np.ndarray) or sp.issparse(X)):   # (a backed AnnData: the rows)
-            X, Y, cells = X[cells], Y[cells], None
+        cells = None if mask.all() else np.flatnonzero(mask)   # (by index: dense X is read in place, not row-copied;
+                                                               # a backed AnnData's X by windows of rows from the file)
         with timed() as t:
             df = lineage_drivers(X, Y, cells=cells, lineage_names=lin_names,
                                  gene_names=list(map(str, genes)), method=method,

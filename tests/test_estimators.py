@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from scipy import stats
 import anndata as ad
 import pytest
 
@@ -116,7 +117,7 @@ def test_drivers_options(est):
 
 @pytest.mark.parametrize("kind", ["dense", "csr"])
 def test_drivers_of_selected_clusters_on_a_backed_anndata(kind, tmp_path):
-    "compute_lineage_drivers(clusters=...) on an AnnData opened with backed='r+' (X stays on disk): the selected rows are read."
+    "compute_lineage_drivers (all cells, or clusters=...) on an AnnData opened with backed='r+': X is read from the file by windows of rows."
     from fatebook.kernels import PrecomputedKernel
     rng = np.random.default_rng(0); n, g = 80, 6
     T = sp.diags([np.r_[0.5 * np.ones(n - 2), 0], np.r_[1, np.zeros(n - 2), 1], np.r_[0, 0.5 * np.ones(n - 2)]], [-1, 0, 1]).tocsr()
@@ -127,11 +128,15 @@ def test_drivers_of_selected_clusters_on_a_backed_anndata(kind, tmp_path):
     try:
         e = BaseEstimator(PrecomputedKernel(b, matrix=T))
         e.set_terminal_states({"L": ["c0"], "R": [f"c{n - 1}"]}).compute_fate_probabilities()
-        df = e.compute_lineage_drivers(cluster_key="clusters", clusters=["a"])
         B = np.asarray(e.fate_probabilities)
-        want = [np.corrcoef(X[:40, j], B[:40, 0])[0, 1] for j in range(g)]
-        np.testing.assert_allclose(df.loc[[str(v) for v in b.var_names], "L_corr"], want, rtol=1e-6)
-        assert e.params["lineage_drivers"]["n_cells"] == 40
+        for clusters, m in ((["a"], 40), (None, n)):
+            df = e.compute_lineage_drivers(cluster_key="clusters", clusters=clusters)
+            want = [np.corrcoef(X[:m, j], B[:m, 0])[0, 1] for j in range(g)]
+            np.testing.assert_allclose(df.loc[[str(v) for v in b.var_names], "L_corr"], want, rtol=1e-6)
+            assert e.params["lineage_drivers"]["n_cells"] == m
+        sp_ = e.compute_lineage_drivers(method="spearman")   # (backed sparse: the rows in memory; dense: by blocks of genes)
+        want = [stats.spearmanr(X[:, j], B[:, 0]).statistic for j in range(g)]
+        np.testing.assert_allclose(sp_.loc[[str(v) for v in b.var_names], "L_corr"], want, rtol=1e-6)
     finally: b.file.close()
 
 def test_h5ad_roundtrip(est, tmp_path):

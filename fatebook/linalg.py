@@ -432,6 +432,22 @@ def _pattern_key(M) -> tuple:
     ip, ind = np.ascontiguousarray(M.indptr), np.ascontiguousarray(M.indices[::97])
     return (M.shape[0], int(M.nnz), str(ip.dtype), zlib.crc32(ip), str(ind.dtype), zlib.crc32(ind))
 
+# %% ../nbs/01a_linalg.ipynb #e1f2a3c1
+if njit is not None:
+    @_njit_cached(nogil=True)
+    def _nb_colsum(indices, data, out):
+        "out[j] += data[k] (in float64) for every stored entry k of column j, in storage order."
+        for k in range(indices.shape[0]): out[indices[k]] += data[k]
+
+def _col_sums(M: sp.csr_matrix) -> np.ndarray:
+    """Column sums (n_cols,) of CSR `M` in float64, entry by entry in storage order: the values of
+    `M.astype(np.float64).sum(axis=0)` without that copy. Without numba, or for data other than native float32/64:
+    through the copy."""
+    if njit is None or not _NB_ON or not any(M.data.dtype == t for t in (np.float32, np.float64)) or not M.indices.dtype.isnative:
+        return np.asarray(sp.csr_matrix(M, dtype=np.float64).sum(axis=0)).ravel()
+    out = np.zeros(M.shape[1]); _nb_colsum(M.indices, M.data, out)
+    return out
+
 # %% ../nbs/01a_linalg.ipynb #7e587598
 _TPC = []
 

@@ -79,18 +79,31 @@ def _sparse_const(B, mean, ss, cnt, n) -> np.ndarray:
 
 def _on_disk(X) -> bool:
     """X is read from a file by slices of rows: an h5py or zarr array (a backed AnnData's dense X) or an AnnData's backed
-    sparse matrix, anything 2-D with `shape`, `dtype` and slicing that is neither a numpy array nor scipy sparse."""
+    sparse matrix, anything 2-D with a numpy `dtype`, `shape` and slicing that is neither a numpy array nor scipy sparse
+    (other array-likes, e.g. a torch tensor, are read with `np.asarray`)."""
     return (not (isinstance(X, (np.ndarray, pd.DataFrame)) or sp.issparse(X)) and hasattr(X, "__getitem__")
-            and hasattr(X, "dtype") and len(getattr(X, "shape", ())) == 2)
+            and isinstance(getattr(X, "dtype", None), np.dtype) and len(getattr(X, "shape", ())) == 2)
 
-def _windows(N: int, rows, R: int):
-    """Windows of at most R rows w:w2 of a file of N rows, each with the rows a:a2 of the selection lying in it and
-    where (`take`, positions in the window; None: the whole window). `rows`: the selected rows, sorted (None: all)."""
-    for w in range(0, N, R):
-        w2 = min(N, w + R)
+_FEW_ROWS = 8   # a window of a file holding at most 1/this of selected rows: those rows alone are read (if X allows)
+
+def _windows(cuts, rows):
+    """Windows w:w2 of a file's rows between consecutive `cuts`, each with the rows a:a2 of the selection lying in it
+    and where (`take`, positions in the window; None: the whole window). `rows`: the selected rows, sorted (None: all)."""
+    for w, w2 in zip(cuts[:-1], cuts[1:]):
+        w, w2 = int(w), int(w2)
         if rows is None: yield w, w2, w, w2, None; continue
         a, a2 = (int(x) for x in np.searchsorted(rows, [w, w2]))
         if a2 > a: yield a, a2, w, w2, (None if a2 - a == w2 - w else rows[a:a2] - w)
+
+def _read(X, w: int, w2: int, take, cols=None):
+    """Rows w:w2 (columns `cols`) of X in a file, only the rows w + `take` (None: all): a few of them (at most
+    1/`_FEW_ROWS` of the window) read alone where X takes a list of rows (h5py, anndata's backed matrices), else the
+    window, then selected. (A small cluster of scattered cells then costs its rows, not two reads of the file.)"""
+    if take is not None and len(take) * _FEW_ROWS <= w2 - w:
+        try: return X[w + take] if cols is None else X[w + take, cols]
+        except (TypeError, IndexError, ValueError, NotImplementedError): pass
+    B = X[w:w2] if cols is None else X[w:w2, cols]
+    return B if take is None else B[take]
 
 def _csr_chunks(X, rows=None):
     """A function giving (a, b, indices, data, indptr) for chunks of ~`_SPARSE_CHUNK` stored entries of CSR X, rows
@@ -104,13 +117,13 @@ def _csr_chunks(X, rows=None):
             for a, b in zip(cuts[:-1], cuts[1:]): yield a, b, X.indices[ip[a]:ip[b]], X.data[ip[a]:ip[b]], ip[a:b + 1] - ip[a]
         return gen
     N = X.shape[0]
-    try: nnz = int(X.group["data"].shape[0])   # (anndata's backed matrices; else windows of 2^14 rows)
-    except Exception: nnz = None
-    R = max(1, _SPARSE_CHUNK * N // max(nnz, 1)) if nnz is not None else 1 << 14
+    try:   # (anndata's backed matrices: windows by stored entries, as in memory; else of 2^14 rows)
+        ip = np.asarray(X.group["indptr"][:])
+        cuts = np.unique(np.r_[0, np.searchsorted(ip, np.arange(_SPARSE_CHUNK, ip[-1], _SPARSE_CHUNK)), N])
+    except Exception: cuts = np.r_[0:N:1 << 14, N]
     def gen():
-        for a, a2, w, w2, take in _windows(N, rows, R):
-            C = sp.csr_matrix(X[w:w2])
-            if take is not None: C = C[take]
+        for a, a2, w, w2, take in _windows(cuts, rows):
+            C = sp.csr_matrix(_read(X, w, w2, take))
             if not C.has_canonical_format: C = C.copy(); C.sum_duplicates()
             yield a, a2, C.indices, C.data, C.indptr
     return gen
@@ -181,8 +194,8 @@ def _dense_block(X, rows, s: int, e: int, Yc: np.ndarray, spearman: bool):
     R = max(1, _DRIVERS_CHUNK // max(b, 1))
     def chunks():
         if _on_disk(X):
-            for a, a2, w, w2, take in _windows(X.shape[0], rows, R):
-                C = np.asarray(X[w:w2, s:e]); yield a, a2, C if take is None else C[take]
+            for a, a2, w, w2, take in _windows(np.r_[0:X.shape[0]:R, X.shape[0]], rows):
+                yield a, a2, np.asarray(_read(X, w, w2, take, slice(s, e)))
         else:
             for a in range(0, n, R): yield a, min(n, a + R), X[a:a + R, s:e] if rows is None else X[rows[a:a + R], s:e]
     if spearman:   # (ranks of the selected cells, n x b float64)
@@ -233,7 +246,7 @@ def lineage_drivers(
 ) -> pd.DataFrame:
     """Correlate every gene with every lineage: r, two-sided p, BH q (per lineage) and Fisher-z CI, one row per gene.
     Dense X is read in place, in blocks of genes and chunks of cells (working memory ~32 MB per block plus, for
-    Spearman, the block's ranks): no float64 copy of X. Sparse X is never densified: it goes by CSC blocks of ~1e6
+    Spearman, the block's ranks; ~80 MB for a file): no float64 copy of X. Sparse X is never densified: it goes by CSC blocks of ~1e6
     stored entries, each converted (float64, ranks) alone (CSR Pearson is read in place; other CSR input is copied to CSC
     once, in its own dtype; a non-canonical X is first summed on a copy). X in a file (a backed AnnData's X, h5py or
     zarr arrays) is read by windows of rows and never held whole: dense Pearson all genes per read (two reads of the

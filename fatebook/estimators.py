@@ -835,7 +835,9 @@ class BaseEstimator:
                                 method: str = "pearson",        # 'pearson' or 'spearman'
                                 confidence_level: float = 0.95,
                                 **kw):
-        """Correlate every gene with each lineage's fate probability: r, p, BH q and Fisher CI (SPEC §7).
+        """Correlate every gene with each lineage's fate probability: r, p, BH q and Fisher CI (SPEC §7). The expression
+        is read in place (`lineage_drivers`): dense X by blocks, the cells of `clusters` by index, and the X of a backed
+        AnnData (`anndata.read_h5ad(path, backed="r")`) from its file by windows of rows, never whole.
 
         Writes: `varm[Key.varm.drivers]` (plain array, genes x columns), `uns['..._names']` (column names), `uns[Key.uns.drivers_params]`."""
         from fatebook.drivers import lineage_drivers

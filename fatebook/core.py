@@ -19,7 +19,8 @@ __all__ = ['settings', 'logger', 'Settings', 'info', 'debug', 'warn', 'timed', '
            'require_key', 'check_adata', 'row_stochastic_tol', 'check_row_stochastic', 'cells_str', 'check_int',
            'check_range', 'check_choice', 'check_bool', 'as_name', 'find_name', 'split_keys', 'unique_names',
            'group_name', 'to_hex', 'palette', 'mean_color', 'category_colors', 'scvelo_quiet', 'import_scvelo',
-           'optional_import', 'has_module', 'progress_shown', 'progress', 'as_rng', 'fmt_value', 'fmt_params']
+           'optional_import', 'has_module', 'dense_columns', 'progress_shown', 'progress', 'as_rng', 'fmt_value',
+           'fmt_params']
 
 # %% ../nbs/00_core.ipynb #effddcc0
 @dataclass
@@ -432,6 +433,62 @@ def has_module(module: str) -> bool:
     "True if `module` can be imported."
     try: importlib.import_module(module); return True
     except ImportError: return False
+
+# %% ../nbs/00_core.ipynb #c0a1b2d1
+def _on_disk(X) -> bool:
+    """X is read from a file by slices of rows: an h5py or zarr array (a backed AnnData's dense X) or an AnnData's backed
+    sparse matrix, anything 2-D with a numpy `dtype`, `shape` and slicing that is neither a numpy array nor scipy sparse
+    (other array-likes, e.g. a torch tensor, are read with `np.asarray`)."""
+    return (not (isinstance(X, (np.ndarray, pd.DataFrame)) or sp.issparse(X)) and hasattr(X, "__getitem__")
+            and isinstance(getattr(X, "dtype", None), np.dtype) and len(getattr(X, "shape", ())) == 2)
+
+_FEW_ROWS = 8   # a window of a file holding at most 1/this of selected rows: those rows alone are read (if X allows)
+_READ_CHUNK = 1 << 22   # values per window of `dense_columns` (32 MB in float64)
+
+def _windows(cuts, rows):
+    """Windows w:w2 of a file's rows between consecutive `cuts`, each with the rows a:a2 of the selection lying in it
+    and where (`take`, positions in the window; None: the whole window). `rows`: the selected rows, sorted (None: all)."""
+    for w, w2 in zip(cuts[:-1], cuts[1:]):
+        w, w2 = int(w), int(w2)
+        if rows is None: yield w, w2, w, w2, None; continue
+        a, a2 = (int(x) for x in np.searchsorted(rows, [w, w2]))
+        if a2 > a: yield a, a2, w, w2, (None if a2 - a == w2 - w else rows[a:a2] - w)
+
+def _read(X, w: int, w2: int, take, cols=None):
+    """Rows w:w2 (columns `cols`: a slice or increasing indices) of X in a file, only the rows w + `take` (None: all): a
+    few of them (at most 1/`_FEW_ROWS` of the window) read alone where X takes a list of rows (h5py, anndata's backed
+    matrices), else the window, then selected (a small cluster of scattered cells costs its rows, not the file)."""
+    if take is not None and len(take) * _FEW_ROWS <= w2 - w:
+        try: return X[w + take] if cols is None else X[w + take, cols]
+        except (TypeError, IndexError, ValueError, NotImplementedError): pass
+    if cols is None: B = X[w:w2]
+    else:
+        try: B = X[w:w2, cols]
+        except (TypeError, IndexError, ValueError, NotImplementedError): B = X[w:w2][:, cols]   # (no list of columns)
+    return B if take is None else B[take]
+
+def dense_columns(X,          # cells x genes: a numpy array, scipy sparse, or in a file (a backed AnnData's X)
+                  cols,       # column (gene) positions, any order, repeats allowed
+                  rows=None,  # row (cell) positions, any order (default: all)
+                 ) -> np.ndarray:
+    """`X[rows][:, cols]` as a dense float64 array (len(rows) x len(cols)), reading only what it needs: X in memory is
+    sliced columns first (no copy of its other genes); X in a file is read by windows of rows (~`_READ_CHUNK` values),
+    only the wanted columns of a dense file, indices sorted as h5py wants and put back in the order asked."""
+    cols = np.asarray(cols, dtype=np.int64).ravel()
+    if not _on_disk(X):
+        B = X[:, cols] if sp.issparse(X) else np.asarray(X)[:, cols]
+        if rows is not None: B = B[np.asarray(rows)]
+        return np.asarray(B.toarray() if sp.issparse(B) else B, dtype=np.float64)
+    N = X.shape[0]
+    ur, rinv = np.unique(np.arange(N)[np.asarray(rows)] if rows is not None else np.arange(N), return_inverse=True)
+    uc, cinv = np.unique(cols, return_inverse=True)
+    sparse = N > 0 and sp.issparse(X[0:1])
+    R = max(1, _READ_CHUNK // max(X.shape[1] if sparse else len(uc), 1))
+    out = np.empty((len(ur), len(uc)))
+    for a, a2, w, w2, take in _windows(np.r_[0:N:R, N], None if len(ur) == N else ur):
+        B = _read(X, w, w2, take) if sparse else _read(X, w, w2, take, uc)
+        out[a:a2] = sp.csr_matrix(B)[:, uc].toarray() if sparse else np.asarray(B)
+    return out[rinv.ravel()][:, cinv.ravel()]
 
 # %% ../nbs/00_core.ipynb #97b95bf2
 def progress_shown(show: bool|None = None) -> bool:

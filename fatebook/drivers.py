@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scipy import special, stats
-from .core import progress, warn, as_name, find_name, check_choice, check_range, check_int
+from .core import (progress, warn, as_name, find_name, check_choice, check_range, check_int, _on_disk, _windows,
+                           _read)
 
 # %% auto #0
 __all__ = ['bh_qvalues', 'lineage_drivers']
@@ -76,34 +77,6 @@ def _sparse_const(B, mean, ss, cnt, n) -> np.ndarray:
             if cnt[c] < n: v = np.r_[v, 0.0]          # the implicit zeros
             const[c] = len(v) == 0 or v.min() == v.max()
     return const
-
-def _on_disk(X) -> bool:
-    """X is read from a file by slices of rows: an h5py or zarr array (a backed AnnData's dense X) or an AnnData's backed
-    sparse matrix, anything 2-D with a numpy `dtype`, `shape` and slicing that is neither a numpy array nor scipy sparse
-    (other array-likes, e.g. a torch tensor, are read with `np.asarray`)."""
-    return (not (isinstance(X, (np.ndarray, pd.DataFrame)) or sp.issparse(X)) and hasattr(X, "__getitem__")
-            and isinstance(getattr(X, "dtype", None), np.dtype) and len(getattr(X, "shape", ())) == 2)
-
-_FEW_ROWS = 8   # a window of a file holding at most 1/this of selected rows: those rows alone are read (if X allows)
-
-def _windows(cuts, rows):
-    """Windows w:w2 of a file's rows between consecutive `cuts`, each with the rows a:a2 of the selection lying in it
-    and where (`take`, positions in the window; None: the whole window). `rows`: the selected rows, sorted (None: all)."""
-    for w, w2 in zip(cuts[:-1], cuts[1:]):
-        w, w2 = int(w), int(w2)
-        if rows is None: yield w, w2, w, w2, None; continue
-        a, a2 = (int(x) for x in np.searchsorted(rows, [w, w2]))
-        if a2 > a: yield a, a2, w, w2, (None if a2 - a == w2 - w else rows[a:a2] - w)
-
-def _read(X, w: int, w2: int, take, cols=None):
-    """Rows w:w2 (columns `cols`) of X in a file, only the rows w + `take` (None: all): a few of them (at most
-    1/`_FEW_ROWS` of the window) read alone where X takes a list of rows (h5py, anndata's backed matrices), else the
-    window, then selected. (A small cluster of scattered cells then costs its rows, not two reads of the file.)"""
-    if take is not None and len(take) * _FEW_ROWS <= w2 - w:
-        try: return X[w + take] if cols is None else X[w + take, cols]
-        except (TypeError, IndexError, ValueError, NotImplementedError): pass
-    B = X[w:w2] if cols is None else X[w:w2, cols]
-    return B if take is None else B[take]
 
 def _csr_chunks(X, rows=None):
     """A function giving (a, b, indices, data, indptr) for chunks of ~`_SPARSE_CHUNK` stored entries of CSR X, rows

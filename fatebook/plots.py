@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 from matplotlib.colors import Normalize, to_hex, to_rgb, TwoSlopeNorm
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
-from .core import (Key, MissingKeyError, info, warn, debug, as_rng, palette, category_colors, as_name, find_name,
+from .core import (Key, MissingKeyError, dense_columns, info, warn, debug, as_rng, palette, category_colors, as_name, find_name,
                            check_int, check_choice, check_range, check_bool)
 
 # %% auto #0
@@ -570,8 +570,7 @@ def _expression(adata, genes, use_raw=False, layer=None) -> np.ndarray:
     if (idx < 0).any():
         missing = [gn for gn, i in zip(genes, idx) if i < 0]
         raise KeyError(f"Genes {missing} not found in {'adata.raw' if use_raw else 'adata'}.var_names.")
-    B = X[:, idx]
-    return np.asarray(B.toarray() if sp.issparse(B) else B, dtype=float)
+    return dense_columns(X, idx)   # (only these genes; a backed AnnData's X read from its file by windows)
 
 def _driver_lineage(lineage, lins) -> str:
     "The drivers' lineage `lineage` refers to (its name, or a label whose string is it), else a clear error."

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.colors import to_hex
 from matplotlib.ticker import MaxNLocator
-from .core import Key, MissingKeyError, info, warn, progress, palette
+from .core import Key, MissingKeyError, info, warn, progress, palette, dense_columns
 from .core import check_int, check_range, check_choice, check_bool, split_keys, group_name, mean_color, find_name
 
 # %% auto #0
@@ -287,9 +287,7 @@ def expression(adata,                    # the AnnData
         if layer not in adata.layers:
             raise MissingKeyError(f"Layer {layer!r} not found; layers: {list(adata.layers)} (or None for X).")
         X = adata.layers[layer]
-    if rows is not None: X = X[rows]
-    X = X[:, idx]
-    return np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float64)
+    return dense_columns(X, idx, rows)   # (the genes first, then the cells; a backed AnnData's X read by windows)
 
 # %% ../nbs/09a_trends.ipynb #c44d13d9
 def lineage_cells(t,                        # pseudotime per cell (n,)

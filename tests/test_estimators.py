@@ -137,6 +137,11 @@ def test_drivers_of_selected_clusters_on_a_backed_anndata(kind, tmp_path):
         sp_ = e.compute_lineage_drivers(method="spearman")   # (backed sparse: the rows in memory; dense: by blocks of genes)
         want = [stats.spearmanr(X[:, j], B[:, 0]).statistic for j in range(g)]
         np.testing.assert_allclose(sp_.loc[[str(v) for v in b.var_names], "L_corr"], want, rtol=1e-6)
+        # a few genes (trends, driver plots), in any order of genes and cells: h5py takes increasing indices only
+        from fatebook.trends import expression
+        from fatebook.plots import _expression
+        np.testing.assert_array_equal(expression(b, ["3", "1"], rows=np.array([7, 2, 7])), X[[7, 2, 7]][:, [3, 1]])
+        np.testing.assert_array_equal(_expression(b, ["5", "0"]), X[:, [5, 0]])
     finally: b.file.close()
 
 def test_h5ad_roundtrip(est, tmp_path):

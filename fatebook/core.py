@@ -470,21 +470,22 @@ def _read(X, w: int, w2: int, take, cols=None):
 def dense_columns(X,          # cells x genes: a numpy array, scipy sparse, or in a file (a backed AnnData's X)
                   cols,       # column (gene) positions, any order, repeats allowed
                   rows=None,  # row (cell) positions, any order (default: all)
+                  dtype=np.float64,  # of the result; None: X's own
                  ) -> np.ndarray:
-    """`X[rows][:, cols]` as a dense float64 array (len(rows) x len(cols)), reading only what it needs: X in memory is
+    """`X[rows][:, cols]` as a dense array (len(rows) x len(cols), float64 by default), reading only what it needs: X in memory is
     sliced columns first (no copy of its other genes); X in a file is read by windows of rows (~`_READ_CHUNK` values),
     only the wanted columns of a dense file, indices sorted as h5py wants and put back in the order asked."""
     cols = np.asarray(cols, dtype=np.int64).ravel()
     if not _on_disk(X):
         B = X[:, cols] if sp.issparse(X) else np.asarray(X)[:, cols]
         if rows is not None: B = B[np.asarray(rows)]
-        return np.asarray(B.toarray() if sp.issparse(B) else B, dtype=np.float64)
+        return np.asarray(B.toarray() if sp.issparse(B) else B, dtype=dtype)
     N = X.shape[0]
     ur, rinv = np.unique(np.arange(N)[np.asarray(rows)] if rows is not None else np.arange(N), return_inverse=True)
     uc, cinv = np.unique(cols, return_inverse=True)
     sparse = N > 0 and sp.issparse(X[0:1])
     R = max(1, _READ_CHUNK // max(X.shape[1] if sparse else len(uc), 1))
-    out = np.empty((len(ur), len(uc)))
+    out = np.empty((len(ur), len(uc)), dtype=X.dtype if dtype is None else dtype)
     for a, a2, w, w2, take in _windows(np.r_[0:N:R, N], None if len(ur) == N else ur):
         B = _read(X, w, w2, take) if sparse else _read(X, w, w2, take, uc)
         out[a:a2] = sp.csr_matrix(B)[:, uc].toarray() if sparse else np.asarray(B)

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
-from .core import Key, MissingKeyError, info, warn, check_int, check_choice, check_bool
+from .core import (Key, MissingKeyError, info, warn, check_int, check_choice, check_bool,
+                           dense_columns, _on_disk, _windows, _read)
 from .kernels import Kernel, read_connectivities
 from .pseudotime import PseudotimeKernel, read_pseudotime
 
@@ -22,21 +23,34 @@ CT_KEYS = dict(score="ct_score", pseudotime="ct_pseudotime", num_exp_genes="ct_n
                gene_corr="ct_gene_corr", correlates="ct_correlates", params="ct_params")
 
 def _pearson_with(X, v: np.ndarray) -> np.ndarray:
-    "Pearson correlation of every column of `X` (dense or sparse, cells x genes) with `v`; NaN for constant columns."
-    n = X.shape[0]
-    v = np.asarray(v, dtype=np.float64); vc = v - v.mean()
-    if sp.issparse(X):
-        X = sp.csr_matrix(X, dtype=np.float64)
-        s1 = np.asarray(X.sum(0)).ravel(); s2 = np.asarray(X.multiply(X).sum(0)).ravel()
-        cross = np.asarray(X.T @ vc).ravel()
-    else:
-        X = np.asarray(X, dtype=np.float64)
-        s1 = X.sum(0); s2 = np.einsum("ij,ij->j", X, X); cross = vc @ X
-    ssx = s2 - s1 ** 2 / n
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = cross / np.sqrt(ssx * (vc @ vc))
-    r[~(ssx > 1e-12 * np.maximum(s2, 1e-300))] = np.nan
-    return np.clip(r, -1.0, 1.0)
+    """Pearson correlation of every column of `X` (cells x genes: dense, sparse, or a backed AnnData's X in its file)
+    with `v`; NaN for constant columns. The lineage drivers' statistics (`fatebook.drivers.lineage_drivers`): X read in
+    place by blocks or windows of rows, exact centred sums. (The float64 copy of X it took before is n x genes x 8
+    bytes: 160 GB at 1,000,000 cells x 20,000 genes; its one-pass sums lost digits where a gene's mean is large.)"""
+    from fatebook.drivers import lineage_drivers
+    v = np.asarray(v, dtype=np.float64)
+    if not np.ptp(v) > 0: return np.full(X.shape[1], np.nan)   # (every cell the same: nothing correlates)
+    return lineage_drivers(X, v[:, None], ["v"], show_progress=False)["v_corr"].to_numpy()
+
+_COUNT_CHUNK = 1 << 22   # values per chunk of rows when counting the expressed genes of dense X
+
+def _n_expressed(X) -> np.ndarray:
+    """Genes with a value > 0 in each cell (n,), by chunks of rows for dense X and windows of a file (a backed AnnData's
+    X): no n x genes boolean temporary (20 GB at 1,000,000 cells x 20,000 genes)."""
+    def _sp(B):   # (a cell's gene stored twice counts once, by its summed value)
+        B = sp.csr_matrix(B)
+        if not B.has_canonical_format: B = B.copy(); B.sum_duplicates()
+        return np.asarray((B > 0).sum(axis=1)).ravel()
+    if sp.issparse(X): return _sp(X)
+    n = X.shape[0]; R = max(1, _COUNT_CHUNK // max(X.shape[1], 1))
+    if _on_disk(X):
+        out = []
+        for *_, w, w2, _t in _windows(np.r_[0:n:R, n], None):
+            B = _read(X, w, w2, None)
+            out.append(_sp(B) if sp.issparse(B) else (np.asarray(B) > 0).sum(axis=1))
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+    X = np.asarray(X)
+    return np.concatenate([(X[a:a + R] > 0).sum(axis=1) for a in range(0, n, R)]) if n else np.zeros(0, np.int64)
 
 def _aggregate(E, how: str) -> np.ndarray:
     if how == "mean": return np.asarray(E.mean(axis=1)).ravel()
@@ -67,7 +81,7 @@ def cytotrace_score(adata,                     # the AnnData (read only)
     if src.n_vars < 10_000:
         warn(f"CytoTRACE score from {src.n_vars} genes; the method expects the whole transcriptome (> 10,000 genes).")
     X = src.X
-    num = np.asarray((X > 0).sum(axis=1)).ravel()
+    num = _n_expressed(X)
     corr = pd.Series(_pearson_with(X, num), index=src.var_names.astype(str), name=CT_KEYS["gene_corr"])
     order = np.argsort(-np.nan_to_num(corr.to_numpy(), nan=-np.inf), kind="stable")
     ranked = [g for g in corr.index[order] if g in adata.var_names]
@@ -78,7 +92,7 @@ def cytotrace_score(adata,                     # the AnnData (read only)
         raise ValueError(f"Only {int(corr.loc[top].notna().sum())} genes vary across cells; n_genes={n_genes} is too many.")
     idx = adata.var_names.get_indexer(top)
     M = adata.X if layer in (None, "X") else adata.layers[layer]
-    E = M[:, idx]
+    E = dense_columns(M, idx, dtype=None) if _on_disk(M) else M[:, idx]   # (a file: only these genes read)
     score = _aggregate(E, aggregation)
     score = score - score.min()
     if not score.max() > 0: raise ValueError("The CytoTRACE score is constant across cells; check the layer.")

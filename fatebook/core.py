@@ -459,7 +459,9 @@ def _read(X, w: int, w2: int, take, cols=None):
     few of them (at most 1/`_FEW_ROWS` of the window) read alone where X takes a list of rows (h5py, anndata's backed
     matrices), else the window, then selected (a small cluster of scattered cells costs its rows, not the file)."""
     if take is not None and len(take) * _FEW_ROWS <= w2 - w:
-        try: return X[w + take] if cols is None else X[w + take, cols]
+        try:   # (the rows alone, every column: a list of rows on one axis only; zarr reads two lists pointwise)
+            B = X[w + take]
+            if B.shape[0] == len(take): return B if cols is None else B[:, cols]
         except (TypeError, IndexError, ValueError, NotImplementedError): pass
     if cols is None: B = X[w:w2]
     else:
@@ -468,21 +470,30 @@ def _read(X, w: int, w2: int, take, cols=None):
     return B if take is None else B[take]
 
 def dense_columns(X,          # cells x genes: a numpy array, scipy sparse, or in a file (a backed AnnData's X)
-                  cols,       # column (gene) positions, any order, repeats allowed
-                  rows=None,  # row (cell) positions, any order (default: all)
+                  cols,       # column (gene) positions (any order, repeats allowed), a boolean mask or a slice
+                  rows=None,  # row (cell) positions (any order), a boolean mask or a slice (default: all)
                   dtype=np.float64,  # of the result; None: X's own
                  ) -> np.ndarray:
     """`X[rows][:, cols]` as a dense array (len(rows) x len(cols), float64 by default), reading only what it needs: X in memory is
-    sliced columns first (no copy of its other genes); X in a file is read by windows of rows (~`_READ_CHUNK` values),
-    only the wanted columns of a dense file, indices sorted as h5py wants and put back in the order asked."""
-    cols = np.asarray(cols, dtype=np.int64).ravel()
+    sliced columns first (no copy of its other genes; CSR: the rows first); X in a file is read by windows of rows
+    (~`_READ_CHUNK` values), only the wanted columns of a dense file, indices sorted as h5py wants and put back in the
+    order asked; a CSC file by its columns (its rows would each read it whole)."""
+    N, G = X.shape
+    cols = np.arange(G)[cols].ravel()   # (indices, masks, slices, [] alike)
+    r = None if rows is None else np.arange(N)[rows]
     if not _on_disk(X):
-        B = X[:, cols] if sp.issparse(X) else np.asarray(X)[:, cols]
-        if rows is not None: B = B[np.asarray(rows)]
-        return np.asarray(B.toarray() if sp.issparse(B) else B, dtype=dtype)
-    N = X.shape[0]
-    ur, rinv = np.unique(np.arange(N)[np.asarray(rows)] if rows is not None else np.arange(N), return_inverse=True)
+        if sp.issparse(X):
+            if X.format not in ("csr", "csc"): X = X.tocsr()
+            B = X[r][:, cols] if r is not None and X.format == "csr" else X[:, cols] if r is None else X[:, cols][r]
+            return np.asarray(B.toarray(), dtype=dtype)
+        B = np.asarray(X)[:, cols]
+        return np.asarray(B if r is None else B[r], dtype=dtype)
+    ur, rinv = np.unique(np.arange(N) if r is None else r, return_inverse=True)
     uc, cinv = np.unique(cols, return_inverse=True)
+    if getattr(X, "format", None) == "csc":   # (anndata's backed CSC: the columns, then the rows in memory)
+        B = sp.csc_matrix(X[:, uc]) if len(uc) else sp.csc_matrix((N, 0))
+        out = np.asarray(B.tocsr()[ur].toarray(), dtype=X.dtype if dtype is None else dtype)
+        return out[rinv.ravel()][:, cinv.ravel()]
     sparse = N > 0 and sp.issparse(X[0:1])
     R = max(1, _READ_CHUNK // max(X.shape[1] if sparse else len(uc), 1))
     out = np.empty((len(ur), len(uc)), dtype=X.dtype if dtype is None else dtype)

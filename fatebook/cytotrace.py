@@ -30,6 +30,11 @@ def _pearson_with(X, v: np.ndarray) -> np.ndarray:
     from fatebook.drivers import lineage_drivers
     v = np.asarray(v, dtype=np.float64)
     if not np.ptp(v) > 0: return np.full(X.shape[1], np.nan)   # (every cell the same: nothing correlates)
+    if X.shape[0] < 4:   # (lineage_drivers' tests need 4 cells; the correlation itself, 2): the few rows, dense
+        D = dense_columns(X, slice(None)); D -= D.mean(axis=0); vc = v - v.mean()
+        with np.errstate(invalid="ignore", divide="ignore"): r = (vc @ D) / np.sqrt((D * D).sum(axis=0) * (vc @ vc))
+        r[np.ptp(D, axis=0) == 0] = np.nan
+        return np.clip(r, -1.0, 1.0)
     return lineage_drivers(X, v[:, None], ["v"], show_progress=False)["v_corr"].to_numpy()
 
 _COUNT_CHUNK = 1 << 22   # values per chunk of rows when counting the expressed genes of dense X
@@ -43,6 +48,13 @@ def _n_expressed(X) -> np.ndarray:
         return np.asarray((B > 0).sum(axis=1)).ravel()
     if sp.issparse(X): return _sp(X)
     n = X.shape[0]; R = max(1, _COUNT_CHUNK // max(X.shape[1], 1))
+    if _on_disk(X) and getattr(X, "format", None) == "csc":   # (a CSC file by blocks of columns: by rows, each window
+        cnt, step = np.zeros(n, np.int64), max(1, _COUNT_CHUNK // max(n, 1))   # would read the whole file)
+        for c0 in range(0, X.shape[1], step):
+            B = sp.csc_matrix(X[:, c0:c0 + step])
+            if not B.has_canonical_format: B = B.copy(); B.sum_duplicates()
+            cnt += np.bincount(B.indices[B.data > 0], minlength=n)
+        return cnt
     if _on_disk(X):
         out = []
         for *_, w, w2, _t in _windows(np.r_[0:n:R, n], None):
@@ -83,7 +95,9 @@ def cytotrace_score(adata,                     # the AnnData (read only)
     X = src.X
     num = _n_expressed(X)
     corr = pd.Series(_pearson_with(X, num), index=src.var_names.astype(str), name=CT_KEYS["gene_corr"])
-    order = np.argsort(-np.nan_to_num(corr.to_numpy(), nan=-np.inf), kind="stable")
+    # ranked with r to 12 decimals: correlations equal up to rounding are ties, kept in gene order (as the exact sums of
+    # integer counts did; two-pass sums differ by ~1e-16 with where a gene's counts sit, which picked other genes)
+    order = np.argsort(-np.nan_to_num(np.round(corr.to_numpy(), 12), nan=-np.inf), kind="stable")
     ranked = [g for g in corr.index[order] if g in adata.var_names]
     top = ranked[:n_genes]
     if len(top) < n_genes:
@@ -92,7 +106,13 @@ def cytotrace_score(adata,                     # the AnnData (read only)
         raise ValueError(f"Only {int(corr.loc[top].notna().sum())} genes vary across cells; n_genes={n_genes} is too many.")
     idx = adata.var_names.get_indexer(top)
     M = adata.X if layer in (None, "X") else adata.layers[layer]
-    E = dense_columns(M, idx, dtype=None) if _on_disk(M) else M[:, idx]   # (a file: only these genes read)
+    if not _on_disk(M): E = M[:, idx]
+    elif M.shape[0] and sp.issparse(M[0:1]) and getattr(M, "format", "csr") != "csc":   # a backed CSR matrix: windows of
+        R = max(1, _COUNT_CHUNK // max(M.shape[1], 1))   # rows, each sliced as in memory (the same sparse rows, the same mean)
+        E = sp.vstack([sp.csr_matrix(M[a:a + R])[:, idx] for a in range(0, M.shape[0], R)], format="csr")
+    else:   # a dense file, or a backed CSC matrix (read by its columns): only these genes, in the file's dtype
+        E = dense_columns(M, idx, dtype=None)
+        if getattr(M, "format", None) == "csc": E = sp.csc_matrix(E)
     score = _aggregate(E, aggregation)
     score = score - score.min()
     if not score.max() > 0: raise ValueError("The CytoTRACE score is constant across cells; check the layer.")

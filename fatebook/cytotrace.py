@@ -43,7 +43,7 @@ def _n_expressed(X) -> np.ndarray:
     """Genes with a value > 0 in each cell (n,), by chunks of rows for dense X and windows of a file (a backed AnnData's
     X): no n x genes boolean temporary (20 GB at 1,000,000 cells x 20,000 genes)."""
     def _sp(B):   # (a cell's gene stored twice counts once, by its summed value)
-        B = sp.csr_matrix(B)
+        B = B if B.format in ("csr", "csc") else sp.csr_matrix(B)   # (in place: no copy unless it is not canonical)
         if not B.has_canonical_format: B = B.copy(); B.sum_duplicates()
         return np.asarray((B > 0).sum(axis=1)).ravel()
     if sp.issparse(X): return _sp(X)

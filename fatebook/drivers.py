@@ -219,9 +219,9 @@ def lineage_drivers(
 ) -> pd.DataFrame:
     """Correlate every gene with every lineage: r, two-sided p, BH q (per lineage) and Fisher-z CI, one row per gene.
     Dense X is read in place, in blocks of genes and chunks of cells (working memory ~32 MB per block plus, for
-    Spearman, the block's ranks; ~80 MB for a file): no float64 copy of X. Sparse X is never densified: it goes by CSC blocks of ~1e6
-    stored entries, each converted (float64, ranks) alone (CSR Pearson is read in place; other CSR input is copied to CSC
-    once, in its own dtype; a non-canonical X is first summed on a copy). X in a file (a backed AnnData's X, h5py or
+    Spearman, the block's ranks; ~80 MB for a file): no float64 copy of X. Sparse X is never densified: it goes by
+    CSC blocks of ~1e6 stored entries, each converted (float64, ranks) alone (CSR Pearson is read in place; other CSR
+    input is copied to CSC once, in its own dtype; a non-canonical X is first summed on a copy). X in a file (a backed AnnData's X, h5py or
     zarr arrays) is read by windows of rows and never held whole: dense Pearson all genes per read (two reads of the
     file), dense Spearman one read per block of ~4e6 / cells genes (as in memory; slow on a large file), backed CSR
     Pearson by windows of ~1e6 stored entries; backed sparse Spearman, or a backed CSC matrix, reads the selected rows

@@ -38,12 +38,18 @@ def _rows(M, a: int, b: int, cols) -> np.ndarray:
     B = B.toarray() if sp.issparse(B) else np.asarray(B)
     return np.asarray(B[:, cols], dtype=np.float64)
 
-def _readable(M, cols) -> tuple:
+def _readable(M, cols, sparse_ok: bool = False) -> tuple:
     """`(A, cols')` such that `A[:, cols']` are the wanted columns and the fused kernels can read `A` in place: a float32
-    or float64 ndarray is used as it is (no copy); anything else (sparse, integer, backed) is read in row blocks into
-    a compact copy of the wanted columns only."""
+    or float64 ndarray is used as it is (no copy); with `sparse_ok` a sparse matrix stays sparse (CSR of the wanted
+    columns only, canonical: its stored entries, no dense n x genes array); anything else (integer, backed) is read in
+    row blocks into a compact copy of the wanted columns only."""
     if isinstance(M, np.ndarray) and M.ndim == 2 and M.dtype in (np.float32, np.float64):
         return np.asarray(M), np.asarray(cols, dtype=np.int64)
+    if sparse_ok and sp.issparse(M):
+        S = sp.csr_matrix(M)[:, np.asarray(cols, dtype=np.int64)]
+        S = S if S.dtype in (np.float32, np.float64) else S.astype(np.float64)
+        S.sum_duplicates(); S.sort_indices()   # (S is this selection's own: a cell's gene stored twice, summed)
+        return S, np.arange(len(cols), dtype=np.int64)
     n = M.shape[0]
     out = np.empty((n, len(cols)), dtype=np.float32 if getattr(M, "dtype", None) == np.float32 else np.float64)
     for a, b in _blocks(n, M.shape[1]): out[a:b] = _rows(M, a, b, cols)
@@ -56,7 +62,8 @@ def velocity_inputs(adata,  # the AnnData
                     gene_subset=None,  # gene names or a boolean mask; default `var[f'{vkey}_genes']` if present
                    ) -> tuple:
     """`(X, V, gx, gv, genes)`: the stored expression and velocity matrices (not copied when they are dense float32 or
-    float64 arrays) and the column positions `gx`, `gv` of the genes to use (the velocity genes without NaN velocity).
+    float64 arrays; sparse expression as CSR of the genes used, never dense; other inputs as a compact dense copy of
+    those genes) and the column positions `gx`, `gv` of the genes to use (the velocity genes without NaN velocity).
     The inputs are checked in row blocks, so nothing of size cells x genes is allocated."""
     check_choice("attr", attr, ("layers", "obsm"))
     X = _source(adata, attr, xkey, "`scvelo.pp.moments` (or `fatebook.datasets.preprocess`)")
@@ -101,7 +108,7 @@ def velocity_inputs(adata,  # the AnnData
         if len(bad):   # (a NaN or inf velocity or displacement makes the cell's similarities NaN: masked or worse)
             raise ValueError(f"`{key}` has {what} values in the velocity genes for {len(bad)} cell(s): "
                              f"{_obs_names(adata, bad)}. Fix them (e.g. `np.nan_to_num`) or remove those cells or genes.")
-    Xa, gx = _readable(X, cols)
+    Xa, gx = _readable(X, cols, sparse_ok=True)   # (sparse expression stays sparse: the similarity kernel reads its rows)
     Va, gv = _readable(V, cols)
     return Xa, Va, gx, gv, genes[cols]
 
@@ -113,7 +120,9 @@ def read_velocity_inputs(adata,  # the AnnData
                         ) -> tuple:
     "Dense float64 copies `(X, V, genes)` restricted to the velocity genes, with NaN-velocity genes dropped."
     Xa, Va, gx, gv, genes = velocity_inputs(adata, attr, xkey, vkey, gene_subset)
-    return (np.ascontiguousarray(Xa[:, gx], dtype=np.float64), np.ascontiguousarray(Va[:, gv], dtype=np.float64),
+    Xg = Xa[:, gx]
+    return (np.ascontiguousarray(Xg.toarray() if sp.issparse(Xg) else Xg, dtype=np.float64),
+            np.ascontiguousarray(Va[:, gv], dtype=np.float64),
             genes)
 
 # %% ../nbs/02a_velocity.ipynb #c1666bb1
@@ -174,6 +183,56 @@ def _sims_nb(indptr, indices, X, V, gx, gv, sim, transpose, vmean, vnorm, rows, 
                 s[e] = sq; valid[e] = False               # (masking it as a zero displacement hid it: review)
             else:
                 s[e] = 0.0; valid[e] = False
+
+@_njit_cached(nogil=True)
+def _sims_sp_nb(indptr, indices, xp, xk, xd, V, gv, sim, transpose, vmean, vnorm, rows, lo, hi, s, valid):   # pragma: no cover
+    """`_sims_nb` for sparse expression (CSR `xp, xk, xd` over the g genes used, canonical): the row's own cell is
+    scattered into a g-vector, and each edge visits the stored entries of the two cells only (the other genes have
+    d = 0). The same similarities up to rounding (the sums run in another order)."""
+    g = gv.shape[0]
+    xi = np.zeros(g); wi = np.empty(g); mark = np.full(g, -1, np.int64)
+    for t in range(lo, hi):
+        i = rows[t]
+        for q in range(xp[i], xp[i + 1]): xi[xk[q]] = np.float64(xd[q])
+        if not transpose:
+            mi = vmean[i]
+            for k in range(g): wi[k] = np.float64(V[i, gv[k]]) - mi
+        for e in range(indptr[i], indptr[i + 1]):
+            j = indices[e]
+            b = j if transpose else i
+            sd = 0.0; sdd = 0.0; sdv = 0.0
+            if transpose:                               # d = x_i - x_j against the velocity of j
+                mv = vmean[j]
+                for q in range(xp[j], xp[j + 1]):
+                    k = xk[q]; mark[k] = e
+                    d = xi[k] - np.float64(xd[q]); sd += d; sdd += d * d; sdv += d * (np.float64(V[j, gv[k]]) - mv)
+                for q in range(xp[i], xp[i + 1]):
+                    k = xk[q]
+                    if mark[k] != e:
+                        d = xi[k]; sd += d; sdd += d * d; sdv += d * (np.float64(V[j, gv[k]]) - mv)
+            else:                                       # d = x_j - x_i against the velocity of i
+                for q in range(xp[j], xp[j + 1]):
+                    k = xk[q]; mark[k] = e
+                    d = np.float64(xd[q]) - xi[k]; sd += d; sdd += d * d; sdv += d * wi[k]
+                for q in range(xp[i], xp[i + 1]):
+                    k = xk[q]
+                    if mark[k] != e:
+                        d = -xi[k]; sd += d; sdd += d * d; sdv += d * wi[k]
+            if sim == 2:
+                s[e] = sdv; valid[e] = True
+                continue
+            sq = sdd
+            if sim == 0:
+                sq = sdd - sd * sd / g
+                if sq <= 1e-12 * sdd: sq = 0.0
+            nv = vnorm[b]
+            if sq > 0.0 and nv > 0.0:
+                s[e] = sdv / nv / np.sqrt(sq); valid[e] = True
+            elif sq != sq:
+                s[e] = sq; valid[e] = False
+            else:
+                s[e] = 0.0; valid[e] = False
+        for q in range(xp[i], xp[i + 1]): xi[xk[q]] = 0.0
 
 def _nnz_blocks(indptr, k: int) -> list:
     "k row blocks of about equal numbers of edges."
@@ -245,8 +304,15 @@ def velocity_similarities(X: np.ndarray,  # expression (cells x genes), float32 
         code = _SIM_CODE[similarity]
         nb = max(1, min(n, n_threads() * (16 if big else 1)))
         rows = _edge_rows(C)   # visiting order; blocks of about equal numbers of edges along it
-        _run_blocks(lambda lo, hi: _sims_nb(indptr, indices, X, V, gx, gv, code, bool(transpose), mean, norm, rows, lo,
-                                            hi, s, valid),
+        if sp.issparse(X):   # (sparse expression: its stored entries only; the columns `gx` are taken first)
+            Xs = X[:, gx] if not np.array_equal(gx, np.arange(X.shape[1])) else X
+            Xs = sp.csr_matrix(Xs); Xs.sum_duplicates(); Xs.sort_indices()
+            run = lambda lo, hi: _sims_sp_nb(indptr, indices, Xs.indptr, Xs.indices, Xs.data, V, gv, code, bool(transpose),
+                                             mean, norm, rows, lo, hi, s, valid)
+        else:
+            run = lambda lo, hi: _sims_nb(indptr, indices, X, V, gx, gv, code, bool(transpose), mean, norm, rows, lo, hi,
+                                          s, valid)
+        _run_blocks(run,
                     _nnz_blocks(np.r_[0, np.cumsum(np.diff(indptr)[rows])], nb), "velocity similarities", show)
         bad = np.flatnonzero(~np.isfinite(s))   # inf or NaN in the expression (or the velocity, in dot_product)
         if len(bad):
@@ -263,7 +329,9 @@ def velocity_similarities(X: np.ndarray,  # expression (cells x genes), float32 
     for lo in progress(starts, total=len(starts), desc="velocity similarities", show=show):
         hi = min(E, lo + step)
         ea, eb = a[lo:hi], b[lo:hi]
-        D = np.asarray(X[ea][:, gx], dtype=np.float64) - np.asarray(X[eb][:, gx], dtype=np.float64)
+        xa, xb = X[ea][:, gx], X[eb][:, gx]
+        if sp.issparse(xa): xa, xb = xa.toarray(), xb.toarray()
+        D = np.asarray(xa, dtype=np.float64) - np.asarray(xb, dtype=np.float64)
         sc = np.asarray(similarity(D, np.asarray(V[eb][:, gv], dtype=np.float64)), dtype=np.float64)
         if sc.shape != (hi - lo,):
             raise ValueError(f"A custom similarity must return one value per row of D, got shape {sc.shape} "
@@ -496,7 +564,8 @@ class VelocityKernel(Kernel):
 
     def _dense_inputs(self) -> tuple:
         "Dense float64 copies of the velocity genes (cells x genes), for the uncertainty models only."
-        return (np.ascontiguousarray(self._X[:, self._gx], dtype=np.float64),
+        Xg = self._X[:, self._gx]
+        return (np.ascontiguousarray(Xg.toarray() if sp.issparse(Xg) else Xg, dtype=np.float64),
                 np.ascontiguousarray(self._V[:, self._gv], dtype=np.float64))
 
     def compute_transition_matrix(self,
@@ -515,7 +584,7 @@ class VelocityKernel(Kernel):
 
         Writes nothing to the AnnData (use `write_to_adata`); sets `transition_matrix`, `logits` and `params`
         (with the estimated `softmax_scale`). The deterministic model reads `Ms` and `velocity` in place (no copy of
-        size cells x genes); the uncertainty models work on a float64 copy of the velocity genes."""
+        size cells x genes; a sparse `Ms` as CSR of the velocity genes); the uncertainty models work on a float64 copy of the velocity genes."""
         model = check_choice("model", mode if mode is not None else model, MODELS)
         similarity = scheme if scheme is not None else similarity
         if not callable(similarity):

@@ -19,6 +19,9 @@ __all__ = ['SIMILARITIES', 'MODELS', 'velocity_inputs', 'read_velocity_inputs', 
            'stochastic_probabilities', 'VelocityKernel']
 
 # %% ../nbs/02a_velocity.ipynb #cd41e34b
+_SPARSE_MAX = 0.2   # sparse expression above this density is read as a compact dense copy: a CSR entry takes 12 bytes
+                    # against 4-8 dense, and the sparse similarity kernel was slower from ~15 % (20,000 cells, 1,000
+                    # genes, one thread: 0.33 / 0.98 / 1.89 s at 5 / 15 / 30 %, dense 1.0 s)
 _BLOCK_ELEMS = 1 << 22   # elements per row block when the inputs are scanned (32 MB in float64)
 
 def _source(adata, attr, key, made_by):
@@ -49,7 +52,8 @@ def _readable(M, cols, sparse_ok: bool = False) -> tuple:
         S = sp.csr_matrix(M)[:, np.asarray(cols, dtype=np.int64)]
         S = S if S.dtype in (np.float32, np.float64) else S.astype(np.float64)
         S.sum_duplicates(); S.sort_indices()   # (S is this selection's own: a cell's gene stored twice, summed)
-        return S, np.arange(len(cols), dtype=np.int64)
+        if S.nnz <= _SPARSE_MAX * S.shape[0] * max(S.shape[1], 1): return S, np.arange(len(cols), dtype=np.int64)
+        M, cols = S, np.arange(S.shape[1])   # (denser: the compact dense copy below is about as small, and faster to read)
     n = M.shape[0]
     out = np.empty((n, len(cols)), dtype=np.float32 if getattr(M, "dtype", None) == np.float32 else np.float64)
     for a, b in _blocks(n, M.shape[1]): out[a:b] = _rows(M, a, b, cols)
@@ -285,6 +289,7 @@ def velocity_similarities(X: np.ndarray,  # expression (cells x genes), float32 
                          ) -> tuple:
     "Similarity `s` and validity mask of every stored edge of `C`, in CSR order."
     if not callable(similarity): check_choice("similarity", similarity, SIMILARITIES, "Or pass a callable f(D, V) -> s.")
+    if sp.issparse(X) and X.format not in ("csr", "csc"): X = sp.csr_matrix(X)   # (COO, ...: rows can be indexed)
     n = X.shape[0]
     gx, gv = (np.arange(X.shape[1]), np.arange(V.shape[1])) if genes is None else genes
     gx, gv = np.asarray(gx, dtype=np.int64), np.asarray(gv, dtype=np.int64)
@@ -306,7 +311,8 @@ def velocity_similarities(X: np.ndarray,  # expression (cells x genes), float32 
         rows = _edge_rows(C)   # visiting order; blocks of about equal numbers of edges along it
         if sp.issparse(X):   # (sparse expression: its stored entries only; the columns `gx` are taken first)
             Xs = X[:, gx] if not np.array_equal(gx, np.arange(X.shape[1])) else X
-            Xs = sp.csr_matrix(Xs); Xs.sum_duplicates(); Xs.sort_indices()
+            Xs = sp.csr_matrix(Xs)
+            if not Xs.has_canonical_format: Xs = Xs.copy(); Xs.sum_duplicates()   # (the caller's matrix is not touched)
             run = lambda lo, hi: _sims_sp_nb(indptr, indices, Xs.indptr, Xs.indices, Xs.data, V, gv, code, bool(transpose),
                                              mean, norm, rows, lo, hi, s, valid)
         else:

@@ -442,6 +442,16 @@ def _on_disk(X) -> bool:
     return (not (isinstance(X, (np.ndarray, pd.DataFrame)) or sp.issparse(X)) and hasattr(X, "__getitem__")
             and isinstance(getattr(X, "dtype", None), np.dtype) and len(getattr(X, "shape", ())) == 2)
 
+def _sparse_file(X) -> bool:
+    "X is a sparse matrix in a file (anndata's backed CSR/CSC): `_on_disk`, and its first row reads as scipy sparse."
+    return _on_disk(X) and X.shape[0] > 0 and sp.issparse(X[0:1])
+
+def _canonical(M):
+    """Sparse M itself when it is in canonical form (sorted indices, each entry once), else a canonical copy (a cell's
+    gene stored twice: one entry, the sum): the caller's matrix is never rewritten (scipy sums duplicates in place)."""
+    if M.has_canonical_format: return M
+    M = M.copy(); M.sum_duplicates(); return M
+
 _FEW_ROWS = 8   # a window of a file holding at most 1/this of selected rows: those rows alone are read (if X allows)
 _READ_CHUNK = 1 << 22   # values per window of `dense_columns` (32 MB in float64)
 
@@ -486,15 +496,14 @@ def dense_columns(X,          # cells x genes: a numpy array, scipy sparse, or i
             if X.format not in ("csr", "csc"): X = X.tocsr()
             B = X[r][:, cols] if r is not None and X.format == "csr" else X[:, cols] if r is None else X[:, cols][r]
             return np.asarray(B.toarray(), dtype=dtype)
-        B = np.asarray(X)[:, cols]
-        return np.asarray(B if r is None else B[r], dtype=dtype)
+        return np.asarray(np.asarray(X)[:, cols] if r is None else np.asarray(X)[np.ix_(r, cols)], dtype=dtype)
     ur, rinv = np.unique(np.arange(N) if r is None else r, return_inverse=True)
     uc, cinv = np.unique(cols, return_inverse=True)
     if getattr(X, "format", None) == "csc":   # (anndata's backed CSC: the columns, then the rows in memory)
         B = sp.csc_matrix(X[:, uc]) if len(uc) else sp.csc_matrix((N, 0))
         out = np.asarray(B.tocsr()[ur].toarray(), dtype=X.dtype if dtype is None else dtype)
         return out[rinv.ravel()][:, cinv.ravel()]
-    sparse = N > 0 and sp.issparse(X[0:1])
+    sparse = _sparse_file(X)
     R = max(1, _READ_CHUNK // max(X.shape[1] if sparse else len(uc), 1))
     out = np.empty((len(ur), len(uc)), dtype=X.dtype if dtype is None else dtype)
     for a, a2, w, w2, take in _windows(np.r_[0:N:R, N], None if len(ur) == N else ur):

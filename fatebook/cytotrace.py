@@ -11,7 +11,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
 from .core import (Key, MissingKeyError, info, warn, check_int, check_choice, check_bool,
-                           dense_columns, _on_disk, _windows, _read)
+                           dense_columns, _on_disk, _windows, _read, _sparse_file, _canonical)
 from .kernels import Kernel, read_connectivities
 from .pseudotime import PseudotimeKernel, read_pseudotime
 
@@ -43,16 +43,14 @@ def _n_expressed(X) -> np.ndarray:
     """Genes with a value > 0 in each cell (n,), by chunks of rows for dense X and windows of a file (a backed AnnData's
     X): no n x genes boolean temporary (20 GB at 1,000,000 cells x 20,000 genes)."""
     def _sp(B):   # (a cell's gene stored twice counts once, by its summed value)
-        B = B if B.format in ("csr", "csc") else sp.csr_matrix(B)   # (in place: no copy unless it is not canonical)
-        if not B.has_canonical_format: B = B.copy(); B.sum_duplicates()
+        B = _canonical(B if B.format in ("csr", "csc") else sp.csr_matrix(B))   # (no copy unless not canonical)
         return np.asarray((B > 0).sum(axis=1)).ravel()
     if sp.issparse(X): return _sp(X)
     n = X.shape[0]; R = max(1, _COUNT_CHUNK // max(X.shape[1], 1))
     if _on_disk(X) and getattr(X, "format", None) == "csc":   # (a CSC file by blocks of columns: by rows, each window
         cnt, step = np.zeros(n, np.int64), max(1, _COUNT_CHUNK // max(n, 1))   # would read the whole file)
         for c0 in range(0, X.shape[1], step):
-            B = sp.csc_matrix(X[:, c0:c0 + step])
-            if not B.has_canonical_format: B = B.copy(); B.sum_duplicates()
+            B = _canonical(sp.csc_matrix(X[:, c0:c0 + step]))
             cnt += np.bincount(B.indices[B.data > 0], minlength=n)
         return cnt
     if _on_disk(X):
@@ -107,7 +105,7 @@ def cytotrace_score(adata,                     # the AnnData (read only)
     idx = adata.var_names.get_indexer(top)
     M = adata.X if layer in (None, "X") else adata.layers[layer]
     if not _on_disk(M): E = M[:, idx]
-    elif M.shape[0] and sp.issparse(M[0:1]) and getattr(M, "format", "csr") != "csc":   # a backed CSR matrix: windows of
+    elif _sparse_file(M) and getattr(M, "format", "csr") != "csc":   # a backed CSR matrix: windows of
         R = max(1, _COUNT_CHUNK // max(M.shape[1], 1))   # rows, each sliced as in memory (the same sparse rows, the same mean)
         E = sp.vstack([sp.csr_matrix(M[a:a + R])[:, idx] for a in range(0, M.shape[0], R)], format="csr")
     else:   # a dense file, or a backed CSC matrix (read by its columns): only these genes, in the file's dtype

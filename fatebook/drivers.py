@@ -12,7 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import special, stats
 from .core import (progress, warn, as_name, find_name, check_choice, check_range, check_int, _on_disk, _windows,
-                           _read)
+                           _read, _sparse_file, _canonical)
 
 # %% auto #0
 __all__ = ['bh_qvalues', 'lineage_drivers']
@@ -65,19 +65,6 @@ def _col_stats(B, n):
     const = B.max(axis=0) == B.min(axis=0)
     return mean, ss, const
 
-def _sparse_const(B, mean, ss, cnt, n) -> np.ndarray:
-    """Constant columns of sparse B: only a column with ss at rounding level (<= 1e-12 of its sum of squares; a column
-    that differs in one cell by one float32 step has ~1e-15/n) can be constant; those are decided exactly, min == max."""
-    const = np.zeros(B.shape[1], bool)
-    cand = np.flatnonzero(ss <= 1e-12 * (ss + n * mean ** 2))
-    if len(cand):
-        C = sp.csc_matrix(B[:, cand])
-        for j, c in enumerate(cand):
-            v = C.data[C.indptr[j]:C.indptr[j + 1]]
-            if cnt[c] < n: v = np.r_[v, 0.0]          # the implicit zeros
-            const[c] = len(v) == 0 or v.min() == v.max()
-    return const
-
 def _csr_chunks(X, rows=None):
     """A function giving (a, b, indices, data, indptr) for chunks of ~`_SPARSE_CHUNK` stored entries of CSR X, rows
     a:b of the selection, each row's genes once. X in memory (canonical, `rows` None): views of its arrays. X on disk
@@ -96,8 +83,7 @@ def _csr_chunks(X, rows=None):
     except Exception: cuts = np.r_[0:N:1 << 14, N]
     def gen():
         for a, a2, w, w2, take in _windows(cuts, rows):
-            C = sp.csr_matrix(_read(X, w, w2, take))
-            if not C.has_canonical_format: C = C.copy(); C.sum_duplicates()
+            C = _canonical(sp.csr_matrix(_read(X, w, w2, take)))
             yield a, a2, C.indices, C.data, C.indptr
     return gen
 
@@ -121,8 +107,10 @@ def _csr_stats(chunks, n: int, g: int, Yc: np.ndarray):
     return ss, _chunks_const(chunks, mean, ss, cnt, n, g), num + _implicit(mean, cnt, n, ys, Yc)
 
 def _chunks_const(chunks, mean, ss, cnt, n: int, g: int) -> np.ndarray:
-    """`_sparse_const` from CSR chunks: a gene with no stored value is constant (0); a candidate with stored values is
-    decided exactly by their min and max (with 0 if some cells are not stored), in one pass over its entries."""
+    """Constant genes of sparse X from its `chunks` ((a, b, each stored entry's gene, its value, ...)): a gene with no
+    stored value is constant (0); only a gene with ss at rounding level (<= 1e-12 of its sum of squares; one that differs
+    in one cell by one float32 step has ~1e-15/n) can be, decided exactly by the min and max of its stored values (with 0
+    if some cells are not stored), in one pass over its entries."""
     const = cnt == 0
     cand = (ss <= 1e-12 * (ss + n * mean ** 2)) & ~const
     if cand.any():
@@ -144,7 +132,8 @@ def _csc_stats(B, n: int, Yc: np.ndarray):
     ss = np.bincount(col, weights=dc ** 2, minlength=g) + (n - cnt) * mean ** 2
     P = sp.csc_matrix((dc, B.indices, B.indptr), shape=B.shape)             # (centred stored values)
     num = np.asarray(P.T @ Yc); P.data = np.ones_like(dc)
-    return ss, _sparse_const(B, mean, ss, cnt, n), num + _implicit(mean, cnt, n, np.asarray(P.T @ Yc), Yc)
+    const = _chunks_const(lambda: [(0, n, col, B.data, None)], mean, ss, cnt, n, g)
+    return ss, const, num + _implicit(mean, cnt, n, np.asarray(P.T @ Yc), Yc)
 
 def _implicit(mean, cnt, n: int, ys, Yc) -> np.ndarray:
     """The implicit zeros' part of Σ (x - x̄)(y - ȳ), -x̄ (Σ (y - ȳ) - Σ over the stored entries), per gene and lineage;
@@ -242,7 +231,7 @@ def lineage_drivers(
     if len(set(lineage_names)) != len(lineage_names):
         raise ValueError(f"Lineage names must be unique, got {lineage_names}.")
     disk = _on_disk(X)   # (read by windows of rows; `sparse_disk`: a backed sparse matrix)
-    sparse_disk = disk and X.shape[0] > 0 and sp.issparse(X[0:1])
+    sparse_disk = _sparse_file(X)
     if disk and np.dtype(X.dtype).kind not in "biuf":
         raise TypeError(f"X must be real numbers, got dtype {X.dtype} (in a file: convert it when writing).")
     if not (disk or sp.issparse(X)):
@@ -271,12 +260,11 @@ def lineage_drivers(
     if sparse_disk and (method == "spearman" or getattr(X, "format", "csr") != "csr"):
         # ranks need whole columns, and a CSC file is read by columns: the selected rows, in memory (sparse)
         X, disk, sparse_disk = sp.csr_matrix(X[rows] if rows is not None else X[0:X.shape[0]]), False, False
-        if not X.has_canonical_format: X.sum_duplicates()   # (X is this read's own)
         if rows is not None: Y, rows = Y[rows], None
     if sp.issparse(X):
         if X.dtype.kind == "c": raise TypeError(f"X must be real, got dtype {X.dtype}.")
         if X.format not in ("csr", "csc"): X = sp.csc_matrix(X)   # (COO, DIA, ...)
-        if not X.has_canonical_format: X = X.copy(); X.sum_duplicates()   # (a cell's gene stored twice: one value, the sum)
+        X = _canonical(X)   # (a cell's gene stored twice: one value, the sum)
     if rows is not None:
         Y = Y[rows]
         if sp.issparse(X): X, rows = X[rows], None

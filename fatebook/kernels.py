@@ -13,7 +13,7 @@ import pandas as pd
 import scipy.sparse as sp
 from .core import (Key, MissingKeyError, require_key, check_adata, check_row_stochastic, cells_str,
                            progress, as_rng, fmt_params, info, warn, debug, check_int, check_range, check_bool, as_name,
-                           find_name)
+                           find_name, _canonical)
 from .linalg import _col_sums
 
 # %% auto #0
@@ -54,9 +54,9 @@ def read_connectivities(adata,  # the AnnData
         raise ValueError(f"`adata.obsp['{conn_key}']` has negative weights (min {C.data.min():.3g}); "
                          "connectivities must be non-negative.")
     if copy: C.sort_indices()
-    elif not C.has_canonical_format:   # the user's arrays themselves only when canonical, else a copy: scipy sums
-        C = C.copy(); C.sum_duplicates()   # duplicates in place in many operations (tolil wrote into the graph: review);
-                                           # a neighbour stored twice is one (negatives were checked before)
+    else: C = _canonical(C)   # the user's arrays themselves only when canonical, else a copy: scipy sums duplicates
+                              # in place in many operations (tolil wrote into the graph: review); a neighbour stored
+                              # twice is one (negatives were checked before)
     ne = np.flatnonzero(np.diff(C.indptr))          # non-empty rows; a row's largest weight must be positive
     has = np.zeros(n, bool)
     if len(ne): has[ne] = np.maximum.reduceat(C.data, C.indptr[ne]) > 0

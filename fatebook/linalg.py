@@ -12,7 +12,7 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 from scipy.sparse.csgraph import connected_components
-from .core import warn, debug, optional_import, as_rng, progress, check_choice, check_int
+from .core import warn, debug, optional_import, as_rng, progress, check_choice, check_int, _canonical
 
 # %% auto #0
 __all__ = ['n_threads', 'RowSplit', 'permute_states', 'locality_order', 'block_gmres', 'schur_deflation', 'recurrent_classes',
@@ -818,8 +818,7 @@ def _into(T: sp.csr_matrix, target: np.ndarray, pos: np.ndarray) -> tuple[np.nda
 def _strong_components(T):
     "(T as CSR without stored zeros, number of strongly connected components, component label of every state)."
     T = sp.csr_matrix(T) if sp.issparse(T) else sp.csr_matrix(np.asarray(T, dtype=float))
-    if not T.has_canonical_format: T = T.copy(); T.sum_duplicates()   # scipy's strong components never return on
-                                                                       # rows with duplicate entries (scipy 1.17)
+    T = _canonical(T)   # scipy's strong components never return on rows with duplicate entries (scipy 1.17)
     if T.nnz and not np.all(T.data != 0): T = T.copy(); T.eliminate_zeros()   # stored zeros are not transitions
     nc, lab = connected_components(T, directed=True, connection="strong")
     return T, nc, lab

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 from .core import (Key, MissingKeyError, require_key, progress, as_rng, info, warn, check_choice, check_range,
-                           check_int, cells_str)
+                           check_int, cells_str, dense_columns, _canonical)
 from .linalg import n_threads, _pool, _njit_cached, locality_order, _NB_FM
 from .kernels import Kernel, read_connectivities, _obs_names
 
@@ -124,9 +124,7 @@ def read_velocity_inputs(adata,  # the AnnData
                         ) -> tuple:
     "Dense float64 copies `(X, V, genes)` restricted to the velocity genes, with NaN-velocity genes dropped."
     Xa, Va, gx, gv, genes = velocity_inputs(adata, attr, xkey, vkey, gene_subset)
-    Xg = Xa[:, gx]
-    return (np.ascontiguousarray(Xg.toarray() if sp.issparse(Xg) else Xg, dtype=np.float64),
-            np.ascontiguousarray(Va[:, gv], dtype=np.float64),
+    return (dense_columns(Xa, gx), np.ascontiguousarray(Va[:, gv], dtype=np.float64),
             genes)
 
 # %% ../nbs/02a_velocity.ipynb #c1666bb1
@@ -311,8 +309,7 @@ def velocity_similarities(X: np.ndarray,  # expression (cells x genes), float32 
         rows = _edge_rows(C)   # visiting order; blocks of about equal numbers of edges along it
         if sp.issparse(X):   # (sparse expression: its stored entries only; the columns `gx` are taken first)
             Xs = X[:, gx] if not np.array_equal(gx, np.arange(X.shape[1])) else X
-            Xs = sp.csr_matrix(Xs)
-            if not Xs.has_canonical_format: Xs = Xs.copy(); Xs.sum_duplicates()   # (the caller's matrix is not touched)
+            Xs = _canonical(sp.csr_matrix(Xs))   # (the caller's matrix is not touched)
             run = lambda lo, hi: _sims_sp_nb(indptr, indices, Xs.indptr, Xs.indices, Xs.data, V, gv, code, bool(transpose),
                                              mean, norm, rows, lo, hi, s, valid)
         else:
@@ -570,8 +567,7 @@ class VelocityKernel(Kernel):
 
     def _dense_inputs(self) -> tuple:
         "Dense float64 copies of the velocity genes (cells x genes), for the uncertainty models only."
-        Xg = self._X[:, self._gx]
-        return (np.ascontiguousarray(Xg.toarray() if sp.issparse(Xg) else Xg, dtype=np.float64),
+        return (dense_columns(self._X, self._gx),
                 np.ascontiguousarray(self._V[:, self._gv], dtype=np.float64))
 
     def compute_transition_matrix(self,

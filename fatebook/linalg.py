@@ -54,24 +54,8 @@ def _matvec_into(M, x, y):
         _csr_matvec(M.shape[0], M.shape[1], M.indptr, M.indices, M.data, x, y)
     else: y[...] = M @ x
 
-def _col_groups(k: int) -> list:
-    "Widths (1-4) of the column groups that `_nb_spmm` takes a block of k vectors in: 4s, and never a lone 1 after them."
-    q, r = divmod(k, 4)
-    return [4] * (q - 1) + [3, 2] if q and r == 1 else [4] * q + ([r] if r else [])
-
-def _spmm(M, X, out, r0: int = 0):
-    """out[r0:r0 + M.shape[0]] = M @ X for a CSR matrix. A block of k >= 2 float64 vectors: the compiled kernel
-    `_nb_spmm`, one pass over M per group of up to 4 columns (M's values and column indices read once for the group:
-    at 100,000 cells, 4,240,180 non-zeros, one thread, 3 columns 16.5 → 8.9 ms, 4 columns 20.9 → 10.1 ms, 20 columns
-    118 → 50 ms); a vector, or types the kernel is not built for: scipy's kernel, one column at a time (its
-    multi-vector kernel is slower per vector, and its single-vector one faster than a compiled loop: 5.7 vs 9.7 ms).
-    Every way sums each row in storage order from 0: bit-identical to `M @ X`."""
-    if (X.ndim == 2 and X.shape[1] > 1 and _nb_ok_spmm(M, X, out)):
-        c = 0
-        for w in _col_groups(X.shape[1]):
-            _nb_spmm(M.indptr, M.indices, M.data, X, out, r0, c, w); c += w
-        return
-    if r0 or out.shape[0] != M.shape[0]: out = out[r0:r0 + M.shape[0]]
+def _spmm(M, X, out):
+    "out = M @ X for a CSR matrix; a block of vectors one column at a time (scipy's multi-vector kernel is slower per vector)."
     if X.ndim == 1 or X.shape[1] == 1:
         y = out.reshape(-1)
         if np.shares_memory(y, out): _matvec_into(M, X.reshape(-1), y)   # (a view: written in place)
@@ -81,8 +65,7 @@ def _spmm(M, X, out, r0: int = 0):
 
 def _mul_into(part, X, out):
     a, b, M = part
-    _spmm(M, X, out, a)
-
+    _spmm(M, X, out[a:b])
 
 def _csr_rows(M: sp.csr_matrix, a: int, b: int) -> sp.csr_matrix:
     """Rows a:b of CSR M sharing its data and indices (views). Built empty and then given the views: scipy's constructor
@@ -285,39 +268,6 @@ def _nb_ok(*arrays) -> bool:
     return njit is not None and _NB_ON and all(isinstance(x, np.ndarray) and x.dtype == np.float64 and x.ndim == 2 and
                                                (x.shape[0] <= 1 or x.strides[0] == 8) for x in arrays)
 _NB_ON = True   # switch for tests: False runs every pass with BLAS
-
-def _nb_ok_spmm(M, X, out) -> bool:
-    "Can `_nb_spmm` take M @ X into out (numba, float64 values and blocks, one index dtype, contiguous blocks)?"
-    return (njit is not None and _NB_ON and M.data.dtype == X.dtype == out.dtype == np.float64 and out.ndim == 2
-            and M.indices.dtype == M.indptr.dtype and out.flags.writeable
-            and all(a.flags.f_contiguous or a.flags.c_contiguous for a in (X, out)))
-
-if njit is not None:
-    @_njit_cached(nogil=True)   # no fastmath: each row summed in storage order from 0, as scipy's kernel (the same bits)
-    def _nb_spmm(indptr, indices, data, X, out, r0, c0, w):
-        "out[r0 + i, c0:c0 + w] = (row i of the CSR matrix) @ X[:, c0:c0 + w] for every row i, w = 1..4 columns."
-        for i in range(len(indptr) - 1):
-            s0 = 0.0; s1 = 0.0; s2 = 0.0; s3 = 0.0
-            if w == 4:
-                for jj in range(indptr[i], indptr[i + 1]):
-                    v = data[jj]; j = np.uint64(indices[jj])   # (unsigned: no negative-index wraparound test per entry)
-                    s0 += v * X[j, c0]; s1 += v * X[j, c0 + 1]; s2 += v * X[j, c0 + 2]; s3 += v * X[j, c0 + 3]
-                out[r0 + i, c0 + 3] = s3; out[r0 + i, c0 + 2] = s2; out[r0 + i, c0 + 1] = s1
-            elif w == 3:
-                for jj in range(indptr[i], indptr[i + 1]):
-                    v = data[jj]; j = np.uint64(indices[jj])
-                    s0 += v * X[j, c0]; s1 += v * X[j, c0 + 1]; s2 += v * X[j, c0 + 2]
-                out[r0 + i, c0 + 2] = s2; out[r0 + i, c0 + 1] = s1
-            elif w == 2:
-                for jj in range(indptr[i], indptr[i + 1]):
-                    v = data[jj]; j = np.uint64(indices[jj])
-                    s0 += v * X[j, c0]; s1 += v * X[j, c0 + 1]
-                out[r0 + i, c0 + 1] = s1
-            else:
-                for jj in range(indptr[i], indptr[i + 1]):
-                    s0 += data[jj] * X[np.uint64(indices[jj]), c0]
-            out[r0 + i, c0] = s0
-
 
 if njit is not None:
     @_njit_cached(nogil=True, fastmath=_NB_FM)

@@ -174,7 +174,6 @@ def _same_matrix(A, B) -> bool:
     "True if the sparse/dense matrices `A` and `B` are identical (O(nnz))."
     if A is B: return True   # (the kernel's own matrix, stored by `write_to_adata`: no O(nnz) comparison)
     if A is None or A.shape != B.shape: return False
-
     A = sp.csr_matrix(A)
     return A.nnz == B.nnz and abs(A - B).max() == 0 if A.nnz else B.nnz == 0
 

@@ -195,7 +195,6 @@ class KernelExpression:
         matrix itself, as in CellRank's `write_to_adata`: no second n x n matrix (at 1,000,000 cells and 42 M
         transitions a copy is 500 MB, and took 1.2 s on bench's VM). fatebook never changes a stored matrix in place;
         code that edits `adata.obsp[key]` in place edits the kernel's too, so pass `copy=True` for such use."""
-
         T = self.transition_matrix
         if self.adata.is_view:
             raise ValueError("The kernel's AnnData is a view; writing would silently copy it. Build the kernel on "
@@ -204,7 +203,6 @@ class KernelExpression:
         pkey = Key.uns.T_params(self.backward) if key == Key.obsp.T(self.backward) else f"{key}_params"
         record = self._record()
         self.adata.obsp[key] = T.copy() if check_bool("copy", copy) else T
-
         self.adata.uns[pkey] = {"class": record["class"], "repr": repr(self), "params": _h5_safe(record["params"]),
                                 "json": json.dumps(record, default=_json_default)}
         debug(f"Adding `adata.obsp['{key}']`\n       `adata.uns['{pkey}']`")
@@ -533,7 +531,6 @@ class KernelAdd(_Combination):
             T = sp.csr_matrix((data, T0.indices if shared else T0.indices.copy(),
                                T0.indptr if shared else T0.indptr.copy()), shape=T0.shape)
             if not shared: T.eliminate_zeros()
-
         else:
             T = sp.csr_matrix(T0 * ws[0])
             for w, Ti in zip(ws[1:], Ts[1:]): T = T + w * Ti

@@ -146,10 +146,30 @@ def _vstats_nb(V, gv, centre, lo, hi, mean, norm, zero):   # pragma: no cover (c
             x = np.float64(V[i, gv[k]]) - m; q += x * x
         mean[i] = m; norm[i] = np.sqrt(q); zero[i] = z
 
+@_njit_cached(nogil=True)
+def _sim_store(s, valid, e, sd, sdd, sdv, nv, sim, g):   # pragma: no cover (compiled)
+    """Edge e's similarity from its sums over the genes of d (sd), d² (sdd) and d·w (sdv), w the (centred) velocity of
+    norm nv: correlation (sim 0, d centred: |d - mean d|² = sdd - sd²/g), cosine (1) or dot product (2)."""
+    if sim == 2:
+        s[e] = sdv; valid[e] = True
+        return
+    sq = sdd
+    if sim == 0:                                  # |d - mean(d)|^2; exact cancellation means constant d
+        sq = sdd - sd * sd / g
+        if sq <= 1e-12 * sdd: sq = 0.0
+    if sq > 0.0 and nv > 0.0:
+        s[e] = sdv / nv / np.sqrt(sq); valid[e] = True
+    elif sq != sq:                                # NaN in the expression: NaN, so the caller names the cells
+        s[e] = sq; valid[e] = False               # (masking it as a zero displacement hid it: review)
+    else:
+        s[e] = 0.0; valid[e] = False
+
 @_njit_cached(nogil=True, fastmath=_NB_FM)   # (linalg's flags: sums vectorised; NaN and inf kept)
 def _sims_nb(indptr, indices, X, V, gx, gv, sim, transpose, vmean, vnorm, rows, lo, hi, s, valid):   # pragma: no cover
     """Similarity of every edge of rows rows[lo:hi], fused: one pass over the genes of the two cells. The row's own
-    cell (its expression, and forward its centred velocity) is read once per row into two g-vectors."""
+    cell (its expression, and forward its centred velocity) is read once per row into two g-vectors. Four edges are
+    summed together, so the four neighbours' rows are fetched at once: the loop waits on those scattered reads, not on
+    its arithmetic (1,000,000 cells, 50 genes, 42 M edges, one thread: 6.0 → 3.8 s; 100,000: 0.26 → 0.20 s)."""
     g = gx.shape[0]
     xi = np.empty(g); wi = np.empty(g)
     for t in range(lo, hi):
@@ -158,33 +178,37 @@ def _sims_nb(indptr, indices, X, V, gx, gv, sim, transpose, vmean, vnorm, rows, 
         for k in range(g):
             xi[k] = np.float64(X[i, gx[k]])
             if not transpose: wi[k] = np.float64(V[i, gv[k]]) - mi
-        for e in range(indptr[i], indptr[i + 1]):
-            j = indices[e]
-            b = j if transpose else i                   # d = x_a - x_b against the velocity of b (a: the other cell)
-            sd = 0.0; sdd = 0.0; sdv = 0.0
-            if transpose:                               # a = i, b = j
-                mv = vmean[j]
+        e = indptr[i]; end = indptr[i + 1]
+        while e < end:                                  # edges e..e+r-1 (r <= 4; a short group repeats its last edge)
+            r = min(4, end - e)
+            j0 = indices[e]; j1 = indices[e + min(1, r - 1)]; j2 = indices[e + min(2, r - 1)]; j3 = indices[e + r - 1]
+            a0 = 0.0; a1 = 0.0; a2 = 0.0; a3 = 0.0; q0 = 0.0; q1 = 0.0; q2 = 0.0; q3 = 0.0
+            p0 = 0.0; p1 = 0.0; p2 = 0.0; p3 = 0.0
+            if transpose:                               # d = x_i - x_j against the velocity of j
+                m0 = vmean[j0]; m1 = vmean[j1]; m2 = vmean[j2]; m3 = vmean[j3]
                 for k in range(g):
-                    d = xi[k] - np.float64(X[j, gx[k]])
-                    sd += d; sdd += d * d; sdv += d * (np.float64(V[j, gv[k]]) - mv)
-            else:                                       # a = j, b = i
+                    c = gx[k]; u = gv[k]; x = xi[k]
+                    d0 = x - np.float64(X[j0, c]); d1 = x - np.float64(X[j1, c])
+                    d2 = x - np.float64(X[j2, c]); d3 = x - np.float64(X[j3, c])
+                    a0 += d0; a1 += d1; a2 += d2; a3 += d3
+                    q0 += d0 * d0; q1 += d1 * d1; q2 += d2 * d2; q3 += d3 * d3
+                    p0 += d0 * (np.float64(V[j0, u]) - m0); p1 += d1 * (np.float64(V[j1, u]) - m1)
+                    p2 += d2 * (np.float64(V[j2, u]) - m2); p3 += d3 * (np.float64(V[j3, u]) - m3)
+                n0 = vnorm[j0]; n1 = vnorm[j1]; n2 = vnorm[j2]; n3 = vnorm[j3]
+            else:                                       # d = x_j - x_i against the velocity of i
                 for k in range(g):
-                    d = np.float64(X[j, gx[k]]) - xi[k]
-                    sd += d; sdd += d * d; sdv += d * wi[k]
-            if sim == 2:
-                s[e] = sdv; valid[e] = True
-                continue
-            sq = sdd
-            if sim == 0:                                  # |d - mean(d)|^2; exact cancellation means constant d
-                sq = sdd - sd * sd / g
-                if sq <= 1e-12 * sdd: sq = 0.0
-            nv = vnorm[b]
-            if sq > 0.0 and nv > 0.0:
-                s[e] = sdv / nv / np.sqrt(sq); valid[e] = True
-            elif sq != sq:                                # NaN in the expression: NaN, so the caller names the cells
-                s[e] = sq; valid[e] = False               # (masking it as a zero displacement hid it: review)
-            else:
-                s[e] = 0.0; valid[e] = False
+                    c = gx[k]; x = xi[k]; w = wi[k]
+                    d0 = np.float64(X[j0, c]) - x; d1 = np.float64(X[j1, c]) - x
+                    d2 = np.float64(X[j2, c]) - x; d3 = np.float64(X[j3, c]) - x
+                    a0 += d0; a1 += d1; a2 += d2; a3 += d3
+                    q0 += d0 * d0; q1 += d1 * d1; q2 += d2 * d2; q3 += d3 * d3
+                    p0 += d0 * w; p1 += d1 * w; p2 += d2 * w; p3 += d3 * w
+                n0 = vnorm[i]; n1 = n0; n2 = n0; n3 = n0
+            _sim_store(s, valid, e, a0, q0, p0, n0, sim, g)
+            if r > 1: _sim_store(s, valid, e + 1, a1, q1, p1, n1, sim, g)
+            if r > 2: _sim_store(s, valid, e + 2, a2, q2, p2, n2, sim, g)
+            if r > 3: _sim_store(s, valid, e + 3, a3, q3, p3, n3, sim, g)
+            e += r
 
 @_njit_cached(nogil=True)
 def _sims_sp_nb(indptr, indices, xp, xk, xd, V, gv, sim, transpose, vmean, vnorm, rows, lo, hi, s, valid):   # pragma: no cover
@@ -220,20 +244,7 @@ def _sims_sp_nb(indptr, indices, xp, xk, xd, V, gv, sim, transpose, vmean, vnorm
                     k = xk[q]
                     if mark[k] != e:
                         d = -xi[k]; sd += d; sdd += d * d; sdv += d * wi[k]
-            if sim == 2:
-                s[e] = sdv; valid[e] = True
-                continue
-            sq = sdd
-            if sim == 0:
-                sq = sdd - sd * sd / g
-                if sq <= 1e-12 * sdd: sq = 0.0
-            nv = vnorm[b]
-            if sq > 0.0 and nv > 0.0:
-                s[e] = sdv / nv / np.sqrt(sq); valid[e] = True
-            elif sq != sq:
-                s[e] = sq; valid[e] = False
-            else:
-                s[e] = 0.0; valid[e] = False
+            _sim_store(s, valid, e, sd, sdd, sdv, vnorm[b], sim, g)
         for q in range(xp[i], xp[i + 1]): xi[xk[q]] = 0.0
 
 def _nnz_blocks(indptr, k: int) -> list:

@@ -137,7 +137,6 @@ def velocity_inputs(adata,  # the AnnData
     inf_r = _nonfinite_rows(V, cols[inf])   # the cells of infinite velocities in the genes kept (those hold no NaN)
     bad_x = _nonfinite_rows(X, cols[np.logical_or(*_nonfinite_cols(X, cols))])
     for bad, key, what in ((bad_x, xkey or "X", "NaN or infinite"), (inf_r, vkey, "infinite")):
-
         if len(bad):   # (a NaN or inf velocity or displacement makes the cell's similarities NaN: masked or worse)
             raise ValueError(f"`{key}` has {what} values in the velocity genes for {len(bad)} cell(s): "
                              f"{_obs_names(adata, bad)}. Fix them (e.g. `np.nan_to_num`) or remove those cells or genes.")
@@ -446,7 +445,6 @@ def estimate_softmax_scale(s: np.ndarray,  # similarities computed with softmax_
     lo, hi = len(a) - m + (m - 1) // 2, len(a) - m + m // 2
     a.partition(lo)
     return float(1.0 / (a[lo] if hi == lo else (a[lo] + a[hi:].min()) / 2))
-
 
 # %% ../nbs/02a_velocity.ipynb #64ee885b
 def velocity_moments(V: np.ndarray,  # velocity (cells x genes)

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from .core import (Key, MissingKeyError, require_key, check_adata, check_row_stochastic, cells_str,
                            progress, as_rng, fmt_params, info, warn, debug, check_int, check_range, check_bool, as_name,
                            find_name, _canonical)
-from .linalg import _col_sums
+from .linalg import _col_sums, _njit_cached
 
 # %% auto #0
 __all__ = ['read_connectivities', 'row_normalize', 'Constant', 'KernelExpression', 'as_transition_matrix', 'Kernel',
@@ -67,12 +67,32 @@ def read_connectivities(adata,  # the AnnData
                          ".getnnz(axis=1) > 0].copy()`) or recompute the graph with `scanpy.pp.neighbors`.")
     # with weights=False the neighbour sets are what is used, so their symmetry is checked (every stored entry, even
     # a tiny or zero weight, is a neighbour); the weights' symmetry otherwise
-    if check_symmetric and not _is_symmetric(C if weights else sp.csr_matrix(
-            (np.ones(C.nnz, np.float32), C.indices, C.indptr), shape=C.shape)):
+    if check_symmetric and not (_is_symmetric(C) if weights else _pattern_symmetric(C)):
         warn(f"`adata.obsp['{conn_key}']` is not symmetric; kernels use its rows as they are.")
     return C if weights else sp.csr_matrix((np.ones(C.nnz, bool), C.indices, C.indptr), shape=C.shape)
 
+@_njit_cached(nogil=True)
+def _pattern_sums_nb(indptr, indices, y, a, b):   # pragma: no cover (compiled)
+    "a = P y and b = Pᵀ y for the pattern P of a CSR matrix (every stored entry counts as 1), in one pass."
+    for i in range(len(indptr) - 1):
+        t = 0.0; yi = y[i]
+        for e in range(indptr[i], indptr[i + 1]):
+            j = indices[e]; t += y[j]; b[j] += yi
+        a[i] = t
+
+def _pattern_symmetric(C: sp.csr_matrix) -> bool:
+    """Is the pattern of CSR `C` (its stored entries, zeros included: the neighbour sets) symmetric? `_is_symmetric`'s
+    test (P y = Pᵀ y for a random positive y) on the pattern P itself, compiled: no array of ones per edge (a float32
+    one cost 0.35 s of fresh memory at 42 M edges on bench's VM, its two products 0.28 s; this pass ~0.2 s)."""
+    n = C.shape[0]
+    if C.shape[1] != n: return False
+    y = np.random.default_rng(0).random(n) + 0.5
+    a, b = np.empty(n), np.zeros(n)
+    _pattern_sums_nb(C.indptr, C.indices, y, a, b)
+    return bool(np.all(np.abs(a - b) <= 1e-12 * np.maximum(a, b)))
+
 def _is_symmetric(C: sp.csr_matrix, rtol: float = 1e-12) -> bool:
+
     """Symmetry of a non-negative sparse matrix up to rounding: row by row, C y = Cᵀ y for a random positive vector y
     (to `rtol` of the row's weighted sum), so a pair of entries C_ij != C_ji shows up in row i unless the difference
     is below that (`rtol`, or 2.4e-5 for a float32 graph, checked in float32); explicit zeros do not count. Two passes

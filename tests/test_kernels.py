@@ -539,6 +539,24 @@ def test_symmetry_check_finds_one_asymmetric_pair_and_ignores_explicit_zeros():
     assert not _is_symmetric(D32)
 
 
+def test_pattern_symmetry_check_counts_every_stored_entry():
+    """The neighbour-set check of the velocity kernel's read (`_pattern_symmetric`, compiled, no array of ones): the
+    weights play no role, an explicit zero on one side only is a one-way neighbour, and so is a removed edge."""
+    from fatebook.kernels import _pattern_symmetric
+    A = sp.random(3000, 3000, density=0.01, random_state=1, format="csr"); C = (A + A.T).tocsr(); C.sort_indices()
+    assert _pattern_symmetric(C)
+    W = C.copy(); W.data[:] = np.random.default_rng(0).random(W.nnz)        # asymmetric weights, symmetric pattern
+    assert _pattern_symmetric(W)
+    E = C.copy(); E.data[123] = 0.0; E.eliminate_zeros()                   # an edge on one side only
+    assert not _pattern_symmetric(E)
+    i = 5; row = C.indices[C.indptr[i]:C.indptr[i + 1]]
+    j = int(np.setdiff1d(np.arange(3000), row)[0])
+    pos = C.indptr[i] + int(np.searchsorted(row, j))
+    Z = sp.csr_matrix((np.insert(C.data, pos, 0.0), np.insert(C.indices, pos, j), np.r_[C.indptr[:i + 1], C.indptr[i + 1:] + 1]),
+                      shape=C.shape)
+    assert not _pattern_symmetric(Z)                                       # a stored zero on one side: a one-way neighbour
+    assert not _pattern_symmetric(sp.csr_matrix(np.ones((3, 4))))          # (not square)
+
 def test_pattern_read_checks_the_symmetry_of_the_neighbour_sets(caplog, dentate_gyrus_path):
     """`read_connectivities(weights=False)` (the velocity kernel's read) checks that the neighbour sets are symmetric:
     a one-way edge of weight 1e-6 in scanpy's float32 graph is a full one-way neighbour for a kernel that uses only

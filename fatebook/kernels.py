@@ -92,7 +92,6 @@ def _pattern_symmetric(C: sp.csr_matrix) -> bool:
     return bool(np.all(np.abs(a - b) <= 1e-12 * np.maximum(a, b)))
 
 def _is_symmetric(C: sp.csr_matrix, rtol: float = 1e-12) -> bool:
-
     """Symmetry of a non-negative sparse matrix up to rounding: row by row, C y = Cᵀ y for a random positive vector y
     (to `rtol` of the row's weighted sum), so a pair of entries C_ij != C_ji shows up in row i unless the difference
     is below that (`rtol`, or 2.4e-5 for a float32 graph, checked in float32); explicit zeros do not count. Two passes

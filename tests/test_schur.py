@@ -498,11 +498,14 @@ def test_sstep_budget_message_after_convergence():
 
 
 @pytest.mark.parametrize("n,seed,m", [(120, 2, 3), (120, 3, 3), (120, 0, 6), (300, 3, 3), (300, 0, 6)])
-def test_sstep_drift_is_not_diagnosed_as_a_cluster(n, seed, m):
+def test_sstep_drift_is_not_diagnosed_as_a_cluster(n, seed, m, caplog):
     """A drifted s-step relation (small chains of weakly coupled blobs) can also miss the constant vector; the
     post-processing then said "the eigenvalue 1 is in a cluster ... of which the solver found only a part" (10 of 282
     chains of 45-300 cells), a wrong diagnosis with wrong advice. The solver's own residual now decides: drift repeats
-    with blocks of 2 (the result equals the dense one), and with no budget left for that it says so."""
+    with blocks of 2 (the result equals the dense one), and with no budget left for that it says so: an error above a
+    residual of 1e-6, else a warning with the result kept (how far these small chains drift depends on rounding: two
+    of them drifted to 4e-7 / 7e-7 once the products were compiled, and were returned silently before the warning)."""
+    import logging
     from fatebook.linalg import slow_chain
     import fatebook.schur as fs
     T = slow_chain(n, "blocks", seed=seed)[0]
@@ -511,8 +514,13 @@ def test_sstep_drift_is_not_diagnosed_as_a_cluster(n, seed, m):
     assert r.params["sstep_retry"] is True and r.residual < 1e-10
     np.testing.assert_allclose(r.eigenvalues.real, dn.eigenvalues.real[:r.n_components], atol=1e-9)
     first = fs._schur_sstep(T, m, "LR", None, known=np.full(n, n ** -0.5))[3]["products"]
-    with pytest.raises(RuntimeError, match="relation drifted"):
-        sorted_schur(T, m, method="sstep", maxiter=first)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fatebook"):
+        try: r2 = sorted_schur(T, m, method="sstep", maxiter=first)
+        except RuntimeError as e: assert "relation drifted" in str(e), e
+        else:
+            assert 100 * 1e-10 < r2.residual <= 1e-6, r2.residual
+            assert "relation drifted" in caplog.text and "they are kept" in caplog.text, caplog.text
 
 def test_sstep_budget_stops_with_a_clear_message():
     from fatebook.linalg import slow_chain

@@ -54,13 +54,17 @@ def _matvec_into(M, x, y):
     vectors, a scipy without the kernel)."""
     ok = (M.data.dtype == x.dtype == y.dtype == np.float64 and x.ndim == y.ndim == 1 and M.indices.dtype == M.indptr.dtype
           and x.flags.c_contiguous and y.flags.c_contiguous and y.flags.writeable)
-    if ok and njit is not None and _NB_ON:
-        u = np.uint32 if M.indices.dtype == np.int32 else np.uint64   # (indices >= 0: read as unsigned, see _nb_spmv)
+    u = _UNSIGNED.get(M.indices.dtype)   # (indices >= 0: read as unsigned, see _nb_spmv; native int32 / int64 only)
+    if ok and u is not None and njit is not None and _NB_ON:
         _nb_spmv(M.indptr.view(u), M.indices.view(u), M.data, x, y)
     elif ok and _csr_matvec is not None:
         y[...] = 0.0
         _csr_matvec(M.shape[0], M.shape[1], M.indptr, M.indices, M.data, x, y)
     else: y[...] = M @ x
+
+# the index types whose bytes `_nb_spmv` may read as unsigned: other ones (big-endian, int16, uint32, ...: scipy takes
+# them when a CSR's arrays are assigned directly) go to scipy, reinterpreted they read out of bounds (review: segfault)
+_UNSIGNED = {np.dtype(np.int32): np.uint32, np.dtype(np.int64): np.uint64}
 
 def _spmm(M, X, out):
     "out = M @ X for a CSR matrix; a block of vectors one column at a time (scipy's multi-vector kernel is slower per vector)."

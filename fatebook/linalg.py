@@ -73,7 +73,12 @@ def _spmm(M, X, out):
         if np.shares_memory(y, out): _matvec_into(M, X.reshape(-1), y)   # (a view: written in place)
         else: out[...] = (M @ X).reshape(out.shape)
         return
-    for c in range(X.shape[1]): _matvec_into(M, X[:, c], out[:, c])   # (each column as a vector is: the same values)
+    if X.strides[0] == X.itemsize and out.strides[0] == out.itemsize:   # contiguous columns (F order, or its row blocks)
+        for c in range(X.shape[1]): _matvec_into(M, X[:, c], out[:, c])   # (each column as a vector is: the same values)
+        return
+    x, y = np.empty(X.shape[0], dtype=X.dtype), np.empty(out.shape[0], dtype=out.dtype)   # strided columns (C order):
+    for c in range(X.shape[1]):                   # through contiguous vectors, so every layout takes the same kernel
+        x[:] = X[:, c]; _matvec_into(M, x, y); out[:, c] = y   # (GPCCA's n x k memberships: scipy's plain product before)
 
 def _mul_into(part, X, out):
     a, b, M = part

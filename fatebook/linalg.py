@@ -103,7 +103,7 @@ class RowSplit:
         if t > 1:
             ip = self.M.indptr
             cuts = np.unique(np.r_[0, np.searchsorted(ip, np.linspace(0, ip[-1], t + 1)[1:-1]), self.shape[0]])
-            self.parts = [(a, b, _csr_rows(self.M, a, b)) for a, b in zip(cuts[:-1], cuts[1:])]
+            self.parts = [(a, b, _csr_rows(self.M, a, b)) for a, b in zip(cuts[:-1], cuts[1:])] or None   # (no rows: serial)
     @property
     def threads(self) -> int: return 1 if self.parts is None else len(self.parts)
     def __matmul__(self, X): return self.matmul(X)

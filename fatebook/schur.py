@@ -767,11 +767,14 @@ def sorted_schur(T, # row-stochastic transition matrix (n x n), scipy sparse or 
         if left <= 0 and (X is None or (retry_ok and check and res > max(_SSTEP_RETRY * (tol or _SSTEP_TOL), 1e-6))):
             raise RuntimeError(f"The s-step Schur vectors have residual {res:.1e} (their relation drifted) and no budget is "
                                "left to repeat with blocks of 2 products; raise `maxiter` or use method='arpack'.")
-        if left <= 0 and retry_ok and res > _SSTEP_RETRY * (tol or _SSTEP_TOL):   # usable (<= 1e-6), or not checked:
+        # a drifted result that is kept (usable, <= 1e-6, or not checked) says so: with no budget left to repeat it, or
+        # from the repeat with blocks of 2 itself (both were kept silently before: found when the products' rounding
+        # changed, 0363fc8)
+        if meth == "sstep" and X is not None and res > _SSTEP_RETRY * (tol or _SSTEP_TOL) and not (retry_ok and left > 0):
             warn(f"The s-step Schur vectors have residual {res:.1e} (their relation drifted; tol={tol or _SSTEP_TOL:g}) "
-                 "and no budget is left to repeat with blocks of 2 products: they are kept as they are. Raise `maxiter` "
-                 "or use method='arpack' for the accuracy asked for.")   # (kept silently before: found when the
-                                                                        # products' rounding changed, 0363fc8)
+                 + ("and no budget is left to repeat with blocks of 2 products" if retry_ok else
+                    "after the repeat with blocks of 2 products")
+                 + ": they are kept as they are. Raise `maxiter` or use method='arpack' for the accuracy asked for.")
         if retry_ok and res > _SSTEP_RETRY * (tol or _SSTEP_TOL) and left > 0:
             # the s-step relation drifted although its own estimate converged (a true residual, not an estimate, says
             # so): repeat with shorter blocks, whose errors do not grow (small chains: 31 of 1,260 settings in review,

@@ -522,6 +522,19 @@ def test_sstep_drift_is_not_diagnosed_as_a_cluster(n, seed, m, caplog):
             assert 100 * 1e-10 < r2.residual <= 1e-6, r2.residual
             assert "relation drifted" in caplog.text and "they are kept" in caplog.text, caplog.text
 
+def test_sstep_drift_kept_after_the_repeat_says_so(caplog, monkeypatch):
+    """The repeat with blocks of 2 keeps its result when that result's residual is usable (<= 1e-6) but above 100 x
+    tol: it says so, as the first run does with no budget left (both were silent before). The true residual is made
+    5e-7 for every result, so the first run repeats and the repeat keeps what it found."""
+    import logging
+    import fatebook.schur as fs
+    T = fs.knn_chain(1500, seed=0)[0]
+    monkeypatch.setattr(fs, "_residual", lambda *a, **k: 5e-7)
+    with caplog.at_level(logging.WARNING, logger="fatebook"):
+        r = sorted_schur(T, 4, method="sstep")
+    assert r.params["sstep_retry"] is True and r.residual == 5e-7
+    assert "residual 5.0e-07 (their relation drifted" in caplog.text and "after the repeat with blocks of 2" in caplog.text
+
 def test_sstep_budget_stops_with_a_clear_message():
     from fatebook.linalg import slow_chain
     import fatebook.schur as fs

@@ -57,7 +57,7 @@ def _nonfinite_cols(M, cols) -> tuple:
     (`_rows`). The check of `velocity_inputs`: float64 copies of the row blocks took 0.5 s of its 0.7 s at 1,000,000
     cells x 50 genes (bench's VM), the compiled scan ~0.05 s."""
     cols = np.asarray(cols, dtype=np.int64); n = M.shape[0]
-    if isinstance(M, np.ndarray) and M.ndim == 2 and M.dtype in (np.float32, np.float64):
+    if _dense_float(M):
         blocks = _nnz_blocks(np.arange(n + 1), max(1, min(n, n_threads())))
         flags = np.zeros((len(blocks), 2, len(cols)), bool); at = {lo: b for b, (lo, _) in enumerate(blocks)}
         _run_blocks(lambda lo, hi: _nonfinite_nb(M, cols, lo, hi, flags[at[lo], 0], flags[at[lo], 1]), blocks)
@@ -73,12 +73,16 @@ def _nonfinite_rows(M, cols) -> np.ndarray:
     return np.unique(np.concatenate([a + np.flatnonzero(~np.isfinite(_rows(M, a, b, cols)).all(axis=1))
                                      for a, b in _blocks(M.shape[0], M.shape[1])]))
 
+def _dense_float(M) -> bool:
+    "Is M a float32 or float64 ndarray (cells x genes), which the compiled kernels read in place?"
+    return isinstance(M, np.ndarray) and M.ndim == 2 and M.dtype in (np.float32, np.float64)
+
 def _readable(M, cols, sparse_ok: bool = False) -> tuple:
     """`(A, cols')` such that `A[:, cols']` are the wanted columns and the fused kernels can read `A` in place: a float32
     or float64 ndarray is used as it is (no copy); with `sparse_ok` a sparse matrix stays sparse (CSR of the wanted
     columns only, canonical: its stored entries, no dense n x genes array); anything else (integer, backed) is read in
     row blocks into a compact copy of the wanted columns only."""
-    if isinstance(M, np.ndarray) and M.ndim == 2 and M.dtype in (np.float32, np.float64):
+    if _dense_float(M):
         return np.asarray(M), np.asarray(cols, dtype=np.int64)
     if sparse_ok and sp.issparse(M):
         S = sp.csr_matrix(M)[:, np.asarray(cols, dtype=np.int64)]

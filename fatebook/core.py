@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib, logging, numbers, os, sys, time, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
@@ -19,8 +20,8 @@ __all__ = ['settings', 'logger', 'Settings', 'info', 'debug', 'warn', 'timed', '
            'require_key', 'check_adata', 'row_stochastic_tol', 'check_row_stochastic', 'cells_str', 'check_int',
            'check_range', 'check_choice', 'check_bool', 'as_name', 'find_name', 'split_keys', 'unique_names',
            'group_name', 'to_hex', 'palette', 'mean_color', 'category_colors', 'scvelo_quiet', 'import_scvelo',
-           'optional_import', 'has_module', 'dense_columns', 'progress_shown', 'progress', 'as_rng', 'fmt_value',
-           'fmt_params']
+           'optional_import', 'has_module', 'plain_mode', 'dense_columns', 'progress_shown', 'progress', 'as_rng',
+           'fmt_value', 'fmt_params']
 
 # %% ../nbs/00_core.ipynb #effddcc0
 @dataclass
@@ -433,6 +434,15 @@ def has_module(module: str) -> bool:
     "True if `module` can be imported."
     try: importlib.import_module(module); return True
     except ImportError: return False
+
+# %% ../nbs/00_core.ipynb #5e7a1c20
+def plain_mode(path) -> Path:
+    """Give a file or folder made by `tempfile` (mode 0600 / 0700: private) the mode `open()` / `mkdir()` would have
+    given it (0666 / 0777 minus the process's umask), before it is renamed into place. Returns `path`."""
+    path = Path(path)
+    mask = os.umask(0); os.umask(mask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+    return path
 
 # %% ../nbs/00_core.ipynb #c0a1b2d1
 def _on_disk(X) -> bool:

@@ -14,7 +14,7 @@ import pandas as pd
 import scipy.sparse as sp
 import anndata as ad
 from .core import (info, warn, debug, progress, progress_shown, as_rng, check_adata, check_int, check_choice,
-                           MissingKeyError, scvelo_quiet, timed, settings)
+                           MissingKeyError, scvelo_quiet, timed, settings, plain_mode)
 
 # %% auto #0
 __all__ = ['DATASETS', 'data_dir', 'cache_dir', 'DataFileError', 'read_h5ad', 'write_h5ad', 'download', 'pancreas',
@@ -114,7 +114,7 @@ def write_h5ad(adata: ad.AnnData,  # the AnnData to write
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent); os.close(fd)
     try:
         adata.write_h5ad(tmp, compression=compression)
-        os.replace(tmp, path)        # atomic on one filesystem
+        os.replace(plain_mode(tmp), path)   # atomic on one filesystem (mkstemp's file is private: the usual mode first)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -163,7 +163,7 @@ def download(url: str, dest: Path, *, n_obs: int, n_vars: tuple, name: str = "th
         else:
             warn(f"fatebook has no known checksum for {name}; only its shape was verified.")
         _check_shape(tmp, n_obs, n_vars, name)
-        tmp.replace(dest)
+        plain_mode(tmp).replace(dest)
     finally:
         if tmp.exists(): tmp.unlink()
     info(f"Downloaded {name} to {dest}")

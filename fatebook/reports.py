@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .core import settings, logger, info, warn, debug, timed, check_int, check_range, check_choice, check_bool, optional_import
+from .core import settings, logger, info, warn, debug, timed, check_int, check_range, check_choice, check_bool, optional_import, plain_mode
 
 # %% auto #0
 __all__ = ['PARAMS', 'DEFAULTS', 'MARKER', 'Param', 'ParameterError', 'DegenerateResultError', 'check_params', 'base_name',
@@ -861,7 +861,7 @@ def atomic_folder(out, overwrite: bool = True):
     folders are never touched. Signals are held during the final renames and the clean-up (`signals_deferred`)."""
     out = Path(out).expanduser().absolute()
     _check_out(out, overwrite)
-    try: tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try: tmp = plain_mode(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))   # (mkdtemp: private)
     except OSError as e:
         raise ParameterError(f"parameter `out`: cannot create a folder in {str(out.parent)!r} ({e.strerror}); choose a "
                              "folder you can write to.") from None

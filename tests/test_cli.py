@@ -63,7 +63,9 @@ def previous_output(folder: Path) -> dict:
 def sim_run(tmp_path_factory):
     "`fatebook run --quiet` on simulated data (smaller than the README's default), as a user runs it."
     out = tmp_path_factory.mktemp("sim") / "res"
-    r = fatebook("run", "--out", out, "--n-cells", 600, "--n-genes", 120, "--quiet")
+    mask = os.umask(0o022)   # the usual umask, so that the permissions of the results are known
+    try: r = fatebook("run", "--out", out, "--n-cells", 600, "--n-genes", 120, "--quiet")
+    finally: os.umask(mask)
     return r, out
 
 
@@ -89,6 +91,17 @@ def test_simulated_run_recovers_true_fates(sim_run):
     assert {"spectrum.png", "coarse_T.png", "fate_probabilities.png", "projection.png", "macrostates.png"} <= figs, figs
     assert sorted(json.loads((out / ".fatebook-output").read_text())["entries"]) == sorted(entries - {".fatebook-output"})
     assert [p.name for p in out.parent.iterdir()] == ["res"]          # no partial or old folder left
+
+
+def test_results_have_the_usual_permissions(sim_run):
+    """A newcomer found the result folder (0700) and `fatebook_result.h5ad` (0600) readable by their owner alone:
+    both are made by `tempfile` and renamed into place. Everything the run writes has open()/mkdir()'s modes."""
+    r, out = sim_run
+    assert r.returncode == 0, r.stderr[-3000:]
+    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}
+    bad = {k: oct(m) for k, m in modes.items() if m != (0o755 if (out / k).is_dir() else 0o644)}
+    assert not bad, bad
+    assert modes["fatebook_result.h5ad"] == 0o644 and modes["."] == 0o755
 
 
 def test_a_wrong_answer_is_not_a_success(sim_run, tmp_path, capsys):

@@ -1,13 +1,20 @@
 """Write README.md from nbs/index.ipynb (what `nbdev-readme` does, without Quarto, which these machines lack).
 
 Usage: python tools/make_readme.py [--check]   (--check: exit 1 if README.md is out of date)
-Hidden cells (`#| hide`) are dropped, nbdev directives stripped, stored outputs kept as text.
+Hidden cells (`#| hide`) are dropped, nbdev directives stripped, stored outputs kept as text. Relative links are
+written from the notebook's folder (nbs/, where the site is built) to the repository's root, where README.md is.
 """
-import sys
+import re, sys
 from pathlib import Path
 import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
+
+def _link(m) -> str:
+    "A relative link to a file under nbs/, as seen from the repository's root (others as they are)."
+    target = m.group(2)
+    path = target.split("#")[0]
+    return f"{m.group(1)}nbs/{target})" if path and (ROOT/"nbs"/path).exists() else m.group(0)
 
 def render() -> str:
     nb = nbformat.read(ROOT/"nbs"/"index.ipynb", as_version=4)
@@ -19,7 +26,7 @@ def render() -> str:
                 title, sub = src.split("\n> ", 1)
                 out += [title, "", f"> {sub.strip()}", ""]
             else:
-                out += [src.strip(), ""]
+                out += [re.sub(r"(\]\()(?![a-z]+:|#|/)([^)\s]+)\)", _link, src.strip()), ""]
             continue
         lines = src.splitlines()
         if any(l.strip() in ("#| hide", "#|hide") for l in lines): continue

@@ -341,6 +341,23 @@ def candidate_n_states(g, p: dict) -> list[int]:
     cand = [n for n in range(n0, hi + 1) if n not in forb]
     return cand or [min(n0, m - 1)]
 
+def _start_note(g, p: dict, first: int) -> list[str]:
+    "Why the automatic choice of `n_states` did not start at the eigengap's suggestion (empty if it did)."
+    eig = int(g.eigendecomposition["eigengap"]) + 1
+    if p["n_states"] != "auto" or first == eig: return []
+    need_t = len(p["terminal_states"]) if p["terminal_states"] != "auto" else 2
+    need_i = len(p["initial_states"]) if p["initial_states"] != "auto" else 1
+    forb = set(g.eigendecomposition.get("forbidden", []))
+    why = []
+    if p["adata"] is None: why.append(f"simulated data with {p['n_fates']} fates (the eigengap is not used)")
+    elif need_t + need_i > eig:
+        why.append(f"at least {need_t + need_i} macrostates are needed for {need_t} terminal and {need_i} initial state(s)"
+                   + (" (chosen automatically: at least 2 terminal states and 1 initial state are looked for)"
+                      if "auto" in (p["terminal_states"], p["initial_states"]) else ""))
+    skipped = [n for n in range(2, first) if n in forb and n >= min(eig, first)]
+    if skipped: why.append(f"n_states={', '.join(map(str, skipped))} would split a complex conjugate pair of eigenvalues")
+    return [f"the eigengap suggests n_states={eig}; started from n_states={first}: {'; '.join(why) or 'the first valid number'}"]
+
 @dataclass
 class StateChoice:
     "The outcome of `choose_states`: the attempt kept, every attempt made, and whether the result is sound."
@@ -348,9 +365,10 @@ class StateChoice:
     attempts: list
     ok: bool
     automatic: bool
+    start: list = field(default_factory=list)   # why the automatic choice did not start at the eigengap's suggestion
     def summary_lines(self) -> list[str]:
         c = self.chosen
-        lines = [f"n_states={c.n_states}: initial {c.initial}, terminal {c.terminal}"]
+        lines = [f"n_states={c.n_states}: initial {c.initial}, terminal {c.terminal}"] + self.start
         lines += c.notes
         if len(self.attempts) > 1:
             tried = "; ".join(f"n_states={t.n_states}: {', '.join(t.problems + t.soft) or 'ok'}" for t in self.attempts)
@@ -388,7 +406,7 @@ def choose_states(g, p: dict) -> StateChoice:
         for r in best.warnings: logger.handle(r)      # the warnings of the result kept, not of every attempt
         if g.terminal_states is not None and g.fate_probabilities is None: g.compute_fate_probabilities()
     automatic = p["n_states"] == "auto" or p["terminal_states"] == "auto" or p["initial_states"] == "auto"
-    return StateChoice(best, attempts, ok=not best.problems, automatic=automatic)
+    return StateChoice(best, attempts, ok=not best.problems, automatic=automatic, start=_start_note(g, p, cands[0]))
 
 # %% ../nbs/11_reports.ipynb #01a29780
 def file_sha256(path) -> str:

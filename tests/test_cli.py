@@ -465,3 +465,26 @@ def test_raw_pancreas_automatic_run_is_sound(tmp_path, data_dir):
         assert fa.status == "ok", (n, fa.problems)
         assert {base(x) for x in c.initial} <= PROGENITORS and c.initial, (n, c.initial)
         assert {"Alpha", "Beta"} <= {base(x) for x in c.terminal}, (n, c.terminal)
+
+
+def test_automatic_n_states_says_why_it_did_not_start_at_the_eigengap():
+    """A newcomer's pancreas run: summary.json gave eigengap_n_states 2, n_states 3 and a single attempt, with no
+    reason. Automatic terminal and initial states need at least 2 + 1 macrostates; the choice now says so."""
+    import anndata as ad, pandas as pd
+    from fatebook.estimators import GPCCA
+    from fatebook.gpcca import block_chain
+    from fatebook.reports import check_params, choose_states, _library_quiet
+    T = block_chain([60, 60], leak=np.array([[0, .01], [0, 0]]), seed=0)
+    a = ad.AnnData(np.zeros((120, 2)), obs=pd.DataFrame(dict(clusters=pd.Categorical(np.repeat(["Root", "Tip"], 60))),
+                                                      index=[f"c{i}" for i in range(120)]))
+    a.obsp["T"] = T
+    with _library_quiet():
+        g = GPCCA(a, obsp_key="T"); g.compute_schur(n_components=6)
+    assert g.eigendecomposition["eigengap"] + 1 == 2
+    lines = choose_states(g, check_params(dict(adata="toy.h5ad", n_cells_per_state=20))).summary_lines()
+    note = [l for l in lines if l.startswith("the eigengap suggests n_states=2; started from n_states=3")]
+    assert note and "2 terminal and 1 initial" in note[0], lines
+    g2 = GPCCA(a.copy(), obsp_key="T")
+    with _library_quiet(): g2.compute_schur(n_components=6)
+    lines = choose_states(g2, check_params(dict(adata="toy.h5ad", n_states=3, n_cells_per_state=20))).summary_lines()
+    assert not any("eigengap suggests" in l for l in lines), lines     # a given n_states needs no reason

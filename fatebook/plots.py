@@ -809,8 +809,22 @@ def plot_projection(
     else:
         ax.quiver(E[:, 0], E[:, 1], V[:, 0], V[:, 1], angles="xy", color="0.1", width=0.003, zorder=3)
     direction = "backward" if getattr(k, "backward", False) else "forward"
-    _embedding_ax(ax, E, title or f"{type(k).__name__}: {direction} transitions projected onto {b}", basis)
+    label = _kernel_label(k)
+    _embedding_ax(ax, E, title or f"{label}{chr(10) if len(label) > 30 else ': '}{direction} transitions projected onto {b}",
+                  basis)
     return _save(fig, save)
+
+def _kernel_label(k) -> str:
+    """A kernel expression as a reader names it: 'VelocityKernel', '0.8·VelocityKernel + 0.2·ConnectivityKernel' (an
+    estimator: its kernel's; else the class name). The title said 'KernelAdd' for a sum of kernels (found by a newcomer)."""
+    k = getattr(k, "kernel", None) or k
+    if not hasattr(k, "_body"): return type(k).__name__
+    depth, out = 0, []
+    for ch in k._body(False):                     # without the '[n=...]' of each kernel
+        depth += (ch == "[") - (ch == "]")
+        if depth == 0 and ch != "]": out.append(ch)
+    s = "".join(out)
+    return (s[1:-1] if s.startswith("(") and s.endswith(")") else s).replace(" * ", "·")
 
 def plot_random_walks(
     k,                           # kernel with a transition matrix and `random_walks`

@@ -102,6 +102,19 @@ def test_projection_key_follows_direction(dg200):
     assert Key.obsp.T(False) + "_umap" not in dg200.obsm
 
 
+def test_projection_title_names_the_kernels(dg200):
+    "A newcomer's run titled the projection of 0.8 vk + 0.2 ck 'KernelAdd: ...' (the class of the sum)."
+    from fatebook.kernels import VelocityKernel, ConnectivityKernel
+    from fatebook.estimators import GPCCA
+    vk = VelocityKernel(dg200).compute_transition_matrix(); ck = ConnectivityKernel(dg200).compute_transition_matrix()
+    k = 0.8 * vk + 0.2 * ck
+    for obj, label in [(vk, "VelocityKernel"), (k, "0.8·VelocityKernel + 0.2·ConnectivityKernel"), (GPCCA(k), None)]:
+        title = P.plot_projection(obj).axes[0].get_title()
+        assert title.startswith(label or "0.8·VelocityKernel + 0.2·ConnectivityKernel") and "Kernel" + "Add" not in title, title
+        assert title.endswith("forward transitions projected onto umap"), title
+    plt.close("all")
+
+
 def test_aggregate_reads_a_written_and_reread_anndata(dg_gpcca, tmp_path):
     import anndata as ad
     path = tmp_path / "dg.h5ad"

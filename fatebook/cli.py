@@ -10,7 +10,7 @@ import argparse, ast, json, logging, os, signal, sys, textwrap, traceback, warni
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from .core import settings, logger
-from .reports import (PARAMS, DEFAULTS, ParameterError, ReportError, FateAnalysis, atomic_folder, run_report,
+from .reports import (PARAMS, DEFAULTS, ParameterError, _check_names, ReportError, FateAnalysis, atomic_folder, run_report,
                               check_params, run_supervised, exit_with_parent)
 
 # %% auto #0
@@ -212,7 +212,8 @@ def report_command(a: argparse.Namespace,  # the parsed `fatebook report` option
     params = {}
     for name, value in a.parameter:
         if name in ("adata", "out"): raise ParameterError(f"give `{name}` as --{name}, not with -p.")
-        params[name] = parse_param(name, value)
+    _check_names([n for n, _ in a.parameter], [k for k in DEFAULTS if k not in ("adata", "out")])   # (-p's own list)
+    for name, value in a.parameter: params[name] = parse_param(name, value)
     s = run_report(adata=parse_param("adata", a.adata), out=parse_param("out", a.out), parameters=params,
                    show_code=a.show_code, timeout=a.timeout)
     if not a.quiet:

@@ -96,13 +96,18 @@ def check_params(params: dict) -> dict:
     except ParameterError: raise
     except (TypeError, ValueError) as e: raise ParameterError(f"parameter {e}") from None
 
-def _check_params(params: dict) -> dict:
-    unknown = sorted(set(params) - set(DEFAULTS))
+def _check_names(names, valid=None):
+    "ParameterError naming the unknown parameter names, a close valid one for each, and every valid one (`valid`: DEFAULTS')."
+    valid = list(DEFAULTS) if valid is None else list(valid)
+    unknown = sorted(set(names) - set(valid))
     if unknown:
         import difflib
-        sug = [m for u in unknown for m in difflib.get_close_matches(u, list(DEFAULTS), n=1)]
+        sug = [m for u in unknown for m in difflib.get_close_matches(u, valid, n=1)]
         raise ParameterError(f"unknown parameter(s) {unknown}{f' (did you mean {sug}?)' if sug else ''}; valid "
-                             f"parameters: {', '.join(DEFAULTS)}.")
+                             f"parameters: {', '.join(valid)}.")
+
+def _check_params(params: dict) -> dict:
+    _check_names(params)
     p = {**DEFAULTS, **params}
     if p["adata"] is not None:
         if not isinstance(p["adata"], (str, os.PathLike)): raise _bad("adata", p["adata"], "a path to an .h5ad file or None")

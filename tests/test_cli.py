@@ -488,3 +488,15 @@ def test_automatic_n_states_says_why_it_did_not_start_at_the_eigengap():
     with _library_quiet(): g2.compute_schur(n_components=6)
     lines = choose_states(g2, check_params(dict(adata="toy.h5ad", n_states=3, n_cells_per_state=20))).summary_lines()
     assert not any("eigengap suggests" in l for l in lines), lines     # a given n_states needs no reason
+
+
+def test_report_lists_only_the_parameters_p_takes(tmp_path, capsys):
+    """`fatebook report -p nstates 4` listed `adata` and `out` among the valid parameters, and `-p out X` was then
+    refused ("give `out` as --out"): the list of -p names leaves out what has its own option (found by a newcomer)."""
+    code, _, err = cli(capsys, "report", "-p", "nstates", "4", "--out", tmp_path / "res")
+    assert code == 2 and "did you mean ['n_states']" in err, err
+    valid = err.split("valid parameters:")[1]
+    assert "n_states" in valid and " out" not in valid and "adata" not in valid, err
+    code, _, err = cli(capsys, "report", "-p", "out", "x", "--out", tmp_path / "res")
+    assert code == 2 and "give `out` as --out" in err, err
+    assert not (tmp_path / "res").exists()

@@ -455,6 +455,9 @@ def test_raw_pancreas_automatic_run_is_sound(tmp_path, data_dir):
     assert {"Alpha", "Beta"} <= {base(x) for x in s["terminal_states"]}, s["terminal_states"]
     fp = np.asarray(pd.read_csv(out / "fate_probabilities.csv", index_col=0))
     assert fp.shape[1] >= 2 and (fp.max(1) < 0.99).mean() > 0.1        # not 'every fate = 1'
+    # the 2,000-gene file's Alpha cells mostly reach Beta first (the tutorial explains why): said, not silent
+    assert any(w.startswith("Cells of cluster 'Alpha' reach the terminal state 'Beta'") for w in s["warnings"]), s["warnings"]
+    assert any("the eigengap suggests n_states=2; started from n_states=3" in l for l in s["automatic_choices"]), s
     fa = FateAnalysis(adata=str(out / "fatebook_result.h5ad"), n_states=4).load().preprocess()
     assert not fa.preprocessed_here                                    # detected: not preprocessed again
     fa.compute_kernel().compute_schur()

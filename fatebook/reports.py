@@ -1066,6 +1066,7 @@ def parameters_source() -> str:
 
 _TOGGLE = """
 <style>body:not(.fb-show-code) .jp-CodeCell .jp-Cell-inputWrapper {display: none;}
+body:not(.fb-show-code) .jp-OutputPrompt {visibility: hidden;}
 #fb-code-toggle {position: fixed; top: 10px; right: 12px; z-index: 1000; padding: 4px 10px; font: 13px sans-serif;
  background: #f4f4f4; border: 1px solid #bbb; border-radius: 4px; cursor: pointer;}
 .fb-banner {margin: 12px 0; padding: 12px 16px; border: 2px solid #b00020; background: #fdecee; color: #6d0010;

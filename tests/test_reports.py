@@ -71,11 +71,16 @@ def test_report_simulated_auto(tmp_path):
     s, a = check_folder(out, ["Progenitor"])
     assert s["status"] == "ok" and s["truth"]["all_true_terminal_found"], s.get("truth")
     assert s["initial_states"] == ["Progenitor"]
+    html = (out / "report.html").read_text()                           # simulated: the simulation's own parameters shown
+    assert ">n_cells</th>" in html and ">n_states</th>" in html and ">out</th>" not in html   # (out: the temporary '.')
     assert list(a.obs["fb_term_states_fwd"].cat.categories) == s["terminal_states"]
     with static_server(out) as url, chrome(width=1100, height=1400) as drv:
         drv.get(f"{url}/report.html")
         visible = "return Array.from(document.querySelectorAll('.jp-CodeCell .jp-Cell-inputWrapper')).filter(e => e.offsetParent !== null).length"
         assert drv.execute_script(visible) == 0                       # code hidden by default
+        prompts = ("return Array.from(document.querySelectorAll('.jp-OutputPrompt')).filter(e => e.offsetParent !== null"
+                   " && getComputedStyle(e).visibility !== 'hidden' && e.textContent.trim()).length")
+        assert drv.execute_script(prompts) == 0                       # ... and the 'Out[4]:' beside outputs (a newcomer)
         drv.save_screenshot(str(tmp_path / "report_top.png"))
         drv.find_element("id", "fb-code-toggle").click()
         assert drv.execute_script(visible) > 5                        # ... shown on request
@@ -95,6 +100,8 @@ def test_report_dentate_gyrus_by_name(tmp_path, dentate_gyrus_path):
     assert (s["status"], s["terminal_states"], s["initial_states"]) == ("ok", ["Granule mature", "Astrocytes"], ["Neuroblast"])
     assert a.n_vars == 530 and not s["preprocessed_here"]
     assert list(a.uns["fb_fate_probs_fwd_names"]) == ["Granule mature", "Astrocytes"]
+    html = (out / "report.html").read_text()                           # real input: no simulation-only parameters (a newcomer)
+    assert ">n_states</th>" in html and not any(f">{p}</th>" in html for p in ("n_cells", "n_genes", "n_fates", "out"))
 
 
 def test_report_dentate_gyrus_auto_says_degenerate(tmp_path, dentate_gyrus_path, capsys):

@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--show-code", action="store_true", default=False, help="show the code cells in the HTML (else hidden behind a button)")
     rp.add_argument("--timeout", type=int, default=None, metavar="SECONDS", help="seconds allowed per notebook cell (None: no limit)")
     _common(rp)
+    p.commands = dict(run=r, report=rp)   # (main: an unknown option is reported with its own command's usage)
     return p
 
 def _common(sp):
@@ -229,8 +230,14 @@ def main(argv: list[str] | None = None,  # the arguments (default: the command l
     "Entry point of the `fatebook` command; returns the exit code (see the table above)."
     parser = build_parser()
     args = sys.argv[1:] if argv is None else [str(x) for x in argv]
-    a = parser.parse_args(args)
-    if a.cmd is None: parser.print_help(); return 2
+    a, extra = parser.parse_known_args(args)
+    if a.cmd is None:
+        if extra: parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.print_help(); return 2
+    if extra:   # said with the command's own usage (exit 2); a report parameter given as an option: how to give it
+        prm = [x[2:].replace("-", "_") for x in extra if x.startswith("--") and x[2:].replace("-", "_") in DEFAULTS]
+        hint = f" (report parameters are given with -p: -p {prm[0]} VALUE)" if a.cmd == "report" and prm else ""
+        parser.commands[a.cmd].error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     if supervise is None: supervise = argv is None and os.name == "posix"
     try:
         with _console(a.quiet, a.verbose):

@@ -503,3 +503,14 @@ def test_report_lists_only_the_parameters_p_takes(tmp_path, capsys):
     code, _, err = cli(capsys, "report", "-p", "out", "x", "--out", tmp_path / "res")
     assert code == 2 and "give `out` as --out" in err, err
     assert not (tmp_path / "res").exists()
+
+
+def test_unknown_option_is_reported_with_its_commands_usage(capsys):
+    """`fatebook run --bogus` printed the top-level usage (`fatebook [-h] [--version] {run,report}`): the command's
+    own usage is what helps (found by a newcomer); a report parameter given as an option says to use -p."""
+    code, _, err = cli(capsys, "run", "--bogus")
+    assert code == 2 and "usage: fatebook run" in err and err.strip().endswith("fatebook run: error: unrecognized arguments: --bogus"), err
+    code, _, err = cli(capsys, "report", "--n-states", "3")
+    assert code == 2 and "usage: fatebook report" in err and "-p n_states VALUE" in err, err
+    code, _, err = cli(capsys, "--bogus")
+    assert code == 2 and "fatebook: error: unrecognized arguments: --bogus" in err, err

@@ -440,9 +440,18 @@ def plain_mode(path) -> Path:
     """Give a file or folder made by `tempfile` (mode 0600 / 0700: private) the mode `open()` / `mkdir()` would have
     given it (0666 / 0777 minus the process's umask), before it is renamed into place. Returns `path`."""
     path = Path(path)
-    mask = os.umask(0); os.umask(mask)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
     return path
+
+def _umask() -> int:
+    "The process's umask: read from /proc on Linux (setting it to read it, as elsewhere, would race other threads)."
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"): return int(line.split()[1], 8)
+    except (OSError, ValueError): pass
+    mask = os.umask(0o077); os.umask(mask)   # (0o077 meanwhile: a file another thread makes now is private, not open)
+    return mask
 
 # %% ../nbs/00_core.ipynb #c0a1b2d1
 def _on_disk(X) -> bool:

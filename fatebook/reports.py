@@ -339,19 +339,23 @@ def candidate_n_states(g, p: dict) -> list[int]:
     forb = set((g.eigendecomposition or {}).get("forbidden", []))
     m = g.schur_vectors.shape[1]
     if p["n_states"] != "auto": return [int(p["n_states"])]
-    need = (len(p["terminal_states"]) if p["terminal_states"] != "auto" else 2) + (len(p["initial_states"]) if p["initial_states"] != "auto" else 1)
+    need = sum(_needed(p))
     n0 = max(int(g.eigendecomposition["eigengap"]) + 1, need, 2)
     if p["adata"] is None: n0 = max(p["n_fates"] + 1, need)   # simulated data: the number of fates is known
     hi = min(p["max_n_states"], m - 1)
     cand = [n for n in range(n0, hi + 1) if n not in forb]
     return cand or [min(n0, m - 1)]
 
+def _needed(p: dict) -> tuple[int, int]:
+    "(terminal, initial) states the choice needs: the named ones, or at least 2 terminal and 1 initial when automatic."
+    return (len(p["terminal_states"]) if p["terminal_states"] != "auto" else 2,
+            len(p["initial_states"]) if p["initial_states"] != "auto" else 1)
+
 def _start_note(g, p: dict, first: int) -> list[str]:
     "Why the automatic choice of `n_states` did not start at the eigengap's suggestion (empty if it did)."
     eig = int(g.eigendecomposition["eigengap"]) + 1
     if p["n_states"] != "auto" or first == eig: return []
-    need_t = len(p["terminal_states"]) if p["terminal_states"] != "auto" else 2
-    need_i = len(p["initial_states"]) if p["initial_states"] != "auto" else 1
+    need_t, need_i = _needed(p)
     forb = set(g.eigendecomposition.get("forbidden", []))
     why = []
     if p["adata"] is None: why.append(f"simulated data with {p['n_fates']} fates (the eigengap is not used)")
@@ -453,9 +457,10 @@ def own_fate_check(adata,             # the AnnData of the analysis
     if cluster_key is None or cluster_key not in adata.obs or fates is None: return []
     labels = adata.obs[cluster_key].astype(str).to_numpy()
     B, names, out = np.asarray(fates, dtype=float), [str(n) for n in fates.names], []
+    if len(names) < 2: return []
     for k, name in enumerate(names):
         rows = (labels == name) & np.isfinite(B).all(1)
-        if not rows.any() or len(names) < 2: continue
+        if not rows.any(): continue
         m = B[rows].mean(0); top = int(np.argmax(m))
         if top != k:
             out.append(f"Cells of cluster '{name}' reach the terminal state '{names[top]}' more often than their own "

@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None,  # the arguments (default: the command l
         if extra: parser.error(f"unrecognized arguments: {' '.join(extra)}")
         parser.print_help(); return 2
     if extra:   # said with the command's own usage (exit 2); a report parameter given as an option: how to give it
-        prm = [x[2:].replace("-", "_") for x in extra if x.startswith("--") and x[2:].replace("-", "_") in DEFAULTS]
+        opts = [x[2:].split("=", 1)[0].replace("-", "_") for x in extra if x.startswith("--")]
+        prm = [o for o in opts if o in DEFAULTS]
         hint = f" (report parameters are given with -p: -p {prm[0]} VALUE)" if a.cmd == "report" and prm else ""
         parser.commands[a.cmd].error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     if supervise is None: supervise = argv is None and os.name == "posix"

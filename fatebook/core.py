@@ -436,11 +436,14 @@ def has_module(module: str) -> bool:
     except ImportError: return False
 
 # %% ../nbs/00_core.ipynb #5e7a1c20
-def plain_mode(path) -> Path:
+def plain_mode(path, like=None) -> Path:
     """Give a file or folder made by `tempfile` (mode 0600 / 0700: private) the mode `open()` / `mkdir()` would have
-    given it (0666 / 0777 minus the process's umask), before it is renamed into place. Returns `path`."""
+    given it (0666 / 0777 minus the process's umask) or, if `like` (the destination it will replace) exists, that
+    one's mode, as writing into an existing file keeps it; before it is renamed into place. Returns `path`."""
     path = Path(path)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+    if like is not None and os.path.lexists(like): mode = os.stat(like).st_mode & 0o7777
+    else: mode = (0o777 if path.is_dir() else 0o666) & ~_umask()
+    os.chmod(path, mode)
     return path
 
 def _umask() -> int:

@@ -114,7 +114,7 @@ def write_h5ad(adata: ad.AnnData,  # the AnnData to write
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent); os.close(fd)
     try:
         adata.write_h5ad(tmp, compression=compression)
-        os.replace(plain_mode(tmp), path)   # atomic on one filesystem (mkstemp's file is private: the usual mode first)
+        os.replace(plain_mode(tmp, like=path), path)   # atomic on one filesystem (mkstemp's file is private: the usual mode first)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -163,7 +163,7 @@ def download(url: str, dest: Path, *, n_obs: int, n_vars: tuple, name: str = "th
         else:
             warn(f"fatebook has no known checksum for {name}; only its shape was verified.")
         _check_shape(tmp, n_obs, n_vars, name)
-        plain_mode(tmp).replace(dest)
+        plain_mode(tmp, like=dest).replace(dest)
     finally:
         if tmp.exists(): tmp.unlink()
     info(f"Downloaded {name} to {dest}")

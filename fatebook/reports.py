@@ -339,9 +339,7 @@ def candidate_n_states(g, p: dict) -> list[int]:
     forb = set((g.eigendecomposition or {}).get("forbidden", []))
     m = g.schur_vectors.shape[1]
     if p["n_states"] != "auto": return [int(p["n_states"])]
-    need = sum(_needed(p))
-    n0 = max(int(g.eigendecomposition["eigengap"]) + 1, need, 2)
-    if p["adata"] is None: n0 = max(p["n_fates"] + 1, need)   # simulated data: the number of fates is known
+    n0 = _first_n_states(g, p)
     hi = min(p["max_n_states"], m - 1)
     cand = [n for n in range(n0, hi + 1) if n not in forb]
     return cand or [min(n0, m - 1)]
@@ -351,19 +349,26 @@ def _needed(p: dict) -> tuple[int, int]:
     return (len(p["terminal_states"]) if p["terminal_states"] != "auto" else 2,
             len(p["initial_states"]) if p["initial_states"] != "auto" else 1)
 
+def _first_n_states(g, p: dict) -> int:
+    "Where the automatic choice starts (before forbidden numbers are skipped): the eigengap's, raised to what is needed."
+    need = sum(_needed(p))
+    if p["adata"] is None: return max(p["n_fates"] + 1, need)   # simulated data: the number of fates is known
+    return max(int(g.eigendecomposition["eigengap"]) + 1, need, 2)
+
 def _start_note(g, p: dict, first: int) -> list[str]:
     "Why the automatic choice of `n_states` did not start at the eigengap's suggestion (empty if it did)."
     eig = int(g.eigendecomposition["eigengap"]) + 1
     if p["n_states"] != "auto" or first == eig: return []
-    need_t, need_i = _needed(p)
+    (need_t, need_i), n0 = _needed(p), _first_n_states(g, p)
     forb = set(g.eigendecomposition.get("forbidden", []))
     why = []
     if p["adata"] is None: why.append(f"simulated data with {p['n_fates']} fates (the eigengap is not used)")
-    elif need_t + need_i > eig:
-        why.append(f"at least {need_t + need_i} macrostates are needed for {need_t} terminal and {need_i} initial state(s)"
-                   + (" (chosen automatically: at least 2 terminal states and 1 initial state are looked for)"
-                      if "auto" in (p["terminal_states"], p["initial_states"]) else ""))
-    skipped = [n for n in range(2, first) if n in forb and n >= min(eig, first)]
+    if n0 > eig and n0 == need_t + need_i:
+        auto = [f"{k} {what}" for k, what, v in ((2, "terminal", p["terminal_states"]), (1, "initial", p["initial_states"]))
+                if v == "auto"]
+        why.append(f"{n0} macrostates are needed for {need_t} terminal and {need_i} initial state(s)"
+                   + (f" (chosen automatically: at least {' and '.join(auto)})" if auto else ""))
+    skipped = [n for n in range(n0, first) if n in forb]
     if skipped: why.append(f"n_states={', '.join(map(str, skipped))} would split a complex conjugate pair of eigenvalues")
     return [f"the eigengap suggests n_states={eig}; started from n_states={first}: {'; '.join(why) or 'the first valid number'}"]
 
@@ -456,12 +461,14 @@ def own_fate_check(adata,             # the AnnData of the analysis
     that point elsewhere."""
     if cluster_key is None or cluster_key not in adata.obs or fates is None: return []
     labels = adata.obs[cluster_key].astype(str).to_numpy()
+    if getattr(fates, "names", None) is None: return []
     B, names, out = np.asarray(fates, dtype=float), [str(n) for n in fates.names], []
-    if len(names) < 2: return []
+    real = np.array([n != "unreachable" for n in names])   # (unreachable='lineage': not a terminal state)
+    if real.sum() < 2: return []
     for k, name in enumerate(names):
         rows = (labels == name) & np.isfinite(B).all(1)
-        if not rows.any(): continue
-        m = B[rows].mean(0); top = int(np.argmax(m))
+        if not rows.any() or not real[k]: continue
+        m = np.where(real, B[rows].mean(0), -1.0); top = int(np.argmax(m))
         if top != k:
             out.append(f"Cells of cluster '{name}' reach the terminal state '{names[top]}' more often than their own "
                        f"'{name}' (mean fate probabilities {m[top]:.2f} vs {m[k]:.2f} over {int(rows.sum())} cells): the "
@@ -914,7 +921,7 @@ def atomic_folder(out, overwrite: bool = True):
     folders are never touched. Signals are held during the final renames and the clean-up (`signals_deferred`)."""
     out = Path(out).expanduser().absolute()
     _check_out(out, overwrite)
-    try: tmp = plain_mode(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))   # (mkdtemp: private)
+    try: tmp = plain_mode(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent), like=out)   # (mkdtemp: private)
     except OSError as e:
         raise ParameterError(f"parameter `out`: cannot create a folder in {str(out.parent)!r} ({e.strerror}); choose a "
                              "folder you can write to.") from None

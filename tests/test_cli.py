@@ -510,7 +510,51 @@ def test_unknown_option_is_reported_with_its_commands_usage(capsys):
     own usage is what helps (found by a newcomer); a report parameter given as an option says to use -p."""
     code, _, err = cli(capsys, "run", "--bogus")
     assert code == 2 and "usage: fatebook run" in err and err.strip().endswith("fatebook run: error: unrecognized arguments: --bogus"), err
-    code, _, err = cli(capsys, "report", "--n-states", "3")
-    assert code == 2 and "usage: fatebook report" in err and "-p n_states VALUE" in err, err
+    for args in (["--n-states", "3"], ["--n-states=3"]):
+        code, _, err = cli(capsys, "report", *args)
+        assert code == 2 and "usage: fatebook report" in err and "-p n_states VALUE" in err, err
     code, _, err = cli(capsys, "--bogus")
     assert code == 2 and "fatebook: error: unrecognized arguments: --bogus" in err, err
+
+
+@pytest.mark.parametrize("eigengap, forbidden, params, expect", [
+    (1, [], dict(initial_states=["a", "b"]), "4 macrostates are needed for 2 terminal and 2 initial state(s) (chosen automatically: at least 2 terminal)"),
+    (1, [], {}, "3 macrostates are needed for 2 terminal and 1 initial state(s) (chosen automatically: at least 2 terminal and 1 initial)"),
+    (2, [3], dict(terminal_states=["a", "b", "c"], initial_states=["d"]), "4 macrostates are needed for 3 terminal and 1 initial state(s)"),
+    (5, [4], dict(adata=None, n_fates=3), "simulated data with 3 fates (the eigengap is not used); n_states=4 would split"),
+    (1, [3], {}, "3 macrostates are needed for 2 terminal and 1 initial state(s) (chosen automatically: at least 2 terminal and 1 initial); n_states=3 would split"),
+])
+def test_start_note_names_what_raised_the_start(eigengap, forbidden, params, expect):
+    "A reviewer: the note credited named states to the automatic rule, and missed a forbidden number skipped from the start."
+    from types import SimpleNamespace
+    from fatebook.reports import DEFAULTS, _start_note, candidate_n_states
+    g = SimpleNamespace(eigendecomposition=dict(eigengap=eigengap, forbidden=forbidden), schur_vectors=np.zeros((10, 20)))
+    p = {**DEFAULTS, "adata": "x.h5ad", **params}
+    note = _start_note(g, p, candidate_n_states(g, p)[0])
+    assert len(note) == 1 and expect in note[0], note
+    if "(chosen automatically" in expect: assert expect.split("(chosen automatically")[1].split(")")[0] in note[0]
+
+
+def test_replacing_a_file_keeps_its_mode(tmp_path):
+    """A reviewer: write_h5ad over a file the user had made private (0600) left it 0644 (plain_mode gave the new file
+    the umask's mode); a replaced file keeps its own, as writing into it would."""
+    import anndata as ad
+    from fatebook.datasets import write_h5ad
+    f = tmp_path / "f.h5ad"; f.write_text("x"); os.chmod(f, 0o600)
+    mask = os.umask(0o022)
+    try: write_h5ad(ad.AnnData(np.zeros((2, 2))), f); write_h5ad(ad.AnnData(np.zeros((2, 2))), tmp_path / "new.h5ad")
+    finally: os.umask(mask)
+    assert (f.stat().st_mode & 0o777, (tmp_path / "new.h5ad").stat().st_mode & 0o777) == (0o600, 0o644)
+
+
+def test_own_fate_check_edges():
+    "No warning about an 'unreachable' column (it is not a terminal state) nor a crash on fates without names."
+    import anndata as ad, pandas as pd
+    from fatebook.fate import Lineage
+    from fatebook.reports import own_fate_check
+    a = ad.AnnData(np.zeros((3, 1)), obs=pd.DataFrame(dict(cl=pd.Categorical(["A", "A", "B"])), index=list("xyz")))
+    B = np.array([[.3, .1, .6], [.3, .1, .6], [0., 1., 0.]])
+    assert own_fate_check(a, "cl", Lineage(B, names=["A", "B", "unreachable"])) == []
+    assert own_fate_check(a, "cl", B) == []
+    assert len(own_fate_check(a, "cl", Lineage(B[:, [1, 0, 2]], names=["B", "A", "unreachable"]))) == 0
+    assert "reach the terminal state 'B'" in own_fate_check(a, "cl", Lineage(np.array([[.2, .8], [.3, .7], [0, 1.]]), names=["A", "B"]))[0]

@@ -816,11 +816,14 @@ def plot_projection(
 
 def _kernel_label(k) -> str:
     """A kernel expression as a reader names it: 'VelocityKernel', '0.8·VelocityKernel + 0.2·ConnectivityKernel' (an
-    estimator: its kernel's; else the class name). The title said 'KernelAdd' for a sum of kernels (found by a newcomer)."""
+    estimator: its kernel's, or the one recorded with results read from an AnnData; else the class name). The title
+    said 'KernelAdd' for a sum of kernels (found by a newcomer)."""
     k = getattr(k, "kernel", None) or k
-    if not hasattr(k, "_body"): return type(k).__name__
+    if hasattr(k, "_body"): s = k._body(False)
+    elif isinstance(getattr(k, "_kernel_label", None), str): s = k._kernel_label.lstrip("~")   # (its repr)
+    else: return type(k).__name__
     depth, out = 0, []
-    for ch in k._body(False):                     # without the '[n=...]' of each kernel
+    for ch in s:                                  # without the '[n=...]' of each kernel
         depth += (ch == "[") - (ch == "]")
         if depth == 0 and ch != "]": out.append(ch)
     s = "".join(out)

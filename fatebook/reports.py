@@ -370,7 +370,8 @@ def _start_note(g, p: dict, first: int) -> list[str]:
                    + (f" (chosen automatically: at least {' and '.join(auto)})" if auto else ""))
     skipped = [n for n in range(n0, first) if n in forb]
     if skipped: why.append(f"n_states={', '.join(map(str, skipped))} would split a complex conjugate pair of eigenvalues")
-    return [f"the eigengap suggests n_states={eig}; started from n_states={first}: {'; '.join(why) or 'the first valid number'}"]
+    gap = f"the eigengap suggests n_states={eig}" if eig >= 2 else "no eigengap after the first eigenvalue"   # (as the log says)
+    return [f"{gap}; started from n_states={first}: {'; '.join(why) or 'the first valid number'}"]
 
 @dataclass
 class StateChoice:

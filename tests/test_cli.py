@@ -523,6 +523,7 @@ def test_unknown_option_is_reported_with_its_commands_usage(capsys):
     (2, [3], dict(terminal_states=["a", "b", "c"], initial_states=["d"]), "4 macrostates are needed for 3 terminal and 1 initial state(s)"),
     (5, [4], dict(adata=None, n_fates=3), "simulated data with 3 fates (the eigengap is not used); n_states=4 would split"),
     (1, [3], {}, "3 macrostates are needed for 2 terminal and 1 initial state(s) (chosen automatically: at least 2 terminal and 1 initial); n_states=3 would split"),
+    (0, [], {}, "no eigengap after the first eigenvalue; started from n_states=3: 3 macrostates are needed"),
 ])
 def test_start_note_names_what_raised_the_start(eigengap, forbidden, params, expect):
     "A reviewer: the note credited named states to the automatic rule, and missed a forbidden number skipped from the start."

@@ -112,6 +112,9 @@ def test_projection_title_names_the_kernels(dg200):
         title = P.plot_projection(obj).axes[0].get_title()
         assert title.startswith(label or "0.8·VelocityKernel + 0.2·ConnectivityKernel") and "Kernel" + "Add" not in title, title
         assert title.endswith("forward transitions projected onto umap"), title
+    k.write_to_adata()                                   # an estimator read back from the AnnData names the same kernel
+    GPCCA(k).compute_schur(n_components=4)              # (writes its results and the kernel's repr to the AnnData)
+    assert P._kernel_label(GPCCA.from_adata(dg200)) == "0.8·VelocityKernel + 0.2·ConnectivityKernel"
     plt.close("all")
 
 

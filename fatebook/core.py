@@ -441,7 +441,7 @@ def plain_mode(path, like=None) -> Path:
     given it (0666 / 0777 minus the process's umask) or, if `like` (the destination it will replace) exists, that
     one's mode, as writing into an existing file keeps it; before it is renamed into place. Returns `path`."""
     path = Path(path)
-    if like is not None and os.path.lexists(like): mode = os.stat(like).st_mode & 0o7777
+    if like is not None and os.path.exists(like): mode = os.stat(like).st_mode & 0o7777   # (a dangling link: as new)
     else: mode = (0o777 if path.is_dir() else 0o666) & ~_umask()
     os.chmod(path, mode)
     return path

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .core import settings, logger, info, warn, debug, timed, check_int, check_range, check_choice, check_bool, optional_import, plain_mode
+from .core import settings, logger, info, warn, debug, timed, check_int, check_range, check_choice, check_bool, optional_import, plain_mode, as_name
 
 # %% auto #0
 __all__ = ['PARAMS', 'DEFAULTS', 'MARKER', 'Param', 'ParameterError', 'DegenerateResultError', 'check_params', 'base_name',
@@ -460,15 +460,18 @@ def own_fate_check(adata,             # the AnnData of the analysis
     cells that reach some terminal state). On the 2,000-gene pancreas the Alpha cluster reaches Beta first (mean 0.55
     vs 0.45), and nothing said so (found by a newcomer); it may be real (an uncommitted cluster), or velocities
     that point elsewhere."""
-    if cluster_key is None or cluster_key not in adata.obs or fates is None: return []
-    labels = adata.obs[cluster_key].astype(str).to_numpy()
-    if getattr(fates, "names", None) is None: return []
+    if cluster_key is None or cluster_key not in adata.obs or getattr(fates, "names", None) is None: return []
     B, names, out = np.asarray(fates, dtype=float), [str(n) for n in fates.names], []
     real = np.array([n != "unreachable" for n in names])   # (unreachable='lineage': not a terminal state)
     if real.sum() < 2: return []
+    cl = adata.obs[cluster_key]
+    cl = cl if hasattr(cl, "cat") else cl.astype("category")   # (as aggregate_fate_probabilities reads clusters)
+    cats, codes = [as_name(c) for c in cl.cat.categories], cl.cat.codes.to_numpy()
+    finite = np.isfinite(B).all(1)
     for k, name in enumerate(names):
-        rows = (labels == name) & np.isfinite(B).all(1)
-        if not rows.any() or not real[k]: continue
+        if not real[k] or name not in cats: continue
+        rows = (codes == cats.index(name)) & finite
+        if not rows.any(): continue
         m = np.where(real, B[rows].mean(0), -1.0); top = int(np.argmax(m))
         if top != k:
             out.append(f"Cells of cluster '{name}' reach the terminal state '{names[top]}' more often than their own "
